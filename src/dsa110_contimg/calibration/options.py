@@ -1,0 +1,26 @@
+"""Settings slice for the calibration stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..configbase import setting
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    solve_delay: bool = setting("CONTIMG_CAL_SOLVE_DELAY", True, "Solve per-antenna delays (K) before the bandpass")
+    refant_chain: tuple[str, ...] = setting("CONTIMG_CAL_REFANT", ("24", "25", "26", "10", "1"), "Reference antennas to try in order (names); flagged/missing ones are skipped")
+    min_snr: float = setting("CONTIMG_CAL_MIN_SNR", 3.0, "Minimum SNR for a solution to be kept", minimum=0)
+    uvrange: str = setting("CONTIMG_CAL_UVRANGE", ">100m", "uv-range used for solves (CASA syntax; empty for all)")
+    gain_solint: str = setting("CONTIMG_CAL_GAIN_SOLINT", "int", "Solution interval of the gain (G) solves")
+    flag_tfcrop_timecutoff: float = setting("CONTIMG_FLAG_TFCROP_TIMECUTOFF", 4.0, "tfcrop time cut-off (sigma)", minimum=0)
+    flag_tfcrop_freqcutoff: float = setting("CONTIMG_FLAG_TFCROP_FREQCUTOFF", 4.0, "tfcrop frequency cut-off (sigma)", minimum=0)
+    flag_rflag_timedevscale: float = setting("CONTIMG_FLAG_RFLAG_TIMEDEVSCALE", 5.0, "rflag timedevscale", minimum=0)
+    flag_rflag_freqdevscale: float = setting("CONTIMG_FLAG_RFLAG_FREQDEVSCALE", 5.0, "rflag freqdevscale", minimum=0)
+    min_calibrator_flux_jy: float = setting("CONTIMG_CAL_MIN_FLUX_JY", 1.0, "Weakest catalogue calibrator (apparent L-band flux) used for solves", minimum=0)
+    calibrator_radius_deg: float = setting("CONTIMG_CAL_SEARCH_RADIUS_DEG", 1.5, "Calibrators within this distance of the group's pointing are used", minimum=0)
+    bp_validity_h: float = setting("CONTIMG_CAL_BP_VALIDITY_H", 24.0, "Bandpass validity window (hours either side)", minimum=0)
+    bp_max_dec_offset_deg: float = setting("CONTIMG_CAL_BP_MAX_DEC_OFFSET_DEG", 1.0, "A bandpass applies only within this declination offset", minimum=0)
+    g_validity_h: float = setting("CONTIMG_CAL_G_VALIDITY_H", 1.0, "Gain validity window (hours either side)", minimum=0)
+    stale_policy: str = setting("CONTIMG_CAL_STALE_POLICY", "hold", "No valid calibration: hold the group until one is, or image it uncalibrated and mark it", choices=("hold", "uncalibrated"))

@@ -1,0 +1,159 @@
+"""The one settings object, built once at the entrypoint from ``CONTIMG_*`` variables.
+
+Each component receives only its slice (``settings.conversion``, ``settings.qa_ms`` ...),
+never the whole object, so a stage's inputs are visible in its signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .alerting.options import AlertOptions, MonitorOptions
+from .calibration.options import CalibrationOptions
+from .configbase import describe_slice, load_slice, setting
+from .conversion.options import ConversionOptions
+from .daemon.options import ApiOptions, ExecutorOptions, IngestOptions, QueueOptions
+from .errors import ConfigError
+from .imaging.options import ImagingOptions
+from .qa.options import CalQAThresholds, ImageQAThresholds, MSQAThresholds
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    input_dir: Path = setting("CONTIMG_INPUT_DIR", Path("/data/dsa110/incoming"), "Directory the correlator writes UVH5 subband files into (watched)")
+    output_dir: Path = setting("CONTIMG_OUTPUT_DIR", Path("/data/dsa110/products"), "Products: OUTPUT_DIR/YYYY-MM-DD/<group-id>/")
+    scratch_dir: Path = setting("CONTIMG_SCRATCH_DIR", Path("/data/dsa110/scratch"), "Disk staging area used when tmpfs has no room")
+    state_dir: Path = setting("CONTIMG_STATE_DIR", Path("/var/lib/contimg"), "SQLite queue, registries and CASA's own files")
+    tmpfs_path: Path = setting("CONTIMG_TMPFS_PATH", Path("/dev/shm"), "tmpfs used for staging")
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    level: str = setting("CONTIMG_LOG_LEVEL", "INFO", "Log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    format: str = setting("CONTIMG_LOG_FORMAT", "auto", "auto: JSON lines when stdout is not a TTY (journald), console otherwise", choices=("auto", "json", "console"))
+
+
+SLICES: dict[str, type] = {
+    "paths": PathsConfig,
+    "log": LogOptions,
+    "ingest": IngestOptions,
+    "queue": QueueOptions,
+    "executor": ExecutorOptions,
+    "api": ApiOptions,
+    "conversion": ConversionOptions,
+    "calibration": CalibrationOptions,
+    "imaging": ImagingOptions,
+    "qa_ms": MSQAThresholds,
+    "qa_cal": CalQAThresholds,
+    "qa_img": ImageQAThresholds,
+    "alerts": AlertOptions,
+    "monitors": MonitorOptions,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    paths: PathsConfig
+    log: LogOptions
+    ingest: IngestOptions
+    queue: QueueOptions
+    executor: ExecutorOptions
+    api: ApiOptions
+    conversion: ConversionOptions
+    calibration: CalibrationOptions
+    imaging: ImagingOptions
+    qa_ms: MSQAThresholds
+    qa_cal: CalQAThresholds
+    qa_img: ImageQAThresholds
+    alerts: AlertOptions
+    monitors: MonitorOptions
+
+    @property
+    def queue_db(self) -> Path:
+        return self.paths.state_dir / "contimg.sqlite"
+
+
+def known_variables() -> set[str]:
+    return {env for cls in SLICES.values() for env, _, _ in describe_slice(cls)}
+
+
+def load_settings(environ: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, str] | None = None) -> Settings:
+    """Read every slice; CLI flags arrive as ``overrides`` keyed by variable name."""
+    env = dict(os.environ if environ is None else environ)
+    env.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = known_variables()
+    unknown = sorted(k for k in env if k.startswith("CONTIMG_") and k not in known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown setting (typo?); see systemd/contimg.env")
+    settings = Settings(**{name: load_slice(cls, env) for name, cls in SLICES.items()})
+    _cross_check(settings)
+    return settings
+
+
+def _cross_check(s: Settings) -> None:
+    if s.monitors.disk_crit_gb > s.monitors.disk_warn_gb:
+        raise ConfigError("CONTIMG_DISK_CRIT_GB: must not exceed CONTIMG_DISK_WARN_GB")
+    if s.ingest.min_subbands > s.ingest.expected_subbands:
+        raise ConfigError("CONTIMG_MIN_SUBBANDS: must not exceed CONTIMG_EXPECTED_SUBBANDS")
+    ex = s.executor.executor
+    if ex != "local" and not ex.startswith("dask://") and not ex.startswith("tcp://"):
+        raise ConfigError(f"CONTIMG_EXECUTOR: {ex!r} is neither 'local' nor 'dask://host:port'")
+
+
+def check_directories(paths: PathsConfig, need_input: bool = True) -> None:
+    """Fail at start-up, one line per problem, rather than on the first group."""
+    if need_input and not paths.input_dir.is_dir():
+        raise ConfigError(f"CONTIMG_INPUT_DIR: {paths.input_dir} does not exist or is not a directory")
+    for env, path in (("CONTIMG_STATE_DIR", paths.state_dir),
+                      ("CONTIMG_OUTPUT_DIR", paths.output_dir),
+                      ("CONTIMG_SCRATCH_DIR", paths.scratch_dir)):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{env}: cannot create {path}: {exc.strerror}") from None
+        try:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".contimg-write-test-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{env}: {path} is not writable: {exc.strerror}") from None
+
+
+def render_env_file() -> str:
+    """The documented EnvironmentFile: every variable with its default."""
+    lines = [
+        "# dsa110-contimg settings: systemd EnvironmentFile (also read by `contimg` from the environment).",
+        "# Every variable is listed with its default; uncomment and edit to change one.",
+        "# Generated by `contimg config env`; tests check it lists every setting.",
+        "",
+    ]
+    for name, cls in SLICES.items():
+        lines.append(f"## {name}")
+        for env, default, doc in describe_slice(cls):
+            lines.append(f"# {doc}")
+            lines.append(f"#{env}={default}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def public_view(obj: object) -> dict:
+    """Settings as plain data for the status API: secrets become '***'."""
+    from .configbase import Secret
+
+    out = {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = public_view(v)
+        elif isinstance(v, Secret):
+            out[f.name] = "***" if v else ""
+        elif isinstance(v, Path):
+            out[f.name] = str(v)
+        else:
+            out[f.name] = v
+    return out

@@ -1,0 +1,145 @@
+"""Declarative settings: each field names its ``CONTIMG_*`` variable, default and meaning.
+
+Slices are frozen dataclasses built from these fields; ``load_slice`` reads one from an
+environment mapping and reports a bad value as one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+class Secret:
+    """A string that never shows itself in repr, logs or the status API."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def setting(env: str, default: Any, doc: str, choices: tuple[str, ...] | None = None,
+            minimum: float | None = None, maximum: float | None = None) -> Any:
+    """A dataclass field bound to an environment variable."""
+    meta = {"env": env, "doc": doc, "choices": choices, "min": minimum, "max": maximum}
+    if isinstance(default, list | dict | set):
+        raise TypeError("use tuples for sequence defaults")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(raw: str, typ: Any, env: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if raw.strip() == "":
+            return None
+        return _parse(raw, inner[0], env)
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{env}: {raw!r} is not a boolean (use true/false)")
+    if typ is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{env}: {raw!r} is not an integer") from None
+    if typ is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{env}: {raw!r} is not a number") from None
+    if typ is Path:
+        if not raw.strip():
+            raise ConfigError(f"{env}: empty path")
+        return Path(raw.strip()).expanduser()
+    if typ is Secret:
+        return Secret(raw.strip())
+    if origin is tuple:
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        return tuple(_parse(p, args[0], env) for p in parts)
+    if typ is str:
+        return raw.strip()
+    raise TypeError(f"unsupported setting type {typ!r} for {env}")
+
+
+def load_slice(cls: type, environ: Mapping[str, str]) -> Any:
+    """Build one frozen slice from ``environ``; unknown values fail with the variable's name."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        env = f.metadata.get("env")
+        if env is None:
+            continue
+        value = f.default
+        if env in environ:
+            value = _parse(environ[env], hints[f.name], env)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{env}: {value!r} is not one of {', '.join(choices)}")
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value != value:  # NaN
+                raise ConfigError(f"{env}: NaN is not allowed")
+            if lo is not None and value < lo:
+                raise ConfigError(f"{env}: {value} is below the minimum {lo}")
+            if hi is not None and value > hi:
+                raise ConfigError(f"{env}: {value} is above the maximum {hi}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def describe_slice(cls: type) -> list[tuple[str, str, str]]:
+    """(variable, default as written in an env file, doc) for every field of a slice."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        env = f.metadata.get("env")
+        if env is None:
+            continue
+        d = f.default
+        if isinstance(d, bool):
+            text = "true" if d else "false"
+        elif isinstance(d, tuple):
+            text = ",".join(str(x) for x in d)
+        elif isinstance(d, Secret):
+            text = ""
+        elif d is None:
+            text = ""
+        else:
+            text = str(d)
+        doc = f.metadata["doc"]
+        if f.metadata.get("choices"):
+            doc += f" (one of: {', '.join(f.metadata['choices'])})"
+        rows.append((env, text, doc))
+    return rows

@@ -1,0 +1,47 @@
+"""A small exception tree.
+
+The scheduler translates these at the boundary: ``BadInputError`` quarantines a group
+(re-running cannot help), ``StageError`` and ``QAFailure`` are retried with backoff, and
+``ConfigError`` stops the daemon at start-up with one line for the operator.
+"""
+
+from __future__ import annotations
+
+
+class ContimgError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+
+class ConfigError(ContimgError):
+    """A setting is missing or malformed; names the variable and the problem."""
+
+
+class BadInputError(ContimgError):
+    """The data itself is unusable (truncated, inconsistent, non-finite): quarantine.
+
+    ``path`` names the offending file when there is one, so the operator can find it.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class StageError(ContimgError):
+    """A stage could not finish for a reason that may pass (disk full, CASA fault): retry."""
+
+
+class QAFailure(ContimgError):
+    """A QA gate blocked a group; carries the metrics that decided it."""
+
+    def __init__(self, message: str, metrics: dict | None = None) -> None:
+        self.metrics = metrics or {}
+        super().__init__(message)
+
+
+class IllegalTransition(ContimgError):
+    """The queue refused a state change the state machine does not allow."""
+
+
+class CalibrationUnavailable(ContimgError):
+    """No valid calibration set applies to a group (the stale-calibration policy decides)."""

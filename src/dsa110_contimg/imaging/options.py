@@ -1,0 +1,19 @@
+"""Settings slice for the imaging stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..configbase import setting
+
+
+@dataclass(frozen=True)
+class ImagingOptions:
+    tier: str = setting("CONTIMG_IMG_TIER", "standard", "Quality tier", choices=("quick", "standard", "deep"))
+    robust: float = setting("CONTIMG_IMG_ROBUST", 0.5, "Briggs robust parameter", minimum=-2, maximum=2)
+    deconvolver: str = setting("CONTIMG_IMG_DECONVOLVER", "hogbom", "tclean deconvolver", choices=("hogbom", "multiscale", "clark"))
+    pb_level: float = setting("CONTIMG_IMG_PB_LEVEL", 0.2, "Image out to where the primary beam falls to this level", minimum=0.01, maximum=0.9)
+    pixels_per_beam: float = setting("CONTIMG_IMG_PIXELS_PER_BEAM", 5.0, "Cells across the synthesised beam", minimum=2)
+    max_imsize: int = setting("CONTIMG_IMG_MAX_IMSIZE", 4096, "Largest image side in pixels", minimum=64)
+    threshold_sigma: float = setting("CONTIMG_IMG_THRESHOLD_SIGMA", 5.0, "Clean down to this multiple of the estimated noise", minimum=0.5)
+    quicklook: bool = setting("CONTIMG_IMG_QUICKLOOK", True, "Write a quick-look PNG beside the FITS")
