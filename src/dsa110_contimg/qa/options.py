@@ -17,6 +17,8 @@ class MSQAThresholds:
     max_uvw_error_m: float = setting("CONTIMG_QA_MS_MAX_UVW_ERROR_M", 1.0, "Fail when |UVW| differs from the antenna-position baseline length by more than this", minimum=0)
     max_phase_center_offset_deg: float = setting("CONTIMG_QA_MS_MAX_PHASE_CENTER_OFFSET_DEG", 0.1, "Fail when the phase centre is this far from where it is expected", minimum=0)
     min_antennas: int = setting("CONTIMG_QA_MS_MIN_ANTENNAS", 4, "Fail with fewer antennas carrying data", minimum=2)
+    warn_dead_fraction: float = setting("CONTIMG_QA_MS_WARN_DEAD_FRACTION", 0.25, "Warn when more than this fraction of the antennas in the MS are dead (all-zero data)", minimum=0, maximum=1)
+    sample_integrations: int = setting("CONTIMG_QA_MS_SAMPLE_INTEGRATIONS", 3, "Integrations (spread over the group) whose visibilities the MS gate reads", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -38,3 +40,7 @@ class ImageQAThresholds:
     max_rms_jy: float = setting("CONTIMG_QA_IMG_MAX_RMS_JY", 1.0, "Fail when the image rms exceeds this (Jy/beam)", minimum=0)
     max_beam_axis_ratio: float = setting("CONTIMG_QA_IMG_MAX_BEAM_AXIS_RATIO", 10.0, "Fail when bmaj/bmin exceeds this", minimum=1)
     calibrator_flux_tolerance: float = setting("CONTIMG_QA_IMG_CAL_FLUX_TOLERANCE", 0.2, "Warn when the calibrator's flux differs from the catalogue by more than this fraction", minimum=0)
+    min_beam_pixels: float = setting("CONTIMG_QA_IMG_MIN_BEAM_PIXELS", 2.0, "Fail when the restoring beam's minor axis spans fewer cells than this (undersampled image)", minimum=1)
+    max_residual_mean_sigma: float = setting("CONTIMG_QA_IMG_MAX_RESIDUAL_MEAN_SIGMA", 1.0, "Warn when the in-beam residual mean exceeds this many image rms (uncleaned flux or a negative bowl)", minimum=0)
+    warn_fraction_above_5sigma: float = setting("CONTIMG_QA_IMG_WARN_FRACTION_ABOVE_5SIGMA", 0.05, "Warn when more than this fraction of in-beam pixels is above 5 rms (artefacts or a noise underestimate)", minimum=0, maximum=1)
+    warn_rms_over_expected: float = setting("CONTIMG_QA_IMG_WARN_RMS_OVER_EXPECTED", 20.0, "Warn when the image rms exceeds this multiple of the expected thermal noise", minimum=1)

@@ -1,0 +1,178 @@
+"""Where stage functions run: a local process pool, or a Dask cluster (one setting).
+
+Every task gets a fresh process (a forkserver child locally, a child interpreter on Dask): CASA is not thread-safe, keeps global state, and python-casacore and casatools must
+not share a process. A forkserver with the scientific stack preloaded keeps that cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from typing import Any, Protocol
+
+import structlog
+
+from ..errors import StageError
+
+log = structlog.get_logger(__name__)
+
+_PRELOAD = ["numpy", "scipy.special", "h5py", "astropy.time", "astropy.coordinates", "pyuvdata"]
+
+
+def call_stage(fn: Any, args: tuple, group_id: str | None) -> Any:
+    """Body of every task, in the worker process: bind the group id for the logs, then call."""
+    structlog.contextvars.clear_contextvars()
+    if group_id:
+        structlog.contextvars.bind_contextvars(group_id=group_id)
+    return fn(*args)
+
+
+def _worker_init(log_level: str, log_format: str) -> None:
+    # The worker is an extension of the entrypoint: same log format, no GUI backends.
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    from ..logs import configure_logging
+
+    configure_logging(log_level, log_format)
+
+
+class StageExecutor(Protocol):
+    async def run(self, fn: Any, *args: Any, group_id: str | None = None) -> Any: ...
+    async def shutdown(self, kill: bool = False) -> None: ...
+    def describe(self) -> str: ...
+
+
+def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, log_level: str,
+                log_format: str) -> None:
+    """Worker process body: run one call, send the outcome, exit without atexit hooks.
+
+    ``os._exit`` because CASA's tools can keep an exiting interpreter alive; the stage has
+    already closed its tables and published (or not) by the time it returns.
+    """
+    import sys
+
+    _worker_init(log_level, log_format)
+    try:
+        out: tuple[bool, Any] = (True, call_stage(fn, args, group_id))
+    except BaseException as exc:  # noqa: BLE001 - the parent re-raises it
+        out = (False, exc)
+    try:
+        conn.send(out)
+    except Exception as exc:  # unpicklable result or exception: send its text
+        conn.send((False, RuntimeError(f"{type(out[1]).__name__}: {out[1]} (not picklable: {exc})")))
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class LocalExecutor:
+    """A fresh forkserver child per call, at most ``max_workers`` at once."""
+
+    def __init__(self, max_workers: int, log_level: str = "INFO", log_format: str = "json") -> None:
+        self.max_workers = max_workers
+        self._log = (log_level, log_format)
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(_PRELOAD)
+        self._sem: asyncio.Semaphore | None = None
+        self._procs: set[Any] = set()
+        self.deaths = 0
+
+    def describe(self) -> str:
+        return f"local worker processes (max {self.max_workers})"
+
+    async def run(self, fn: Any, *args: Any, group_id: str | None = None) -> Any:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.max_workers)
+        async with self._sem:
+            return await self._run_one(fn, args, group_id)
+
+    async def _run_one(self, fn: Any, args: tuple, group_id: str | None) -> Any:
+        loop = asyncio.get_running_loop()
+        parent, child = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_child_main, name=f"contimg-{fn.__name__}",
+                                 args=(child, fn, args, group_id, *self._log))
+        await asyncio.to_thread(proc.start)
+        child.close()
+        self._procs.add(proc)
+        fut: asyncio.Future = loop.create_future()
+
+        def readable() -> None:
+            if fut.done():
+                return
+            try:
+                fut.set_result(parent.recv())
+            except EOFError:
+                fut.set_exception(EOFError())
+            except Exception as exc:  # noqa: BLE001
+                fut.set_exception(exc)
+
+        loop.add_reader(parent.fileno(), readable)
+        try:
+            ok, value = await fut
+        except EOFError:
+            await asyncio.to_thread(proc.join, 5)
+            self.deaths += 1
+            log.error("worker_died", function=fn.__name__, exitcode=proc.exitcode)
+            raise StageError(f"a worker process died while running {fn.__name__} "
+                             f"(exit code {proc.exitcode})") from None
+        finally:
+            loop.remove_reader(parent.fileno())
+            parent.close()
+            if proc.is_alive():
+                await asyncio.to_thread(proc.join, 2)
+            if proc.is_alive():  # cancelled, or an exit that hangs: do not leave it behind
+                proc.kill()
+                await asyncio.to_thread(proc.join, 5)
+            self._procs.discard(proc)
+        if ok:
+            return value
+        raise value
+
+    async def shutdown(self, kill: bool = False) -> None:
+        # Abandoned stages: their output only ever lives in staging, never half-published.
+        for proc in list(self._procs):
+            if proc.is_alive():
+                if kill:
+                    proc.kill()
+                await asyncio.to_thread(proc.join, 10 if kill else None)
+
+
+class DaskExecutor:
+    """Runs the same stage functions on a Dask distributed cluster (``dask://host:port``)."""
+
+    def __init__(self, address: str, stage_timeout_s: float | None = None) -> None:
+        self.address = "tcp://" + address.split("://", 1)[1] if address.startswith("dask://") else address
+        self.stage_timeout_s = stage_timeout_s
+        self._client = None
+
+    def describe(self) -> str:
+        return f"dask cluster at {self.address}"
+
+    async def start(self) -> None:
+        from distributed import Client
+
+        self._client = await Client(self.address, asynchronous=True)
+
+    async def run(self, fn: Any, *args: Any, group_id: str | None = None) -> Any:
+        from .isolated import run_isolated
+
+        if self._client is None:
+            await self.start()
+        assert self._client is not None
+        fut = self._client.submit(run_isolated, fn, args, group_id, self.stage_timeout_s, pure=False)
+        return await fut
+
+    async def shutdown(self, kill: bool = False) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+async def make_executor(executor: str, max_workers: int, log_level: str, log_format: str,
+                        stage_timeout_s: float | None = None) -> StageExecutor:
+    if executor == "local":
+        return LocalExecutor(max_workers, log_level, log_format)
+    ex = DaskExecutor(executor, stage_timeout_s)
+    await ex.start()
+    return ex

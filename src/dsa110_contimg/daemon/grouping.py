@@ -1,0 +1,422 @@
+"""Grouping subband files into observations and deciding when a group is ready.
+
+A file joins the group whose anchor (the timestamp of the group's first file) lies within
+``group_tolerance_s`` of its own timestamp; otherwise it anchors a new group. Anchors live in
+the queue, so after a restart the same files land in the same groups.
+
+A file is complete when its (inode, size, mtime) has not changed for ``stable_seconds`` and its
+UVH5 header opens (headers only, never the visibilities). A file whose header still fails one
+more ``stable_seconds`` later, unchanged, is declared unreadable: a writer that pauses longer
+than ``stable_seconds`` in the middle of a file then gets a second chance instead of having its
+group quarantined under it.
+
+The stability clock starts at the moment a change is known to have happened: after the previous
+observation and no later than now, and at the file's mtime when that falls between the two.
+So a file found complete at start-up is not made to wait again, and a missed event costs no
+latency.
+
+Everything runs in one task: the watcher only enqueues paths (:meth:`Grouper.submit`), so no
+state here is shared between coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import structlog
+from pyuvdata.uvdata import FastUVH5Meta
+
+from ..alerting.alert import Alert, Severity
+from ..errors import IllegalTransition
+from .naming import InvalidName, group_id_for, parse_subband_name
+from .options import IngestOptions
+from .queue import DuplicateSubband, GroupQueue
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["Grouper", "check_uvh5_header"]
+
+Signature = tuple[int, int, int]  # (inode, size, mtime_ns)
+_MTIME_EPS = 1e-3
+_MTIME_TICK = 0.02
+_MAX_IGNORED = 10_000
+
+
+def check_uvh5_header(path: Path) -> str | None:
+    """None when the UVH5 header opens and agrees with the data shape; else the reason.
+
+    HDF5 itself refuses a file shorter than the end-of-file its superblock records, which
+    is what a truncated copy looks like. ``locking=False`` so that reading never blocks the
+    correlator from reopening the file for writing.
+    """
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            meta = FastUVH5Meta(f)
+            nblts, nfreqs, npols = int(meta.Nblts), int(meta.Nfreqs), int(meta.Npols)
+            if "visdata" not in meta.datagrp:
+                return "no Data/visdata dataset"
+            shape = tuple(meta.datagrp["visdata"].shape)
+            if shape not in ((nblts, nfreqs, npols), (nblts, 1, nfreqs, npols)):
+                return (f"Data/visdata shape {shape} disagrees with the header "
+                        f"(Nblts={nblts}, Nfreqs={nfreqs}, Npols={npols})")
+    except Exception as exc:  # any failure to read the header is the answer, not a crash
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class _File:
+    path: Path
+    group_id: str
+    subband: int
+    sig: Signature | None = None
+    changed_at: float = 0.0      # the current signature has held since at least this time
+    seen_at: float = float("-inf")
+    verified: bool = False
+    bad_since: float | None = None
+    bad_reason: str | None = None
+    stat_error: str | None = None
+
+    def observe(self, sig: Signature, now: float) -> bool:
+        """Record a stat; True when the file changed since the last one."""
+        changed = sig != self.sig
+        if changed:
+            # Kernels stamp mtime from a coarse clock (one tick, a few ms, behind): pad it.
+            mtime = sig[2] / 1e9 + _MTIME_TICK
+            self.changed_at = max(self.seen_at, min(now, mtime))
+            self.sig = sig
+            self.verified = False
+            self.bad_since = self.bad_reason = None
+        self.seen_at = now
+        return changed
+
+
+@dataclass
+class _Group:
+    group_id: str
+    created: float
+    files: dict[int, _File] = field(default_factory=dict)
+
+
+class Grouper:
+    """Turns file sightings into queue groups; the only writer of groups in ``collecting``."""
+
+    def __init__(self, queue: GroupQueue, options: IngestOptions,
+                 emit: Callable[[Alert], None] | None = None,
+                 on_ready: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.queue = queue
+        self.options = options
+        self._emit = emit
+        self._on_ready = on_ready
+        self._clock = clock
+        self._inbox: asyncio.Queue[Path] = asyncio.Queue()
+        self._groups: dict[str, _Group] = {}
+        self._files: dict[Path, _File] = {}
+        self._ignored: set[str] = set()
+        self._busy = False
+
+    # ----------------------------------------------------------------- inputs
+    def submit(self, path: Path) -> None:
+        """Hand over a path that appeared, changed or vanished; never blocks."""
+        self._inbox.put_nowait(Path(path))
+
+    def idle(self) -> bool:
+        """Nothing queued, nothing being placed, no group still collecting in memory."""
+        return self._inbox.empty() and not self._busy and not self._groups
+
+    async def run(self, stop_event: asyncio.Event) -> None:
+        """Restore open groups, then react to sightings and re-check files until stopped."""
+        self._busy = True
+        try:
+            await self.restore()
+        finally:
+            self._busy = False
+        stop_wait = asyncio.ensure_future(stop_event.wait())
+        try:
+            while not stop_event.is_set():
+                get = asyncio.ensure_future(self._inbox.get())
+                await asyncio.wait({get, stop_wait}, timeout=self._next_wakeup(),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    paths = []
+                else:
+                    paths = [get.result()]
+                while not self._inbox.empty():
+                    paths.append(self._inbox.get_nowait())
+                self._busy = True
+                try:
+                    for path in dict.fromkeys(paths):
+                        await self._guarded(self.handle(path), "ingest.handle_failed",
+                                            path=str(path))
+                    await self._guarded(self.check(), "ingest.check_failed")
+                finally:
+                    self._busy = False
+        finally:
+            stop_wait.cancel()
+
+    async def _guarded(self, coro: Awaitable[None], event: str, **kw: object) -> None:
+        """One bad file or a transient DB error must not stop ingest for every later group."""
+        try:
+            await coro
+        except Exception:
+            log.exception(event, **kw)
+
+    def _next_wakeup(self) -> float:
+        now = self._clock()
+        opt = self.options
+        deadlines = [now + opt.poll_interval_s]
+        for f in self._files.values():
+            if not f.verified and f.sig is not None:
+                deadlines.append(f.changed_at + opt.stable_seconds)
+                if f.bad_since is not None:
+                    deadlines.append(f.bad_since + opt.stable_seconds)
+        for g in self._groups.values():
+            deadlines.append(g.created + opt.group_timeout_s)
+        return max(0.01, min(deadlines) - now)
+
+    async def restore(self) -> None:
+        """Pick up groups that were still collecting when the daemon stopped."""
+        for row in await self.queue.list_groups(states=["collecting"], limit=100_000):
+            group = self._groups.setdefault(row["id"], _Group(row["id"], row["created"]))
+            for sb, rec in (await self.queue.file_records(row["id"])).items():
+                f = _File(rec.path, row["id"], sb)
+                group.files[sb] = f
+                self._files[rec.path] = f
+        if self._groups:
+            log.info("ingest.restored", groups=sorted(self._groups), files=len(self._files))
+
+    # ----------------------------------------------------------------- one sighting
+    async def handle(self, path: Path) -> None:
+        """Place one file: track it, attach it to its group, or explain why not."""
+        path = Path(path)
+        try:
+            parsed = parse_subband_name(path.name)
+        except InvalidName as exc:
+            if path.name not in self._ignored:
+                self._remember_ignored(path.name)
+                log.debug("ingest.ignored_name", path=str(path), reason=exc.reason)
+            return
+        now = self._clock()
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            st = None
+        tracked = self._files.get(path)
+        if tracked is not None:
+            if st is None:
+                await self._vanished(tracked)
+            elif tracked.observe(_signature(st), now):
+                log.debug("ingest.file_changed", path=str(path), size=st.st_size)
+            return
+        if st is None:
+            return
+        if parsed.subband >= self.options.expected_subbands:
+            if path.name not in self._ignored:
+                self._remember_ignored(path.name)
+                log.warning("ingest.subband_out_of_range", path=str(path),
+                            reason=f"sb{parsed.subband:02d} is not below the expected "
+                                   f"{self.options.expected_subbands} subbands")
+            return
+
+        tol = self.options.group_tolerance_s
+        group_id = await self.queue.find_group_for(parsed.timestamp, tol)
+        if group_id is None:
+            group_id = group_id_for(parsed.timestamp)
+            if await self.queue.create_group(group_id, now=now):
+                log.info("ingest.group_created", group_id=group_id, first_file=path.name)
+        state = await self.queue.group_state(group_id)
+        if state != "collecting":
+            await self._closed_group_file(group_id, state or "unknown", parsed.subband, path, st)
+            return
+        try:
+            await self.queue.record_file(group_id, parsed.subband, path, st.st_size, st.st_mtime)
+        except DuplicateSubband as exc:
+            await self._quarantine(group_id, str(exc), files=list(exc.files))
+            return
+        group = self._groups.get(group_id)
+        if group is None:
+            info = await self.queue.get_group(group_id)
+            group = self._groups[group_id] = _Group(group_id, info["created"])
+        f = _File(path, group_id, parsed.subband)
+        f.observe(_signature(st), now)
+        group.files[parsed.subband] = f
+        self._files[path] = f
+        log.debug("ingest.file_added", group_id=group_id, path=path.name, size=st.st_size)
+
+    async def _closed_group_file(self, group_id: str, state: str, subband: int, path: Path,
+                                 st: os.stat_result) -> None:
+        """A file for a group that already left ``collecting``: explain, never reopen it."""
+        if state in ("quarantined", "failed"):
+            log.debug("ingest.file_for_stopped_group", group_id=group_id, state=state,
+                      path=path.name)
+            return
+        known = (await self.queue.file_records(group_id)).get(subband)
+        if known is not None and known.path == path:
+            if known.size == st.st_size and abs(known.mtime - st.st_mtime) < _MTIME_EPS:
+                log.debug("ingest.already_queued", group_id=group_id, path=path.name)
+                return
+            reason = (f"{path.name} changed after group {group_id} was queued "
+                      f"(now {state}); the change is not picked up")
+        elif known is not None:
+            reason = (f"duplicate subband sb{subband:02d} for group {group_id}: {known.path} "
+                      f"and {path}")
+            if state == "pending":  # nothing has read the group yet: stop it before it runs
+                await self._quarantine(group_id, reason, files=[str(known.path), str(path)])
+                return
+            reason += f" (group already {state}; the new file is ignored)"
+        else:
+            reason = (f"late file {path.name}: group {group_id} is already {state}; "
+                      "the file is not added")
+        log.warning("ingest.late_file", group_id=group_id, path=str(path), reason=reason)
+        self._alert("Late or changed subband file", reason, group_id=group_id, path=str(path))
+
+    async def _vanished(self, f: _File) -> None:
+        group = self._groups.get(f.group_id)
+        self._files.pop(f.path, None)
+        if group is not None and group.files.get(f.subband) is f:
+            del group.files[f.subband]
+            try:
+                await self.queue.remove_file(f.group_id, f.subband)
+            except IllegalTransition:
+                pass
+        log.warning("ingest.file_vanished", group_id=f.group_id, path=str(f.path),
+                    reason="file disappeared before its group was queued")
+
+    # ----------------------------------------------------------------- periodic check
+    async def check(self) -> None:
+        """Re-stat tracked files, verify the stable ones, and close complete or late groups."""
+        now = self._clock()
+        stable = self.options.stable_seconds
+        for f in list(self._files.values()):
+            try:
+                st = f.path.stat()
+            except FileNotFoundError:
+                await self._vanished(f)
+                continue
+            except OSError as exc:  # e.g. permissions, a stale NFS handle: say so once
+                if f.stat_error != str(exc):
+                    f.stat_error = str(exc)
+                    log.warning("ingest.stat_failed", path=str(f.path), error=str(exc))
+                continue
+            f.stat_error = None
+            f.observe(_signature(st), now)
+        for f in list(self._files.values()):
+            if f.verified or f.path not in self._files or now - f.changed_at < stable:
+                continue
+            if f.bad_since is not None and now - f.bad_since < stable:
+                continue
+            sig = f.sig
+            reason = await asyncio.to_thread(check_uvh5_header, f.path)
+            if f.sig != sig or f.path not in self._files:
+                continue  # changed while we looked; the next pass decides
+            if reason is None and sig is not None:
+                f.verified = True
+                try:
+                    await self.queue.record_file(f.group_id, f.subband, f.path, sig[1],
+                                                 sig[2] / 1e9)
+                except IllegalTransition as exc:
+                    self._moved_on(f.group_id, exc)
+                    continue
+                log.debug("ingest.file_complete", group_id=f.group_id, path=f.path.name)
+            elif f.bad_since is None:
+                f.bad_since, f.bad_reason = self._clock(), reason
+                log.info("ingest.header_not_readable_yet", path=str(f.path), reason=reason)
+            else:
+                await self._quarantine(
+                    f.group_id, f"{f.path.name} is unreadable after it stopped growing: {reason}",
+                    files=[str(f.path)])
+        now = self._clock()
+        for group in list(self._groups.values()):
+            try:
+                await self._decide(group, now)
+            except IllegalTransition as exc:
+                self._moved_on(group.group_id, exc)
+
+    def _moved_on(self, group_id: str, exc: IllegalTransition) -> None:
+        """Someone else (an operator, via the CLI or API) took the group out of collecting."""
+        log.warning("ingest.group_left_collecting", group_id=group_id, error=str(exc))
+        self._forget(group_id)
+
+    async def _decide(self, group: _Group, now: float) -> None:
+        opt = self.options
+        expected = range(opt.expected_subbands)
+        done = [sb for sb in expected if sb in group.files and group.files[sb].verified]
+        if len(done) == opt.expected_subbands:
+            await self._ready(group, None)
+            return
+        waited = now - group.created
+        if waited < opt.group_timeout_s:
+            return
+        missing = [sb for sb in expected if sb not in group.files]
+        unfinished = [sb for sb in group.files if sb not in done]
+        what = (f"{len(done)}/{opt.expected_subbands} subbands complete after {waited:.0f} s"
+                + (f"; missing {_sbs(missing)}" if missing else "")
+                + (f"; not complete {_sbs(unfinished)}" if unfinished else ""))
+        if opt.timeout_policy == "process" and len(done) >= opt.min_subbands:
+            for sb in unfinished:
+                await self.queue.remove_file(group.group_id, sb)
+            reason = f"timed out, processing anyway: {what}"
+            await self.queue.set_flag(group.group_id, "incomplete", reason)
+            self._alert("Group processed incomplete", f"group {group.group_id}: {reason}",
+                        group_id=group.group_id, subbands=done)
+            await self._ready(group, reason)
+        else:
+            rule = (f"policy 'process' needs at least {opt.min_subbands}"
+                    if opt.timeout_policy == "process" else "policy 'quarantine'")
+            await self._quarantine(group.group_id, f"timed out: {what} ({rule})")
+
+    async def _ready(self, group: _Group, reason: str | None) -> None:
+        await self.queue.mark_ready(group.group_id, reason)
+        self._forget(group.group_id)
+        log.info("ingest.group_ready", group_id=group.group_id,
+                 subbands=len(group.files), note=reason)
+        if self._on_ready is not None:
+            self._on_ready(group.group_id)
+
+    async def _quarantine(self, group_id: str, reason: str, **context: object) -> None:
+        try:
+            await self.queue.quarantine(group_id, reason)
+        except IllegalTransition as exc:  # someone else moved it on; say so and carry on
+            log.warning("ingest.quarantine_refused", group_id=group_id, reason=reason,
+                        error=str(exc))
+            return
+        finally:
+            self._forget(group_id)
+        log.warning("ingest.group_quarantined", group_id=group_id, reason=reason)
+        self._alert("Group quarantined at ingest", f"group {group_id}: {reason}",
+                    group_id=group_id, **context)
+
+    def _remember_ignored(self, name: str) -> None:
+        if len(self._ignored) >= _MAX_IGNORED:  # bounded: a junk-filled directory must not leak
+            self._ignored.clear()
+        self._ignored.add(name)
+
+    def _forget(self, group_id: str) -> None:
+        group = self._groups.pop(group_id, None)
+        if group is not None:
+            for f in group.files.values():
+                self._files.pop(f.path, None)
+
+    def _alert(self, title: str, message: str, **context: object) -> None:
+        if self._emit is None:
+            return
+        try:
+            self._emit(Alert(Severity.WARNING, "ingest", title, message, dict(context)))
+        except Exception:  # alerting trouble must never stall ingest
+            log.exception("ingest.alert_failed", title=title)
+
+
+def _sbs(subbands: list[int]) -> str:
+    return ", ".join(f"sb{sb:02d}" for sb in sorted(subbands))

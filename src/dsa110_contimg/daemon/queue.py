@@ -1,0 +1,732 @@
+"""The durable group queue: one owner of the SQLite file's ``queue`` tables.
+
+Every state change is a single ``BEGIN IMMEDIATE`` transaction that re-reads the row it changes,
+so a crash between any two statements leaves the previous state intact, and two processes (or
+two daemons started by mistake) can never claim the same group: the second waits for the
+write lock and then sees the group already taken.
+
+States::
+
+    collecting -> pending -> converting -> converted -> calibrating -> calibrated -> imaging -> done
+                     (resting)   (active)     (resting)    (active)        (resting)   (active)
+    any but done -> quarantined        active -> failed        failed|quarantined -> pending
+
+A claim moves a resting group to its active state and opens a ``stage_runs`` row; complete,
+fail, release and stale-claim recovery close that row (outcome ok / failed / abandoned), which
+is the group's history with durations and QA metrics. ``state_reason`` says why a group is where
+it is, and a trigger copies every state change with that reason into ``group_events``, so a
+requeue does not erase why the group had stopped.
+
+Other components keep their own tables in the same file and their own row in
+``schema_versions``; this module only creates and migrates the tables it names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ParamSpec, Self, TypeVar
+
+import aiosqlite
+import structlog
+
+from ..errors import BadInputError, ConfigError, ContimgError, IllegalTransition
+from .naming import group_time, validate_group_id
+from .options import QueueOptions
+
+log = structlog.get_logger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+__all__ = [
+    "ACTIVE_STATES",
+    "Claim",
+    "DuplicateSubband",
+    "FileRecord",
+    "GroupQueue",
+    "MIGRATIONS",
+    "RESTING_STATES",
+    "SCHEMA_VERSION",
+    "STATES",
+    "UnknownGroup",
+    "is_legal",
+]
+
+STATES: tuple[str, ...] = (
+    "collecting", "pending", "converting", "converted", "calibrating", "calibrated",
+    "imaging", "done", "failed", "quarantined",
+)
+RESTING_STATES: tuple[str, ...] = ("pending", "converted", "calibrated")
+ACTIVE_STATES: tuple[str, ...] = ("converting", "calibrating", "imaging")
+
+# resting state -> (active state, stage name)
+_CLAIMS: dict[str, tuple[str, str]] = {
+    "pending": ("converting", "conversion"),
+    "converted": ("calibrating", "calibration"),
+    "calibrated": ("imaging", "imaging"),
+}
+# active state -> (resting state it came from, state after success, stage name)
+_ACTIVE: dict[str, tuple[str, str, str]] = {
+    "converting": ("pending", "converted", "conversion"),
+    "calibrating": ("converted", "calibrated", "calibration"),
+    "imaging": ("calibrated", "done", "imaging"),
+}
+
+
+def _legal_transitions() -> frozenset[tuple[str, str]]:
+    edges = {("collecting", "pending"), ("collecting", "quarantined"),
+             ("failed", "pending"), ("quarantined", "pending")}
+    for resting, (active, _) in _CLAIMS.items():
+        edges |= {(resting, active), (resting, "quarantined")}
+    for active, (resting, after, _) in _ACTIVE.items():
+        edges |= {(active, resting), (active, after), (active, "failed"), (active, "quarantined")}
+    return frozenset(edges)
+
+
+LEGAL_TRANSITIONS = _legal_transitions()
+
+
+def is_legal(from_state: str, to_state: str) -> bool:
+    """Whether the state machine allows ``from_state -> to_state``."""
+    return (from_state, to_state) in LEGAL_TRANSITIONS
+
+
+class UnknownGroup(ContimgError, LookupError):
+    """No group with this id is in the queue."""
+
+    def __init__(self, group_id: str) -> None:
+        self.group_id = group_id
+        super().__init__(f"no group {group_id} in the queue")
+
+
+class DuplicateSubband(BadInputError):
+    """Two different files claim the same subband of one group: re-running cannot choose."""
+
+    def __init__(self, group_id: str, subband: int, existing: str, new: str) -> None:
+        self.group_id = group_id
+        self.subband = subband
+        self.files = (existing, new)
+        super().__init__(
+            f"group {group_id}: duplicate subband sb{subband:02d}: {existing} and {new}")
+        self.path = new
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker needs to run one stage of one group; picklable for worker processes."""
+
+    group_id: str
+    stage: str
+    attempt: int
+    files: dict[int, Path]
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: Path
+    size: int
+    mtime: float
+
+
+# Forward migrations of the 'queue' component. Never edit a shipped entry: append a new one.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE groups (
+            id TEXT PRIMARY KEY,
+            anchor REAL NOT NULL,
+            state TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            not_before REAL NOT NULL DEFAULT 0,
+            worker TEXT,
+            heartbeat REAL,
+            resting_state TEXT,
+            flags TEXT NOT NULL DEFAULT '{}',
+            n_subbands INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX groups_claimable ON groups(state, not_before, anchor)",
+        "CREATE INDEX groups_anchor ON groups(anchor)",
+        """CREATE TABLE group_files (
+            group_id TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            subband INTEGER NOT NULL,
+            path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime REAL NOT NULL,
+            UNIQUE (group_id, subband)
+        )""",
+        """CREATE TABLE stage_runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            group_id TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            stage TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            worker TEXT,
+            started REAL NOT NULL,
+            finished REAL,
+            duration_s REAL,
+            outcome TEXT CHECK (outcome IN ('ok', 'failed', 'abandoned')),
+            error TEXT,
+            metrics TEXT
+        )""",
+        "CREATE INDEX stage_runs_group ON stage_runs(group_id, started)",
+    ),
+    # v2: why each group is in its state (``state_reason``) and a log of every state change,
+    # written by triggers so no code path (nor a hand edit) can change a state unrecorded.
+    2: (
+        "ALTER TABLE groups ADD COLUMN state_reason TEXT",
+        """CREATE TABLE group_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            group_id TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            at REAL NOT NULL,
+            from_state TEXT,
+            to_state TEXT NOT NULL,
+            reason TEXT
+        )""",
+        "CREATE INDEX group_events_group ON group_events(group_id, at)",
+        """INSERT INTO group_events (group_id, at, from_state, to_state, reason)
+           SELECT id, updated, NULL, state, 'state when the event log was added (schema v2)'
+           FROM groups""",
+        """CREATE TRIGGER groups_log_insert AFTER INSERT ON groups BEGIN
+             INSERT INTO group_events (group_id, at, from_state, to_state, reason)
+             VALUES (NEW.id, NEW.updated, NULL, NEW.state, NEW.state_reason);
+           END""",
+        """CREATE TRIGGER groups_log_state AFTER UPDATE OF state ON groups
+           WHEN NEW.state IS NOT OLD.state BEGIN
+             INSERT INTO group_events (group_id, at, from_state, to_state, reason)
+             VALUES (NEW.id, NEW.updated, OLD.state, NEW.state, NEW.state_reason);
+           END""",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+COMPONENT = "queue"
+
+_SELECT_GROUP = (
+    "SELECT id, anchor, state, created, updated, attempts, last_error, not_before, worker, "
+    "heartbeat, resting_state, flags, n_subbands, state_reason FROM groups"
+)
+
+
+_KEEP = object()  # "leave this column as it is"
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else float(now)
+
+
+def _jsonable(value: Any) -> Any:
+    """json.dumps fallback for numpy scalars/arrays, paths and other odd QA metric values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_jsonable, sort_keys=True)
+
+
+def _group_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["flags"] = json.loads(d["flags"] or "{}")
+    return d
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved here when the caller was cancelled and cannot see it
+
+
+def _atomic(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Let a transaction run to its end even when its caller is cancelled (at shutdown).
+
+    All coroutines share one connection, so a transaction abandoned between two statements
+    would leak into the next caller's. Shielded, it always commits or rolls back whole; the
+    caller still sees CancelledError (a claim committed for a cancelled caller is taken back
+    by ``recover_stale``).
+    """
+    @functools.wraps(method)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        task = asyncio.ensure_future(method(*args, **kwargs))
+        task.add_done_callback(_consume)
+        return await asyncio.shield(task)
+    return run
+
+
+class GroupQueue:
+    """The single owner of the queue tables; every public method is one transaction."""
+
+    def __init__(self, db: aiosqlite.Connection, options: QueueOptions, path: Path) -> None:
+        self._db = db
+        self.options = options
+        self.path = path
+        # One aiosqlite connection is shared by every coroutine of the daemon: the lock keeps
+        # one coroutine's statements out of another's open transaction.
+        self._lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- life cycle
+    @classmethod
+    async def open(cls, db_path: Path, options: QueueOptions,
+                   busy_timeout_s: float = 30.0) -> GroupQueue:
+        """Open (creating if needed) and migrate the database; WAL so readers never block."""
+        db_path = Path(db_path)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(str(db_path), isolation_level=None, timeout=busy_timeout_s)
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a process crash loses nothing; a power cut may drop the last
+            # commits but never corrupts. Each transition commits, so FULL would fsync each one.
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            queue = cls(db, options, db_path)
+            await queue._migrate()
+        except BaseException:
+            await db.close()
+            raise
+        return queue
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._db.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _migrate(self) -> None:
+        async with self._write() as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_versions ("
+                             "component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+            row = await _one(db, "SELECT version FROM schema_versions WHERE component = ?",
+                             (COMPONENT,))
+            current = row["version"] if row else 0
+            if current > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"CONTIMG_STATE_DIR: {self.path} has queue schema v{current}, newer than this "
+                    f"software (v{SCHEMA_VERSION}); upgrade dsa110-contimg")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version]:
+                    await db.execute(statement)
+            if current < SCHEMA_VERSION:
+                await db.execute(
+                    "INSERT INTO schema_versions (component, version) VALUES (?, ?) "
+                    "ON CONFLICT(component) DO UPDATE SET version = excluded.version",
+                    (COMPONENT, SCHEMA_VERSION))
+                log.info("queue.migrated", path=str(self.path), from_version=current,
+                         to_version=SCHEMA_VERSION)
+
+    # ----------------------------------------------------------------- transactions
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front, so read-then-update cannot race."""
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A consistent snapshot for multi-statement reads."""
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN")
+                yield self._db
+            finally:
+                await self._rollback()
+
+    async def _rollback(self) -> None:
+        # Unconditional and in statement order: a BEGIN still queued in aiosqlite's thread
+        # runs first, so no transaction is ever left open on the shared connection.
+        try:
+            await self._db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass  # no transaction was active (BEGIN failed, or COMMIT already ended it)
+
+    async def _group(self, db: aiosqlite.Connection, group_id: str) -> sqlite3.Row:
+        row = await _one(db, _SELECT_GROUP + " WHERE id = ?", (group_id,))
+        if row is None:
+            raise UnknownGroup(group_id)
+        return row
+
+    async def _change(self, db: aiosqlite.Connection, row: sqlite3.Row, to_state: str,
+                      now: float, reason: str | None, *, attempts: int | None = None,
+                      last_error: Any = _KEEP, not_before: float = 0.0,
+                      worker: str | None = None, heartbeat: float | None = None,
+                      resting_state: str | None = None) -> None:
+        """Move one group, already read in this transaction, to ``to_state`` and log it."""
+        from_state = row["state"]
+        if not is_legal(from_state, to_state):
+            raise IllegalTransition(f"group {row['id']}: {from_state} -> {to_state} is not allowed")
+        cur = await db.execute(
+            "UPDATE groups SET state = ?, updated = ?, attempts = ?, last_error = ?, "
+            "not_before = ?, worker = ?, heartbeat = ?, resting_state = ?, state_reason = ? "
+            "WHERE id = ? AND state = ?",
+            (to_state, now, row["attempts"] if attempts is None else attempts,
+             row["last_error"] if last_error is _KEEP else last_error, not_before, worker,
+             heartbeat, resting_state, reason, row["id"], from_state))
+        if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE; refuse rather than guess
+            raise IllegalTransition(f"group {row['id']} changed under us")
+        # the groups_log_state trigger has written the group_events row
+
+    async def _close_run(self, db: aiosqlite.Connection, group_id: str, now: float,
+                         outcome: str, error: str | None, duration_s: float | None = None,
+                         metrics: Mapping[str, Any] | None = None) -> None:
+        if duration_s is not None and not math.isfinite(duration_s):
+            duration_s = None
+        await db.execute(
+            "UPDATE stage_runs SET finished = ?1, duration_s = coalesce(?2, max(0.0, ?1 - started)), "
+            "outcome = ?3, error = ?4, metrics = ?5 WHERE id = (SELECT max(id) FROM stage_runs "
+            "WHERE group_id = ?6 AND finished IS NULL)",
+            (now, duration_s, outcome, error,
+             None if metrics is None else _dumps(dict(metrics)), group_id))
+
+    @staticmethod
+    def _require_claim(row: sqlite3.Row, worker_id: str) -> None:
+        if row["state"] not in _ACTIVE or row["worker"] != worker_id:
+            holder = f" by {row['worker']}" if row["worker"] else ""
+            raise IllegalTransition(
+                f"group {row['id']} is {row['state']}{holder}, not claimed by {worker_id}")
+
+    # ----------------------------------------------------------------- ingest side
+    @_atomic
+    async def create_group(self, group_id: str, now: float | None = None) -> bool:
+        """Start collecting a group; idempotent so a restart re-finds the same group."""
+        group_id = validate_group_id(group_id)
+        now = _now(now)
+        anchor = group_time(group_id).timestamp()
+        async with self._write() as db:
+            cur = await db.execute(
+                "INSERT INTO groups (id, anchor, state, created, updated, state_reason) "
+                "VALUES (?, ?, 'collecting', ?, ?, 'first file seen') ON CONFLICT(id) DO NOTHING",
+                (group_id, anchor, now, now))
+            created = cur.rowcount == 1
+        return created
+
+    async def find_group_for(self, timestamp: datetime | float, tolerance_s: float) -> str | None:
+        """The group whose anchor is nearest ``timestamp`` within the tolerance (any state)."""
+        ts = timestamp.timestamp() if isinstance(timestamp, datetime) else float(timestamp)
+        async with self._lock:
+            row = await _one(
+                self._db,
+                "SELECT id FROM groups WHERE anchor BETWEEN ? AND ? "
+                "ORDER BY abs(anchor - ?), anchor LIMIT 1",
+                (ts - tolerance_s, ts + tolerance_s, ts))
+        return None if row is None else row["id"]
+
+    @_atomic
+    async def record_file(self, group_id: str, subband: int, path: Path | str, size: int,
+                          mtime: float) -> None:
+        """Attach a file to a collecting group, or refresh its size/mtime if already attached.
+
+        A different path for a subband the group already has raises :class:`DuplicateSubband`.
+        """
+        path_s = str(path)
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            if row["state"] != "collecting":
+                raise IllegalTransition(
+                    f"group {group_id} is {row['state']}; files join only while collecting")
+            existing = await _one(db, "SELECT path FROM group_files WHERE group_id = ? AND "
+                                      "subband = ?", (group_id, subband))
+            if existing is not None and existing["path"] != path_s:
+                raise DuplicateSubband(group_id, subband, existing["path"], path_s)
+            await db.execute(
+                "INSERT INTO group_files (group_id, subband, path, size, mtime) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(group_id, subband) DO UPDATE SET "
+                "size = excluded.size, mtime = excluded.mtime",
+                (group_id, int(subband), path_s, int(size), float(mtime)))
+            await db.execute(
+                "UPDATE groups SET n_subbands = (SELECT count(*) FROM group_files "
+                "WHERE group_id = ?), updated = ? WHERE id = ?", (group_id, time.time(), group_id))
+
+    @_atomic
+    async def remove_file(self, group_id: str, subband: int) -> None:
+        """Drop a file that vanished or never completed from a collecting group."""
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            if row["state"] != "collecting":
+                raise IllegalTransition(
+                    f"group {group_id} is {row['state']}; files leave only while collecting")
+            await db.execute("DELETE FROM group_files WHERE group_id = ? AND subband = ?",
+                             (group_id, int(subband)))
+            await db.execute(
+                "UPDATE groups SET n_subbands = (SELECT count(*) FROM group_files "
+                "WHERE group_id = ?), updated = ? WHERE id = ?", (group_id, time.time(), group_id))
+
+    @_atomic
+    async def mark_ready(self, group_id: str, reason: str | None = None,
+                         now: float | None = None) -> None:
+        """collecting -> pending; ``reason`` notes why a group goes ahead incomplete."""
+        now = _now(now)
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            n = (await _one(db, "SELECT count(*) AS n FROM group_files WHERE group_id = ?",
+                            (group_id,)))["n"]
+            if row["state"] != "collecting":
+                raise IllegalTransition(
+                    f"group {group_id} is {row['state']}; only a collecting group becomes ready")
+            if n == 0:
+                raise IllegalTransition(f"group {group_id} has no files to process")
+            await self._change(db, row, "pending", now, reason or "all subbands complete",
+                               attempts=0)
+
+    @_atomic
+    async def quarantine(self, group_id: str, reason: str, worker_id: str | None = None,
+                         now: float | None = None) -> None:
+        """Park a group whose data cannot succeed; from an active state the run closes failed.
+
+        ``worker_id``, when given, must hold the claim (the scheduler quarantining its own
+        claim); without it ingest or an operator may quarantine any group not yet done.
+        """
+        now = _now(now)
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            if worker_id is not None:
+                self._require_claim(row, worker_id)
+            if row["state"] in _ACTIVE:
+                await self._close_run(db, group_id, now, "failed", reason)
+            await self._change(db, row, "quarantined", now, reason, last_error=reason,
+                               resting_state=_ACTIVE.get(row["state"], (row["state"],))[0])
+        log.warning("queue.quarantined", group_id=group_id, reason=reason)
+
+    async def files_of(self, group_id: str) -> dict[int, Path]:
+        return {sb: rec.path for sb, rec in (await self.file_records(group_id)).items()}
+
+    async def file_records(self, group_id: str) -> dict[int, FileRecord]:
+        async with self._lock:
+            rows = await _all(self._db, "SELECT subband, path, size, mtime FROM group_files "
+                                        "WHERE group_id = ? ORDER BY subband", (group_id,))
+        return {r["subband"]: FileRecord(Path(r["path"]), r["size"], r["mtime"]) for r in rows}
+
+    async def group_state(self, group_id: str) -> str | None:
+        async with self._lock:
+            row = await _one(self._db, "SELECT state FROM groups WHERE id = ?", (group_id,))
+        return None if row is None else row["state"]
+
+    # ----------------------------------------------------------------- scheduler side
+    @_atomic
+    async def claim(self, worker_id: str, now: float | None = None) -> Claim | None:
+        """Take the oldest group waiting in a resting state whose backoff has passed."""
+        now = _now(now)
+        async with self._write() as db:
+            row = await _one(
+                db, _SELECT_GROUP + " WHERE state IN (?, ?, ?) AND not_before <= ? "
+                "ORDER BY anchor, id LIMIT 1", (*RESTING_STATES, now))
+            if row is None:
+                return None
+            active, stage = _CLAIMS[row["state"]]
+            await self._change(db, row, active, now, f"claimed by {worker_id}",
+                               worker=worker_id, heartbeat=now, resting_state=row["state"])
+            attempt = row["attempts"] + 1
+            await db.execute(
+                "INSERT INTO stage_runs (group_id, stage, attempt, worker, started) "
+                "VALUES (?, ?, ?, ?, ?)", (row["id"], stage, attempt, worker_id, now))
+            files = await _all(db, "SELECT subband, path FROM group_files WHERE group_id = ? "
+                                   "ORDER BY subband", (row["id"],))
+        return Claim(row["id"], stage, attempt, {f["subband"]: Path(f["path"]) for f in files},
+                     json.loads(row["flags"] or "{}"))
+
+    async def heartbeat(self, group_id: str, worker_id: str, now: float | None = None) -> bool:
+        """Refresh a claim; False means the claim was lost (taken back as stale) and the
+        worker's result will be refused."""
+        async with self._lock:
+            cur = await self._db.execute(
+                "UPDATE groups SET heartbeat = ? WHERE id = ? AND worker = ? "
+                "AND state IN (?, ?, ?)", (_now(now), group_id, worker_id, *ACTIVE_STATES))
+        return cur.rowcount == 1
+
+    @_atomic
+    async def complete(self, group_id: str, worker_id: str, duration_s: float,
+                       metrics: Mapping[str, Any] | None = None,
+                       now: float | None = None) -> str:
+        """Close a successful stage; returns the new state (``done`` after imaging)."""
+        now = _now(now)
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            self._require_claim(row, worker_id)
+            after = _ACTIVE[row["state"]][1]
+            await self._close_run(db, group_id, now, "ok", None, duration_s, metrics or {})
+            await self._change(db, row, after, now, f"{_ACTIVE[row['state']][2]} ok",
+                               attempts=0, last_error=None)
+        return after
+
+    @_atomic
+    async def fail(self, group_id: str, worker_id: str, error: str, retry: bool = True, *,
+                   duration_s: float | None = None, metrics: Mapping[str, Any] | None = None,
+                   now: float | None = None) -> str:
+        """Record a failed attempt: back to resting after a backoff, or ``failed`` once
+        ``max_attempts`` tries are used or the error cannot pass (``retry=False``)."""
+        now = _now(now)
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            self._require_claim(row, worker_id)
+            resting = _ACTIVE[row["state"]][0]
+            attempts = row["attempts"] + 1
+            await self._close_run(db, group_id, now, "failed", error, duration_s, metrics)
+            if not retry or attempts >= self.options.max_attempts:
+                why = "not retryable" if not retry else f"{attempts} attempts used"
+                await self._change(db, row, "failed", now, f"{why}: {error}", attempts=attempts,
+                                   last_error=error, resting_state=resting)
+                new_state = "failed"
+            else:
+                delay = min(self.options.backoff_base_s * 2 ** (attempts - 1),
+                            self.options.backoff_max_s)
+                await self._change(db, row, resting, now, f"retry in {delay:.0f} s: {error}",
+                                   attempts=attempts, last_error=error, not_before=now + delay)
+                new_state = resting
+        log.warning("queue.stage_failed", group_id=group_id, attempt=attempts, error=error,
+                    state=new_state)
+        return new_state
+
+    @_atomic
+    async def defer(self, group_id: str, worker_id: str, until_ts: float, reason: str,
+                    now: float | None = None) -> None:
+        """Put a claim back until ``until_ts`` without using an attempt (e.g. no calibration
+        yet). The stage never ran, so its open run row is dropped; the event keeps the reason."""
+        now = _now(now)
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            self._require_claim(row, worker_id)
+            await db.execute("DELETE FROM stage_runs WHERE group_id = ? AND finished IS NULL",
+                             (group_id,))
+            await self._change(db, row, _ACTIVE[row["state"]][0], now, f"deferred: {reason}",
+                               not_before=float(until_ts))
+
+    @_atomic
+    async def release(self, group_id: str, worker_id: str, now: float | None = None) -> None:
+        """Give a claim back at shutdown; the run is recorded abandoned, no attempt used."""
+        now = _now(now)
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            self._require_claim(row, worker_id)
+            await self._close_run(db, group_id, now, "abandoned", "released at shutdown")
+            await self._change(db, row, _ACTIVE[row["state"]][0], now, "released at shutdown")
+
+    @_atomic
+    async def recover_stale(self, now: float | None = None, all_active: bool = False) -> list[str]:
+        """Take back claims whose worker stopped heartbeating (or every claim, at start-up).
+
+        An abandoned run counts as an attempt: a group that kills its worker every time (out of
+        memory, say) must end in ``failed`` rather than crash-loop the daemon.
+        """
+        now = _now(now)
+        cutoff = now - self.options.claim_timeout_s
+        taken: list[str] = []
+        async with self._write() as db:
+            rows = await _all(db, _SELECT_GROUP + " WHERE state IN (?, ?, ?) ORDER BY anchor",
+                              ACTIVE_STATES)
+            for row in rows:
+                if not all_active and (row["heartbeat"] or 0.0) >= cutoff:
+                    continue
+                why = (f"claim by {row['worker']} abandoned "
+                       f"(last heartbeat {now - (row['heartbeat'] or now):.0f} s ago)")
+                await self._close_run(db, row["id"], now, "abandoned", why)
+                attempts = row["attempts"] + 1
+                resting = _ACTIVE[row["state"]][0]
+                if attempts >= self.options.max_attempts:
+                    await self._change(db, row, "failed", now, f"{attempts} attempts used: {why}",
+                                       attempts=attempts, last_error=why, resting_state=resting)
+                else:
+                    await self._change(db, row, resting, now, why, attempts=attempts,
+                                       last_error=why)
+                taken.append(row["id"])
+        if taken:
+            log.warning("queue.recovered_stale_claims", groups=taken, all_active=all_active)
+        return taken
+
+    @_atomic
+    async def requeue(self, group_id: str, now: float | None = None) -> None:
+        """Operator retry: failed/quarantined -> pending with fresh attempts."""
+        now = _now(now)
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            if row["state"] not in ("failed", "quarantined"):
+                raise IllegalTransition(
+                    f"group {group_id} is {row['state']}; only failed or quarantined groups "
+                    "can be requeued")
+            await self._change(db, row, "pending", now,
+                               f"requeued (was {row['state']}: {row['last_error']})", attempts=0)
+        log.info("queue.requeued", group_id=group_id, was=row["state"])
+
+    @_atomic
+    async def set_flag(self, group_id: str, key: str, value: Any) -> None:
+        """Attach a note the later stages read (e.g. ``calibration='uncalibrated'``)."""
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            flags = json.loads(row["flags"] or "{}")
+            flags[str(key)] = value
+            await db.execute("UPDATE groups SET flags = ?, updated = ? WHERE id = ?",
+                             (_dumps(flags), time.time(), group_id))
+
+    # ----------------------------------------------------------------- reporting
+    async def counts(self) -> dict[str, int]:
+        """Groups per state, every state present (zeros included) so dashboards stay stable."""
+        async with self._lock:
+            rows = await _all(self._db, "SELECT state, count(*) AS n FROM groups GROUP BY state")
+        out = dict.fromkeys(STATES, 0)
+        out.update({r["state"]: r["n"] for r in rows})
+        return out
+
+    async def list_groups(self, states: Iterable[str] | None = None,
+                          limit: int = 200) -> list[dict[str, Any]]:
+        """Newest groups first, optionally only those in ``states``."""
+        wanted = None if states is None else list(states)
+        unknown = set(wanted or ()) - set(STATES)
+        if unknown:
+            raise ValueError(f"unknown state(s): {', '.join(sorted(unknown))}")
+        async with self._lock:
+            rows = await _all(
+                self._db,
+                "SELECT id, anchor, state, created, updated, attempts, last_error, not_before, "
+                "worker, heartbeat, resting_state, flags, n_subbands, state_reason FROM groups "
+                "WHERE ?1 IS NULL OR state IN (SELECT value FROM json_each(?1)) "
+                "ORDER BY anchor DESC LIMIT ?2",
+                (None if wanted is None else json.dumps(wanted), int(limit)))
+        return [_group_dict(r) for r in rows]
+
+    @_atomic
+    async def get_group(self, group_id: str) -> dict[str, Any]:
+        """Everything known about one group: row, files, stage runs and state events."""
+        async with self._read() as db:
+            out = _group_dict(await self._group(db, group_id))
+            out["files"] = [dict(r) for r in await _all(
+                db, "SELECT subband, path, size, mtime FROM group_files WHERE group_id = ? "
+                    "ORDER BY subband", (group_id,))]
+            runs = await _all(
+                db, "SELECT stage, attempt, worker, started, finished, duration_s, outcome, "
+                    "error, metrics FROM stage_runs WHERE group_id = ? ORDER BY id", (group_id,))
+            out["stage_runs"] = [
+                {**dict(r), "metrics": None if r["metrics"] is None else json.loads(r["metrics"])}
+                for r in runs]
+            out["events"] = [dict(r) for r in await _all(
+                db, "SELECT at, from_state, to_state, reason FROM group_events "
+                    "WHERE group_id = ? ORDER BY id", (group_id,))]
+        return out
+
+
+async def _one(db: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+    rows = await db.execute_fetchall(sql, tuple(params))  # one thread hop, not three
+    return next(iter(rows), None)
+
+
+async def _all(db: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    return list(await db.execute_fetchall(sql, tuple(params)))

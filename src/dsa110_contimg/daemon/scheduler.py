@@ -1,0 +1,293 @@
+"""The scheduler: claims groups, runs each stage and its QA gate in the executor, decides.
+
+Stages never touch the queue or alerting; this module does. Outcomes:
+pass -> next state; BadInputError or a failed QA gate -> quarantined (re-running cannot help,
+an operator can `contimg requeue`); StageError or anything unexpected -> retry with backoff,
+then failed; CalibrationUnavailable -> held (no attempt used) under the stale policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ..alerting.alert import Alert, Severity
+from ..config import Settings
+from ..errors import BadInputError, CalibrationUnavailable, QAFailure
+from ..products import product_dir
+from ..qa.result import QAResult, jsonable
+from .executor import StageExecutor
+from .metrics import Metrics
+from .queue import Claim, GroupQueue
+
+log = structlog.get_logger(__name__)
+
+HOLD_FLAG = "held"
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    return jsonable({k: str(v) if isinstance(v, Path) else v
+                     for k, v in dataclasses.asdict(obj).items()})
+
+
+def write_qa_json(directory: Path, group_id: str, stage: str, qa: QAResult,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Merge one gate's verdict into the group's qa.json (atomic replace)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "qa.json"
+    doc: dict[str, Any] = {"group_id": group_id, "stages": {}}
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    doc.setdefault("stages", {})[stage] = {**qa.as_dict(), **(extra or {})}
+    doc["passed"] = all(s.get("passed") for s in doc["stages"].values())
+    tmp = path.with_name(".qa.json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, queue: GroupQueue, executor: StageExecutor,
+                 emit: Callable[[Alert], None], registry: Any, catalog: Any,
+                 metrics: Metrics, worker_id: str | None = None) -> None:
+        self.s = settings
+        self.queue = queue
+        self.executor = executor
+        self.emit = emit
+        self.registry = registry
+        self.catalog = catalog
+        self.metrics = metrics
+        self.worker_id = worker_id or new_worker_id()
+        self.inflight: dict[str, asyncio.Task] = {}
+        self._wake = asyncio.Event()
+        self.draining = False
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self, stop: asyncio.Event, once: bool = False,
+                  idle_check: Callable[[], Any] | None = None) -> None:
+        """Claim while there is room; with ``once``, return when nothing is left to do."""
+        while not stop.is_set():
+            while len(self.inflight) < self.s.executor.max_workers and not stop.is_set():
+                claim = await self.queue.claim(self.worker_id)
+                if claim is None:
+                    break
+                task = asyncio.create_task(self._process(claim), name=f"group:{claim.group_id}")
+                self.inflight[claim.group_id] = task
+                task.add_done_callback(lambda t, g=claim.group_id: self._finished(g))
+            if once and not self.inflight and idle_check is not None and await idle_check():
+                return
+            self._wake.clear()
+            waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+
+    def _finished(self, group_id: str) -> None:
+        self.inflight.pop(group_id, None)
+        self._wake.set()
+
+    async def drain(self, timeout: float) -> list[str]:
+        """Let in-flight stages finish up to ``timeout``; give the rest back to the queue."""
+        self.draining = True
+        tasks = list(self.inflight.values())
+        if tasks:
+            log.info("draining", inflight=len(tasks), timeout_s=timeout)
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+        else:
+            pending = set()
+        released = []
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+            released.append(task.get_name().removeprefix("group:"))
+        return released
+
+    # ------------------------------------------------------------------ one claim
+    async def _heartbeat(self, group_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.s.queue.heartbeat_s)
+            if not await self.queue.heartbeat(group_id, self.worker_id):
+                log.warning("claim_lost", group_id=group_id)
+                return
+
+    async def _process(self, claim: Claim) -> None:
+        gid, stage = claim.group_id, claim.stage
+        structlog.contextvars.bind_contextvars(group_id=gid, stage=stage)
+        hb = asyncio.create_task(self._heartbeat(gid))
+        t0 = time.monotonic()
+        log.info("stage_start", attempt=claim.attempt)
+        try:
+            runner = {"conversion": self._conversion, "calibration": self._calibration,
+                      "imaging": self._imaging}[stage]
+            result, qa = await asyncio.wait_for(runner(claim), self.s.executor.stage_timeout_s)
+        except asyncio.CancelledError:
+            await self._safely(self.queue.release(gid, self.worker_id))
+            log.info("stage_released", reason="shutdown")
+            raise
+        except CalibrationUnavailable as exc:
+            await self._hold(claim, str(exc))
+        except (BadInputError, QAFailure) as exc:
+            await self._quarantine(claim, exc, time.monotonic() - t0)
+        except Exception as exc:  # noqa: BLE001 - any other failure is retried, never fatal
+            await self._retry(claim, exc, time.monotonic() - t0)
+        else:
+            took = time.monotonic() - t0
+            self.metrics.stage_done(stage, took)
+            metrics = {"result": result, "qa": qa.as_dict()}
+            state = await self.queue.complete(gid, self.worker_id, took, metrics)
+            log.info("stage_done", duration_s=round(took, 2), state=state,
+                     qa_s=round(qa.duration_s, 3))
+            for w in qa.warnings:
+                self.emit(Alert(Severity.WARNING, f"qa.{stage}", f"QA warning for {gid}", w,
+                                {"group_id": gid, "stage": stage}))
+            if state == "done":
+                self.metrics.group_done()
+        finally:
+            hb.cancel()
+
+    async def _safely(self, coro: Any) -> None:
+        try:
+            await coro
+        except Exception as exc:  # noqa: BLE001
+            log.error("queue_update_failed", error=str(exc))
+
+    async def _hold(self, claim: Claim, reason: str) -> None:
+        policy_retry = self.s.queue.hold_retry_s
+        await self.queue.set_flag(claim.group_id, HOLD_FLAG, reason)
+        await self.queue.defer(claim.group_id, self.worker_id, time.time() + policy_retry, reason)
+        self.emit(Alert(Severity.WARNING, "calibration.stale",
+                        f"Calibration stale: holding {claim.group_id}", reason,
+                        {"group_id": claim.group_id, "policy": "hold"}))
+
+    async def _quarantine(self, claim: Claim, exc: Exception, took: float) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, QAFailure):
+            self.metrics.qa_failed(claim.stage)
+        await self.queue.quarantine(claim.group_id, reason, worker_id=self.worker_id)
+        log.error("group_quarantined", reason=reason, duration_s=round(took, 2))
+        self.emit(Alert(Severity.ERROR, f"{claim.stage}.quarantined",
+                        f"Group {claim.group_id} quarantined at {claim.stage}", reason,
+                        {"group_id": claim.group_id, "stage": claim.stage}))
+
+    async def _retry(self, claim: Claim, exc: Exception, took: float) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        state = await self.queue.fail(claim.group_id, self.worker_id, reason, retry=True,
+                                      duration_s=took)
+        sev = Severity.ERROR if state == "failed" else Severity.WARNING
+        log.log(40 if state == "failed" else 30, "stage_failed", error=reason, state=state,
+                attempt=claim.attempt)
+        self.emit(Alert(sev, f"{claim.stage}.failed",
+                        f"{claim.stage} of {claim.group_id} failed (attempt {claim.attempt})"
+                        + (": giving up" if state == "failed" else ", will retry"), reason,
+                        {"group_id": claim.group_id, "stage": claim.stage, "state": state}))
+
+    async def _gate(self, stage: str, claim: Claim, fn: Any, *args: Any) -> QAResult:
+        qa: QAResult = await self.executor.run(fn, *args, group_id=claim.group_id)
+        await asyncio.to_thread(write_qa_json, product_dir(self.s.paths.output_dir, claim.group_id),
+                                claim.group_id, stage, qa)
+        if not qa.passed:
+            raise QAFailure(f"{stage} QA failed: {qa.reason}", qa.metrics)
+        return qa
+
+    # ------------------------------------------------------------------ stages
+    async def _conversion(self, claim: Claim) -> tuple[dict, QAResult]:
+        from ..conversion.convert import ConversionInputs, convert_group
+        from ..qa.ms import check_ms_after_conversion
+
+        p = self.s.paths
+        inputs = ConversionInputs(group_id=claim.group_id,
+                                  files=tuple(claim.files[k] for k in sorted(claim.files)),
+                                  output_dir=p.output_dir, scratch_dir=p.scratch_dir,
+                                  tmpfs_path=p.tmpfs_path)
+        res = await self.executor.run(convert_group, inputs, self.s.conversion,
+                                      group_id=claim.group_id)
+        expected = {"n_antennas": res.n_antennas, "phase_centre_ra_deg": res.phase_centre_ra_deg,
+                    "phase_centre_dec_deg": res.phase_centre_dec_deg}
+        qa = await self._gate("conversion", claim, check_ms_after_conversion, res.ms_path,
+                              self.s.qa_ms, expected)
+        info = _asdict(res)
+        await self.queue.set_flag(claim.group_id, "conversion", info)
+        return info, qa
+
+    async def _calibration(self, claim: Claim) -> tuple[dict, QAResult]:
+        from ..calibration.stage import CalibrationInputs, calibrate_group
+        from ..qa.calibration import check_calibration_quality
+
+        conv = claim.flags["conversion"]
+        gid = claim.group_id
+        apply_set = await self.registry.find_valid(conv["mid_mjd"], conv["pointing_dec_deg"],
+                                                   self.s.calibration)
+        inputs = CalibrationInputs(group_id=gid, ms_path=Path(conv["ms_path"]),
+                                   caltable_dir=product_dir(self.s.paths.output_dir, gid) / "caltables",
+                                   pointing_dec_deg=conv["pointing_dec_deg"],
+                                   mid_mjd=conv["mid_mjd"], apply_set=apply_set)
+        res = await self.executor.run(calibrate_group, inputs, self.s.calibration, group_id=gid)
+        if res.mode == "uncalibrated":
+            qa = QAResult("calibration", True, {"mode": "uncalibrated"},
+                          warnings=("no valid calibration: imaged uncalibrated",))
+            await asyncio.to_thread(write_qa_json, product_dir(self.s.paths.output_dir, gid),
+                                    gid, "calibration", qa)
+            self.emit(Alert(Severity.WARNING, "calibration.stale",
+                            f"Calibration stale: {gid} imaged uncalibrated",
+                            "no valid calibration set; policy 'uncalibrated'", {"group_id": gid}))
+        else:
+            calset = res.new_set or apply_set
+            try:
+                qa = await self._gate("calibration", claim, check_calibration_quality, calset,
+                                      Path(conv["ms_path"]), self.s.qa_cal)
+            except QAFailure:
+                if res.new_set is not None:
+                    await self.registry.mark_failed(res.new_set.name, "calibration QA failed")
+                raise
+            if res.new_set is not None:
+                await self.registry.register(dataclasses.replace(res.new_set, qa=qa.metrics))
+                self.emit(Alert(Severity.INFO, "calibration.new",
+                                f"New calibration set {res.new_set.name}",
+                                f"solved on {res.calibrator} in {gid}", {"group_id": gid}))
+        info = {"mode": res.mode, "calibrator": res.calibrator, "applied_set": res.applied_set,
+                "new_set": res.new_set.name if res.new_set else None, "refant": res.refant,
+                "flag_fractions": res.flag_fractions, "step_durations": res.step_durations,
+                "notes": list(res.notes), "skipped": res.skipped}
+        await self.queue.set_flag(gid, "calibration", info)
+        return jsonable(info), qa
+
+    async def _imaging(self, claim: Claim) -> tuple[dict, QAResult]:
+        from ..imaging.stage import ImagingInputs, image_group
+        from ..qa.image import check_image_quality
+
+        conv = claim.flags["conversion"]
+        cal = claim.flags.get("calibration", {})
+        gid = claim.group_id
+        datacolumn = "data" if cal.get("mode") == "uncalibrated" else "corrected"
+        calibrator = cal.get("calibrator") if cal.get("mode") == "solved" else None
+        inputs = ImagingInputs(group_id=gid, ms_path=Path(conv["ms_path"]),
+                               product_dir=product_dir(self.s.paths.output_dir, gid),
+                               datacolumn=datacolumn, calibrator=calibrator)
+        res = await self.executor.run(image_group, inputs, self.s.imaging, group_id=gid)
+        qa = await self._gate("imaging", claim, check_image_quality, res, self.s.qa_img, calibrator)
+        await self.catalog.record(res, qa)
+        return _asdict(res), qa

@@ -1,0 +1,249 @@
+"""``contimg run``: one event loop running ingest, the scheduler, monitors and the status API.
+
+Start-up: check directories, take the state-dir lock (one daemon per state dir), clean stale
+staging, take back claims a dead predecessor held, then serve. Shutdown (SIGTERM/SIGINT):
+stop intake, let in-flight stages finish up to a timeout, give the rest back to the queue,
+kill abandoned workers (their output only ever lives in staging), close everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ..alerting.alert import Alert, Severity
+from ..casa_env import prepare_casa
+from ..config import Settings, check_directories
+from ..errors import ConfigError
+from .executor import make_executor
+from .metrics import Metrics, render_prometheus
+from .queue import ACTIVE_STATES, RESTING_STATES, GroupQueue
+from .scheduler import HOLD_FLAG, Scheduler, new_worker_id
+from .sdnotify import Notifier, watchdog_interval_s, watchdog_loop
+
+log = structlog.get_logger(__name__)
+
+
+class StateLock:
+    """An flock on STATE_DIR/contimg.lock: a second daemon on the same queue refuses to start."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / "contimg.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"CONTIMG_STATE_DIR: another contimg daemon holds {self.path}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+async def run_daemon(settings: Settings, once: bool = False) -> int:
+    s = settings
+    check_directories(s.paths)
+    prepare_casa(s.paths.state_dir)
+    lock = StateLock(s.paths.state_dir)
+    lock.acquire()
+    try:
+        return await _serve(s, once)
+    finally:
+        lock.release()
+
+
+async def _serve(s: Settings, once: bool) -> int:
+    from ..alerting.monitors import SystemMonitor
+    from ..alerting.router import AlertRouter
+    from ..calibration.registry import CalRegistry
+    from ..conversion.staging import clean_stale_staging
+    from ..imaging.catalog import ImageCatalog
+    from .grouping import Grouper
+    from .status import requeue_group
+    from .watcher import Watcher
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    stop_intake = asyncio.Event()
+    cleaned = clean_stale_staging(s.paths.scratch_dir, s.paths.tmpfs_path)
+    if cleaned:
+        log.warning("stale_staging_removed", paths=[str(p) for p in cleaned])
+
+    router = AlertRouter(s.alerts)
+    await router.start()
+    queue = await GroupQueue.open(s.queue_db, s.queue)
+    registry = await CalRegistry.open(s.queue_db)
+    catalog = await ImageCatalog.open(s.queue_db)
+    recovered = await queue.recover_stale(all_active=True)
+    if recovered:
+        log.warning("claims_recovered", groups=recovered)
+        router.emit(Alert(Severity.WARNING, "daemon.recovered",
+                          f"Took back {len(recovered)} unfinished stage(s) after a restart",
+                          ", ".join(recovered), {"groups": recovered}))
+    executor = await make_executor(s.executor.executor, s.executor.max_workers, s.log.level,
+                                   _worker_log_format(s.log.format), s.executor.stage_timeout_s)
+    metrics = Metrics()
+    scheduler = Scheduler(s, queue, executor, router.emit, registry, catalog, metrics,
+                          new_worker_id())
+    grouper = Grouper(queue, s.ingest, emit=router.emit, on_ready=scheduler.wake)
+    watcher = Watcher(s.paths.input_dir, grouper.submit)
+
+    async def queue_stats() -> dict[str, Any]:
+        counts = await queue.counts()
+        now = time.time()
+        oldest: dict[str, float] = {}
+        oldest_group: dict[str, str] = {}
+        for g in await queue.list_groups(states=ACTIVE_STATES, limit=1000):
+            age = now - g["updated"]
+            if age > oldest.get(g["state"], -1):
+                oldest[g["state"]], oldest_group[g["state"]] = age, g["id"]
+        return {"counts": counts, "waiting": sum(counts[k] for k in RESTING_STATES),
+                "oldest_active_age_s": oldest, "oldest_active_group": oldest_group}
+
+    async def calibration_age_h() -> float | None:
+        return await registry.newest_age_hours(time.time() / 86400.0 + 40587.0)
+
+    monitor = SystemMonitor(s.monitors, {"input": s.paths.input_dir, "scratch": s.paths.scratch_dir,
+                                         "output": s.paths.output_dir},
+                            tmpfs=s.paths.tmpfs_path if s.conversion.stage_to_tmpfs else None,
+                            emit=router.emit, queue_stats=queue_stats,
+                            calibration_age_h=calibration_age_h)
+
+    api = None
+    if s.api.enabled:
+        from .api import StatusAPI
+
+        async def health() -> dict[str, Any]:
+            return {"executor": executor.describe(), "inflight": sorted(scheduler.inflight),
+                    "draining": scheduler.draining, "counts": await queue.counts()}
+
+        async def queue_view() -> dict[str, Any]:
+            return {"counts": await queue.counts(), "groups": await queue.list_groups(limit=100)}
+
+        async def group_view(gid: str) -> dict[str, Any]:
+            return await queue.get_group(gid)
+
+        async def alerts_view() -> dict[str, Any]:
+            return {"recent": router.recent(50), "stats": router.stats()}
+
+        async def calibration_view() -> list[Any]:
+            return await registry.list_sets(active_only=True)
+
+        async def images_view() -> list[Any]:
+            return await catalog.latest(12)
+
+        async def metrics_view() -> str:
+            return render_prometheus(await queue.counts(), metrics, router.stats(),
+                                     {"input": s.paths.input_dir, "scratch": s.paths.scratch_dir,
+                                      "output": s.paths.output_dir, "tmpfs": s.paths.tmpfs_path})
+
+        async def requeue(gid: str) -> str:
+            msg = await requeue_group(s.queue_db, gid)
+            scheduler.wake()
+            return msg
+
+        api = StatusAPI(s.api.host, s.api.port, s.api.token.get(), s.paths.output_dir,
+                        {"health": health, "queue": queue_view, "group": group_view,
+                         "alerts": alerts_view, "calibration": calibration_view,
+                         "images": images_view, "metrics": metrics_view, "requeue": requeue})
+        await api.start()
+        (s.paths.state_dir / "api.port").write_text(f"{api.port}\n")
+
+    def on_signal(name: str) -> None:
+        if stop.is_set():
+            log.warning("second_signal", signal=name, action="abandoning in-flight stages now")
+            scheduler.draining = True
+            for task in scheduler.inflight.values():
+                task.cancel()
+            return
+        log.info("shutdown_requested", signal=name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+    notifier = Notifier()
+    tasks = [asyncio.create_task(watcher.run(stop_intake), name="watcher"),
+             asyncio.create_task(grouper.run(stop_intake), name="grouper"),
+             asyncio.create_task(monitor.run(stop), name="monitor"),
+             asyncio.create_task(_status_loop(notifier, queue, stop), name="sd-status")]
+    wd = watchdog_interval_s()
+    if wd:
+        tasks.append(asyncio.create_task(watchdog_loop(notifier, wd, stop), name="watchdog"))
+    started = time.monotonic()
+    log.info("daemon_ready", input_dir=str(s.paths.input_dir), executor=executor.describe(),
+             once=once, api=f"{s.api.host}:{api.port}" if api else None)
+    notifier.ready(status="ready")
+
+    async def idle() -> bool:
+        if time.monotonic() - started < s.ingest.stable_seconds + 3 * s.ingest.poll_interval_s + 1:
+            return False
+        if not grouper.idle():
+            return False
+        counts = await queue.counts()
+        if counts["collecting"] or any(counts[k] for k in ACTIVE_STATES):
+            return False
+        for g in await queue.list_groups(states=RESTING_STATES, limit=10000):
+            if not g["flags"].get(HOLD_FLAG):
+                return False  # waiting out a retry backoff: it will run
+        return True
+
+    try:
+        await scheduler.run(stop, once=once, idle_check=idle)
+    finally:
+        notifier.stopping()
+        stop_intake.set()
+        released = await scheduler.drain(s.executor.shutdown_timeout_s)
+        if released:
+            log.warning("released_unfinished", groups=released)
+        await executor.shutdown(kill=True)
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with suppress(asyncio.CancelledError, Exception):
+                await t
+        if api is not None:
+            await api.stop()
+        await router.stop(timeout=5)
+        await catalog.close()
+        await registry.close()
+        await queue.close()
+        notifier.close()
+        log.info("daemon_stopped", released=released)
+    return 0
+
+
+def _worker_log_format(fmt: str) -> str:
+    # Workers write to the same stdout as the daemon: keep journald's JSON when in doubt.
+    if fmt != "auto":
+        return fmt
+    import sys
+
+    return "console" if sys.stdout.isatty() else "json"
+
+
+async def _status_loop(notifier: Notifier, queue: GroupQueue, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with suppress(Exception):
+            counts = await queue.counts()
+            notifier.status(" ".join(f"{k}={v}" for k, v in counts.items() if v) or "idle")
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=5)

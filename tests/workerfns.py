@@ -1,0 +1,27 @@
+"""Functions the executor tests send to worker processes (importable by name there)."""
+
+import os
+import time
+
+
+def add(a, b):
+    return a + b, os.getpid()
+
+
+def sleep_then(value, seconds):
+    time.sleep(seconds)
+    return value
+
+
+def die():
+    os._exit(13)
+
+
+def casa_raises():
+    from dsa110_contimg.casa_env import prepare_casa
+
+    prepare_casa(os.environ.get("CONTIMG_TEST_STATE", "/tmp/contimg-test-state"))
+    import casatools
+
+    tb = casatools.table()
+    tb.open("/nonexistent/table.ms")  # CASA raises RuntimeError
