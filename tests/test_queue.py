@@ -563,3 +563,24 @@ async def test_status_report_and_requeue_messages(tmp_path: Path) -> None:
         await requeue_group(db, "2030-01-01T00:00:00")
     with pytest.raises(InvalidName, match="YYYY-MM-DDTHH:MM:SS"):
         await requeue_group(db, "../../etc/passwd")
+
+
+async def test_wake_flagged_releases_held_groups(tmp_path):
+    from dsa110_contimg.daemon.options import QueueOptions
+    from dsa110_contimg.daemon.queue import GroupQueue
+
+    async with await GroupQueue.open(tmp_path / "q.sqlite", QueueOptions()) as q:
+        for gid in ("2026-06-01T00:00:00", "2026-06-01T00:05:00"):
+            await q.create_group(gid)
+            await q.record_file(gid, 0, tmp_path / f"{gid}_sb00.hdf5", 10, 1.0)
+            await q.mark_ready(gid)
+        c = await q.claim("w1")
+        await q.set_flag(c.group_id, "held", "no calibration yet")
+        await q.defer(c.group_id, "w1", until_ts=4e9, reason="no calibration yet")
+        c2 = await q.claim("w1")
+        assert c2.group_id != c.group_id
+        assert await q.claim("w1") is None, "the held group waits"
+        assert await q.wake_flagged("held") == [c.group_id]
+        again = await q.claim("w1")
+        assert again.group_id == c.group_id and "held" not in again.flags
+        assert await q.wake_flagged("held") == []

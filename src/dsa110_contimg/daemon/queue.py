@@ -668,6 +668,25 @@ class GroupQueue:
         log.info("queue.requeued", group_id=group_id, was=row["state"])
 
     @_atomic
+    async def wake_flagged(self, key: str, now: float | None = None) -> list[str]:
+        """Make resting groups carrying flag ``key`` claimable now and drop the flag.
+
+        Used when what they waited for arrived (a new calibration set for held groups)."""
+        now = _now(now)
+        woken = []
+        async with self._write() as db:
+            rows = await _all(db, "SELECT id, flags FROM groups WHERE state IN (?, ?, ?) "
+                                  "AND json_extract(flags, '$.' || ?) IS NOT NULL",
+                              (*RESTING_STATES, key))
+            for r in rows:
+                flags = json.loads(r["flags"] or "{}")
+                flags.pop(key, None)
+                await db.execute("UPDATE groups SET flags = ?, not_before = ?, updated = ? "
+                                 "WHERE id = ?", (_dumps(flags), now, now, r["id"]))
+                woken.append(r["id"])
+        return woken
+
+    @_atomic
     async def set_flag(self, group_id: str, key: str, value: Any) -> None:
         """Attach a note the later stages read (e.g. ``calibration='uncalibrated'``)."""
         async with self._write() as db:

@@ -265,6 +265,10 @@ class Scheduler:
                 raise
             if res.new_set is not None:
                 await self.registry.register(dataclasses.replace(res.new_set, qa=qa.metrics))
+                woken = await self.queue.wake_flagged(HOLD_FLAG)
+                if woken:
+                    log.info("held_groups_released", groups=woken)
+                    self.wake()
                 self.emit(Alert(Severity.INFO, "calibration.new",
                                 f"New calibration set {res.new_set.name}",
                                 f"solved on {res.calibrator} in {gid}", {"group_id": gid}))
@@ -273,6 +277,8 @@ class Scheduler:
                 "flag_fractions": res.flag_fractions, "step_durations": res.step_durations,
                 "notes": list(res.notes), "skipped": res.skipped}
         await self.queue.set_flag(gid, "calibration", info)
+        if claim.flags.get(HOLD_FLAG):
+            await self.queue.set_flag(gid, HOLD_FLAG, None)
         return jsonable(info), qa
 
     async def _imaging(self, claim: Claim) -> tuple[dict, QAResult]:
