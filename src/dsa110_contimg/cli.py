@@ -13,6 +13,10 @@ from .errors import ConfigError, ContimgError
 
 
 def _settings(args: argparse.Namespace):
+    """The one settings object, built once per invocation (cached on ``args``)."""
+    cached = getattr(args, "_settings_obj", None)
+    if cached is not None:
+        return cached
     from .config import load_settings
 
     overrides: dict[str, str] = {}
@@ -26,7 +30,9 @@ def _settings(args: argparse.Namespace):
             overrides[env] = str(value)
     if getattr(args, "no_stage_to_tmpfs", False):
         overrides["CONTIMG_STAGE_TO_TMPFS"] = "false"
-    return load_settings(overrides=overrides)
+    settings = load_settings(overrides=overrides)
+    args._settings_obj = settings
+    return settings
 
 
 def _add_path_flags(p: argparse.ArgumentParser) -> None:
@@ -133,12 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "config":
-        from .logs import configure_logging
-
-        configure_logging(getattr(args, "log_level", None) or "INFO",
-                          getattr(args, "log_format", None) or "auto")
     try:
+        if args.command not in ("config", "simulate"):
+            from .logs import configure_logging
+
+            settings = _settings(args)
+            configure_logging(settings.log.level, settings.log.format)
+        elif args.command == "simulate":
+            from .logs import configure_logging
+
+            configure_logging("INFO", "auto")
         result = args.func(args)
         return int(result or 0)
     except ConfigError as exc:

@@ -49,6 +49,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # library warnings become log events, not raw stderr
     for noisy in ("httpx", "httpcore", "watchfiles", "aiosqlite", "asyncio", "matplotlib",
                   "distributed", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

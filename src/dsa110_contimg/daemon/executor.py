@@ -34,6 +34,24 @@ def _worker_init(log_level: str, log_format: str) -> None:
     from ..logs import configure_logging
 
     configure_logging(log_level, log_format)
+    _stderr_to_casa_logs()
+
+
+def _stderr_to_casa_logs() -> None:
+    """CASA's C++ logger prints WARN/SEVERE lines on stderr; keep them (and any other raw
+    stderr) in STATE_DIR/casa/logs so journald holds only our JSON events."""
+    site = os.environ.get("CASASITECONFIG")
+    if not site:
+        return
+    logdir = os.path.join(os.path.dirname(site), "logs")
+    try:
+        os.makedirs(logdir, exist_ok=True)
+        fd = os.open(os.path.join(logdir, "worker-stderr.log"),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    except OSError:
+        return
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 class StageExecutor(Protocol):

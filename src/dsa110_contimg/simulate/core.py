@@ -208,7 +208,7 @@ def _write_group(outdir, preset_name, p: Preset, g0: datetime, stations, dead, e
         name="OVRO_DSA", location=loc, antenna_positions=rel,
         antenna_names=[str(s) for s in stations], antenna_numbers=list(stations),
         instrument="DSA", antenna_diameters=[4.65] * len(stations),
-        feeds=["x", "y"], mount_type="fixed", x_orientation="east")
+        feeds=["x", "y"], mount_type="alt-az", x_orientation="east")
     n = len(stations)
     antpairs = [(stations[i], stations[j]) for i in range(n) for j in range(i, n)]
     idx = {s: i for i, s in enumerate(stations)}
