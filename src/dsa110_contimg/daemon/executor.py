@@ -69,6 +69,7 @@ def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, log_level
     """
     import sys
 
+    _die_with_parent()
     _worker_init(log_level, log_format)
     try:
         out: tuple[bool, Any] = (True, call_stage(fn, args, group_id))
@@ -82,6 +83,19 @@ def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, log_level
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker if its parent (the forkserver, which exits with the daemon)
+    dies, so a crashed daemon leaves no orphan still writing into staging."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class LocalExecutor:

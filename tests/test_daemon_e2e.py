@@ -1,0 +1,150 @@
+"""The product, end to end: the real daemon as a subprocess on simulated groups, real CASA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from datetime import datetime, timedelta
+
+import httpx
+import pytest
+
+from daemon_harness import Daemon
+from dsa110_contimg.simulate import simulate_groups
+
+pytestmark = pytest.mark.slow
+
+STAGE_TIMEOUT = 900
+
+
+def _done(n):
+    return lambda st: len(st) >= n and all(s == "done" for s in st.values())
+
+
+def _products(d: Daemon, gid: str):
+    day = gid[:10]
+    return d.output / day / gid
+
+
+def _group_row(d: Daemon, gid: str) -> dict:
+    with d.db() as con:
+        row = con.execute("SELECT * FROM groups WHERE id = ?", (gid,)).fetchone()
+    out = dict(row)
+    out["flags"] = json.loads(out["flags"] or "{}")
+    return out
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_two_groups_calibrator_then_applied_set_status_api_and_sigterm(tmp_path):
+    d = Daemon(tmp_path)
+    d.start()
+    truths = simulate_groups(d.input, preset="tiny", groups=2, seed=11)
+    g1, g2 = (t["group_id"] for t in truths)
+    d.wait_for(_done(2), STAGE_TIMEOUT, "both groups done")
+
+    status = json.loads(d.cli("status", "--json").stdout)
+    assert status["counts"]["done"] == 2 and status["counts"]["quarantined"] == 0
+    for gid in (g1, g2):
+        pdir = _products(d, gid)
+        assert list(pdir.glob("*.pbcor.fits")) and list(pdir.glob("*.image.fits")), gid
+        qa = json.loads((pdir / "qa.json").read_text())
+        assert qa["passed"] and set(qa["stages"]) == {"conversion", "calibration", "imaging"}
+    cal1 = _group_row(d, g1)["flags"]["calibration"]
+    cal2 = _group_row(d, g2)["flags"]["calibration"]
+    assert cal1["mode"] == "solved" and cal1["calibrator"] == "3C286" and cal1["new_set"]
+    assert cal2["mode"] == "applied", cal2
+    assert cal1["new_set"] in (cal2["applied_set"] or ""), (cal1, cal2)
+
+    base = f"http://127.0.0.1:{d.api_port()}"
+    health = httpx.get(base + "/health", timeout=10).json()
+    assert health["status"] == "ok"
+    metrics = httpx.get(base + "/metrics", timeout=10).text
+    assert 'contimg_groups{state="done"} 2' in metrics
+    hist = httpx.get(f"{base}/api/groups/{g1}", timeout=10).json()
+    ok_runs = [r for r in hist["stage_runs"] if r["outcome"] == "ok"]
+    assert [r["stage"] for r in ok_runs] == ["conversion", "calibration", "imaging"]
+    assert all(r["duration_s"] > 0 and r["metrics"]["qa"]["passed"] for r in ok_runs)
+    sets = httpx.get(base + "/api/calibration", timeout=10).json()
+    assert sets, "the calibration set in force is listed"
+    page = httpx.get(base + "/", timeout=10).text
+    assert g1 in page and "QA passed" in page
+
+    browser = _chromium()
+    if browser:
+        shot = tmp_path / "status.png"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}"]
+        dom = subprocess.run([browser, *flags, "--dump-dom", base + "/"], capture_output=True,
+                             text=True, timeout=120).stdout
+        assert f"data-group=\"{g2}\"" in dom and "<img" in dom and "QA passed" in dom
+        subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,900",
+                        base + "/"], capture_output=True, timeout=120)
+        assert shot.exists() and shot.stat().st_size > 5000
+        png = httpx.get(base + "/api/images", timeout=10).json()[0]["quicklook_png"]
+        assert png and png.endswith(".png")
+
+    d.terminate()
+    assert d.wait(90) == 0
+    assert any(e.get("event") == "daemon_stopped" for e in d.events())
+
+
+def test_sigkill_in_each_stage_then_restart_finishes_exactly_once(tmp_path):
+    d = Daemon(tmp_path)
+    truths = simulate_groups(d.input, preset="tiny", groups=2, seed=12)
+    d.start()
+    for active in ("converting", "calibrating", "imaging"):
+        d.wait_for(lambda st, a=active: a in st.values() or _done(2)(st), STAGE_TIMEOUT,
+                   f"a group {active}")
+        time.sleep(1.0)
+        d.kill_all()
+        leftovers = [p for p in d.output.rglob("*") if ".tmp" in p.name or "partial" in p.name]
+        assert not leftovers, f"half-written products visible after SIGKILL: {leftovers}"
+        d.start()
+    d.wait_for(_done(2), STAGE_TIMEOUT, "all groups done after restarts")
+    d.terminate()
+    assert d.wait(90) == 0
+
+    runs = d.stage_runs()
+    for t in truths:
+        ok = [r["stage"] for r in runs if r["group_id"] == t["group_id"] and r["outcome"] == "ok"]
+        assert sorted(ok) == ["calibration", "conversion", "imaging"], (t["group_id"], ok)
+        pdir = _products(d, t["group_id"])
+        assert len(list(pdir.glob("*.ms"))) == 1 and len(list(pdir.glob("*.pbcor.fits"))) == 1
+    with d.db() as con:
+        assert con.execute("SELECT count(*) FROM groups").fetchone()[0] == 2
+    assert not list(d.scratch.glob("contimg-stage-*")), "stale staging was cleaned"
+    assert any(e.get("event") == "claims_recovered" for e in d.events())
+
+
+def test_sigterm_drains_and_a_failing_gate_stops_only_its_group(tmp_path):
+    d = Daemon(tmp_path)
+    good = simulate_groups(d.input, preset="tiny", groups=1, seed=13)[0]
+    start = datetime.fromisoformat(good["group_id"]).replace(tzinfo=None) + timedelta(hours=3)
+    bad = simulate_groups(d.input, preset="tiny", groups=1, seed=14, calibrator="none",
+                          dec_deg=good["pointing"]["dec_deg"], start=start,
+                          faults={sb: "zeros" for sb in range(16)})[0]
+    d.start()
+    d.wait_for(lambda st: "calibrating" in st.values(), STAGE_TIMEOUT, "a group calibrating")
+    d.terminate()
+    assert d.wait(120) == 0, d.log_tail()
+    states = d.states()
+    assert states[good["group_id"]] in ("converted", "calibrated"), states
+    assert not list(d.output.rglob("*.tmp")), "nothing half-written after a drain"
+    d.start("--once")
+    assert d.wait(STAGE_TIMEOUT) == 0, d.log_tail()
+    states = d.states()
+    assert states[good["group_id"]] == "done"
+    assert states[bad["group_id"]] == "quarantined"
+    row = _group_row(d, bad["group_id"])
+    assert "QA failed" in row["last_error"] and "zero" in row["last_error"].lower()
+    alerts = [e for e in d.events() if e.get("event") == "alert"
+              and e.get("category") == "conversion.quarantined"]
+    assert alerts, "the quarantine raised an alert"
+    r = d.cli("requeue", bad["group_id"])
+    assert r.returncode == 0 and "requeued" in r.stdout
