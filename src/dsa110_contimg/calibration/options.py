@@ -18,6 +18,8 @@ class CalibrationOptions:
     flag_tfcrop_freqcutoff: float = setting("CONTIMG_FLAG_TFCROP_FREQCUTOFF", 4.0, "tfcrop frequency cut-off (sigma)", minimum=0)
     flag_rflag_timedevscale: float = setting("CONTIMG_FLAG_RFLAG_TIMEDEVSCALE", 5.0, "rflag timedevscale", minimum=0)
     flag_rflag_freqdevscale: float = setting("CONTIMG_FLAG_RFLAG_FREQDEVSCALE", 5.0, "rflag freqdevscale", minimum=0)
+    flag_rflag: bool = setting("CONTIMG_FLAG_RFLAG", True, "Run rflag after tfcrop (about half of the flagging time at full size)")
+    flag_chanbin: int = setting("CONTIMG_FLAG_CHANBIN", 4, "tfcrop/rflag look at channels averaged in groups of this many (1: full resolution, ~3x slower)", minimum=1, maximum=64)
     min_calibrator_flux_jy: float = setting("CONTIMG_CAL_MIN_FLUX_JY", 1.0, "Weakest catalogue calibrator (apparent L-band flux) used for solves", minimum=0)
     calibrator_radius_deg: float = setting("CONTIMG_CAL_SEARCH_RADIUS_DEG", 1.5, "Calibrators within this distance of the group's pointing are used", minimum=0)
     bp_validity_h: float = setting("CONTIMG_CAL_BP_VALIDITY_H", 24.0, "Bandpass validity window (hours either side)", minimum=0)

@@ -17,7 +17,8 @@ from ..errors import StageError
 
 log = structlog.get_logger(__name__)
 
-_PRELOAD = ["numpy", "scipy.special", "h5py", "astropy.time", "astropy.coordinates", "pyuvdata"]
+_PRELOAD = ["numpy", "scipy.special", "h5py", "astropy.time", "astropy.coordinates", "pyuvdata",
+            "dsa110_contimg.conversion.preload"]
 
 
 def call_stage(fn: Any, args: tuple, group_id: str | None) -> Any:

@@ -1,0 +1,180 @@
+"""Conversion throughput against a plain copy of the same bytes into tmpfs, in one run.
+
+    python benchmarks/bench_conversion.py [--preset tiny|small|full] [--group-dir DIR]
+
+Simulates one group (or reuses the group in ``--group-dir``), reads it once so both
+contenders start from a warm page cache, times a plain copy of the UVH5 files into tmpfs
+(best of ``--copies``), then converts the group in a fresh worker process as the daemon
+does (a forkserver child with the daemon's preloaded modules, one task per child; or
+``--context spawn`` for a cold interpreter) and runs the MS QA gate in another. Prints MB/s of both, their ratio, the conversion's own step timings and the
+peak RSS of the conversion worker (``getrusage`` in the worker: itself, and the largest
+of its helper processes when ``--processes`` > 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _find_group(d: Path) -> tuple[str, list[Path]] | None:
+    files = sorted(d.glob("*_sb??.hdf5"))
+    if not files:
+        return None
+    truth = sorted(d.glob("*_truth.json"))
+    if truth:
+        t = json.loads(truth[0].read_text())
+        return t["group_id"], sorted(d / n for n in t["files"])
+    return files[0].name.split("_sb")[0], files
+
+
+def _warm(files: list[Path]) -> None:
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def _copy_rate(files: list[Path], tmpfs: Path, repeats: int) -> float:
+    total = sum(f.stat().st_size for f in files)
+    best = float("inf")
+    for _ in range(repeats):
+        d = Path(tempfile.mkdtemp(prefix="bench-copy-", dir=tmpfs))
+        try:
+            t0 = time.perf_counter()
+            for f in files:
+                shutil.copyfile(f, d / f.name)
+            best = min(best, time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    return total / best / 1e6
+
+
+def _convert(inputs, options):
+    """In the worker: convert, then report the worker's own peak RSS and its helpers'."""
+    from dsa110_contimg.conversion.convert import convert_group
+
+    result = convert_group(inputs, options)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB
+    helpers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result, own, helpers
+
+
+def _qa(ms, expected):
+    from dsa110_contimg.qa.ms import check_ms_after_conversion
+    from dsa110_contimg.qa.options import MSQAThresholds
+
+    return check_ms_after_conversion(ms, MSQAThresholds(), expected)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", choices=("tiny", "small", "full"))
+    p.add_argument("--group-dir", type=Path, help="reuse (or simulate into) this directory")
+    p.add_argument("--work-dir", type=Path, help="products and scratch (default: a temp dir on disk)")
+    p.add_argument("--tmpfs", type=Path, default=Path("/dev/shm"))
+    p.add_argument("--copies", type=int, default=2, help="plain-copy repetitions (best is kept)")
+    p.add_argument("--no-stage-inputs", action="store_true", help="read inputs in place")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="do not fsync the MS before publishing (default: the daemon's default)")
+    p.add_argument("--context", default="forkserver", choices=("forkserver", "spawn"))
+    p.add_argument("--no-iers-preload", action="store_true",
+                   help="forkserver without dsa110_contimg.conversion.preload (IERS parsed "
+                        "in every worker, ~1-2 s)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="CONTIMG_CONVERT_PROCESSES (helper processes read subbands)")
+    p.add_argument("--keep", action="store_true", help="keep the MS and work directory")
+    args = p.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from dsa110_contimg.casa_env import prepare_casa
+    from dsa110_contimg.conversion.convert import ConversionInputs
+    from dsa110_contimg.conversion.options import ConversionOptions
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-conversion-"))
+    work.mkdir(parents=True, exist_ok=True)
+    prepare_casa(work / "state")
+    group_dir = args.group_dir or work / "group"
+    found = _find_group(group_dir) if group_dir.exists() else None
+    if found is None:
+        from dsa110_contimg.simulate import simulate_groups
+
+        t0 = time.perf_counter()
+        simulate_groups(group_dir, preset=args.preset, groups=1, seed=7)
+        print(f"simulated a {args.preset} group in {time.perf_counter() - t0:.1f} s")
+        found = _find_group(group_dir)
+    assert found is not None
+    group_id, files = found
+    total = sum(f.stat().st_size for f in files)
+    print(f"group {group_id}: {len(files)} files, {total / 1e6:.1f} MB in {group_dir}")
+
+    _warm(files)
+    copy_mbs = _copy_rate(files, args.tmpfs, args.copies)
+
+    out = work / "products"
+    if out.exists():
+        shutil.rmtree(out)
+    inputs = ConversionInputs(group_id=group_id, files=tuple(files), output_dir=out,
+                              scratch_dir=work / "scratch", tmpfs_path=args.tmpfs)
+    defaults = ConversionOptions()
+    options = ConversionOptions(stage_inputs=defaults.stage_inputs and not args.no_stage_inputs,
+                                publish_fsync=defaults.publish_fsync and not args.no_fsync,
+                                parallel_subbands=args.processes)
+    ctx = mp.get_context(args.context)
+    if args.context == "forkserver":
+        try:
+            from dsa110_contimg.daemon.executor import _PRELOAD as preload
+        except ImportError:
+            preload = ["numpy", "h5py", "astropy.time", "pyuvdata"]
+        preload = list(preload)
+        if not args.no_iers_preload:
+            preload.append("dsa110_contimg.conversion.preload")
+        ctx.set_forkserver_preload(preload)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as ex:
+        result, rss_worker, rss_helpers = ex.submit(_convert, inputs, options).result()
+    wall = time.perf_counter() - t0
+    conv_mbs = total / result.duration_s / 1e6
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as ex:
+        qa = ex.submit(_qa, result.ms_path, {"n_channels": result.n_channels,
+                                             "phase_centre_ra_deg": result.phase_centre_ra_deg,
+                                             "phase_centre_dec_deg": result.phase_centre_dec_deg}
+                       ).result()
+    ms_bytes = sum(p.stat().st_size for p in result.ms_path.rglob("*") if p.is_file())
+
+    print(f"plain copy into {args.tmpfs}: {copy_mbs:8.1f} MB/s (best of {args.copies})")
+    print(f"conversion (convert_group):  {conv_mbs:8.1f} MB/s  ({result.duration_s:.2f} s; "
+          f"{wall:.2f} s with worker start-up)")
+    print(f"ratio conversion / copy:     {conv_mbs / copy_mbs:8.3f}")
+    print(f"peak RSS of the worker:      {rss_worker:8.0f} MB"
+          + (f" (+ helper processes, largest: {rss_helpers:.0f} MB)" if rss_helpers else ""))
+    print(f"options: stage_inputs={options.stage_inputs} fsync={options.publish_fsync} "
+          f"processes={options.parallel_subbands} worker={args.context}"
+          + ("" if args.context != "forkserver" else
+             f" (IERS preloaded: {not args.no_iers_preload})"))
+    print(f"MS: {result.ms_path} ({ms_bytes / 1e6:.0f} MB), staged on {result.staged_on}, "
+          f"{result.n_antennas} antennas, {result.n_times} times, {result.n_channels} channels")
+    print("steps (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings_s))
+    print(f"QA gate: {'passed' if qa.passed else 'FAILED: ' + qa.reason} in {qa.duration_s:.2f} s"
+          + (f"; warnings: {'; '.join(qa.warnings)}" if qa.warnings else ""))
+    print(f"load average during run: {os.getloadavg()[0]:.2f} (2 cores shared)")
+    if not args.keep and args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    elif not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,13 @@
+"""Add to the worker forkserver's preload list: parses astropy's IERS table once.
+
+Every conversion needs UT1-UTC (LSTs, apparent coordinates). astropy parses its bundled
+IERS-A text table on first use, ~1.8 s in every fresh worker process; parsed in the
+forkserver, each forked worker inherits it for free. Offline: never tries to download.
+"""
+
+from __future__ import annotations
+
+from astropy.utils import iers
+
+iers.conf.auto_download = False
+iers.earth_orientation_table.get()

@@ -1,0 +1,300 @@
+"""Staging through tmpfs (or scratch disk) and atomic publication of the MS.
+
+A staging directory is ``<root>/contimg-stage-<stem>-<pid>`` with an ``owner.json`` holding
+the pid and its process start time, so :func:`clean_stale_staging` can remove exactly the
+directories whose owner is gone (a recycled pid does not fool it) and never one in use.
+
+Publication copies the staged MS next to its final place under a hidden temporary name
+(same filesystem) and ``os.rename``s it: readers see either no MS or a complete one.
+Leftover temporaries of dead processes in a product directory are removed the same way.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from ..errors import StageError
+
+log = structlog.get_logger(__name__)
+
+STAGE_PREFIX = "contimg-stage-"
+PARTIAL_MARK = ".partial-"
+OWNER_FILE = "owner.json"
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:
+        return None
+
+
+def _owner_alive(pid: int, started: float | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    if started is None:
+        return True
+    now = _start_time(pid)
+    return now is None or abs(now - started) < 1.0
+
+
+def _pid_of(name: str) -> int | None:
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Staging:
+    root: Path  # the staging directory of this conversion
+    kind: str  # 'tmpfs' | 'disk'
+    reason: str
+
+
+def free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def choose_staging(input_bytes: int, stage_to_tmpfs: bool, headroom: float,
+                   tmpfs_path: Path, scratch_dir: Path, need_bytes: int = 0
+                   ) -> tuple[Path, str, str]:
+    """(root, kind, reason): tmpfs when enabled and it has ``headroom`` x the input free
+    (and at least ``need_bytes``, the inputs plus the estimated MS)."""
+    need = max(int(headroom * input_bytes), need_bytes)
+    if not stage_to_tmpfs:
+        return scratch_dir, "disk", "tmpfs staging disabled (CONTIMG_STAGE_TO_TMPFS)"
+    free = free_bytes(tmpfs_path)
+    if tmpfs_path.is_dir() and free >= need:
+        return tmpfs_path, "tmpfs", f"tmpfs has {free / 1e9:.2f} GB free, needs {need / 1e9:.2f} GB"
+    why = (f"{tmpfs_path} does not exist" if not tmpfs_path.is_dir() else
+           f"{tmpfs_path} has {free / 1e9:.2f} GB free, needs {need / 1e9:.2f} GB "
+           f"({headroom:g} x input)")
+    return scratch_dir, "disk", f"staging on scratch disk: {why}"
+
+
+@contextmanager
+def staging_dir(root: Path, stem: str, kind: str, reason: str) -> Iterator[Staging]:
+    """Create this process's staging directory; always remove it on exit."""
+    d = Path(root) / f"{STAGE_PREFIX}{stem}-{os.getpid()}"
+    try:
+        if d.exists():  # same pid, earlier attempt in this process
+            shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        (d / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(),
+                                                "started": _start_time(os.getpid()),
+                                                "created": time.time()}))
+    except OSError as exc:
+        raise disk_error(exc, d) from None
+    try:
+        yield Staging(d, kind, reason)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def clean_stale_staging(scratch_dir: Path, tmpfs_path: Path) -> list[Path]:
+    """Remove staging directories left by dead processes (called once at daemon start-up)."""
+    removed = []
+    for root in (Path(tmpfs_path), Path(scratch_dir)):
+        try:
+            entries = list(root.iterdir())
+        except OSError:
+            continue
+        for d in entries:
+            if not d.name.startswith(STAGE_PREFIX) or not d.is_dir() or d.is_symlink():
+                continue
+            pid, started = _pid_of(d.name), None
+            try:
+                owner = json.loads((d / OWNER_FILE).read_text())
+                pid, started = int(owner["pid"]), owner.get("started")
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            if pid is None or _owner_alive(pid, started):
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d)
+                log.info("removed stale staging directory", path=str(d), pid=pid)
+    return removed
+
+
+def remove_stale_partials(directory: Path) -> list[Path]:
+    """Remove half-published temporaries (``.<name>.partial-<pid>``) of dead processes."""
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if PARTIAL_MARK not in p.name or not p.name.startswith("."):
+            continue
+        pid = _pid_of(p.name)
+        if pid is None or (pid != os.getpid() and _owner_alive(pid, None)):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when casacore reports it as a RuntimeError message."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def disk_error(exc: BaseException, path: Path) -> StageError:
+    if is_no_space(exc):
+        return StageError(f"no space left on device writing {path}")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return StageError(f"cannot write {path}: {reason}")
+
+
+def require_space(path: Path, need: int, what: str) -> None:
+    """StageError before writing when ``path`` cannot hold ``need`` bytes.
+
+    Checked up front because casacore does not fail gracefully on a full disk: a write
+    error inside its destructors aborts the whole process (std::terminate).
+    """
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = free_bytes(probe)
+    if free < need:
+        raise StageError(f"no space left on device for {what} at {path}: "
+                         f"{free / 1e6:.1f} MB free, {need / 1e6:.1f} MB needed")
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
+def publish(staged: Path, final: Path, fsync: bool = True) -> Path:
+    """Move ``staged`` (a directory) to ``final`` atomically; return ``final``.
+
+    The copy goes to ``.<name>.partial-<pid>`` beside ``final`` then is renamed. An existing
+    ``final`` (only ever an invalid one: callers skip valid MSs) is moved aside as
+    ``<name>.invalid-<unix time>``, never deleted.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}{PARTIAL_MARK}{os.getpid()}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if same_filesystem(staged, final.parent):
+            os.rename(staged, tmp)
+        else:
+            require_space(final.parent, int(tree_bytes(staged) * 1.02) + (1 << 20),
+                          "publishing the MS")
+            shutil.copytree(staged, tmp)
+        if fsync:
+            _fsync_tree(tmp)
+        if final.exists():
+            aside = final.with_name(f"{final.name}.invalid-{int(time.time())}")
+            os.rename(final, aside)
+            log.warning("moved an invalid MS aside", path=str(final), to=str(aside))
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise disk_error(exc, final) from None
+        raise
+    return final
+
+
+def _fsync_tree(root: Path) -> None:
+    """Data on disk before the rename makes it visible (a crash must not publish holes)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stage_inputs(files: list[Path], dest: Path) -> list[Path]:
+    """Copy the subband files into the staging directory (kernel-side copy)."""
+    out = []
+    for f in files:
+        target = dest / f.name
+        try:
+            shutil.copyfile(f, target)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise disk_error(exc, target) from None
+            raise
+        out.append(target)
+    return out
+
+
+class InputCopier:
+    """:func:`stage_inputs` in a background thread; :meth:`wait` returns the copies or
+    re-raises the copy's error (always wait before removing the staging directory)."""
+
+    def __init__(self, files: list[Path], dest: Path) -> None:
+        self._files, self._dest = files, dest
+        self._result: list[Path] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="contimg-stage-inputs",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = stage_inputs(self._files, self._dest)
+        except BaseException as exc:
+            self._error = exc
+
+    def join(self) -> None:
+        """Wait for the copy to stop, ignoring its outcome (we are failing anyway)."""
+        self._thread.join()
+
+    def wait(self) -> list[Path]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result

@@ -1,0 +1,320 @@
+"""QA gate after conversion: is this Measurement Set fit to calibrate and image?
+
+Uses python-casacore (``casacore.tables``), not casatools: the gate runs in its own worker
+process, reads columns straight into numpy with row ranges, and needs none of CASA's
+measures machinery. Cheap by construction: the per-row metadata (antennas, times, UVW:
+a few MB even for a full group) and FLAG (stored as bits) are read whole; visibilities only
+for a few whole integrations spread over the group (``CONTIMG_QA_MS_SAMPLE_INTEGRATIONS``),
+one at a time, which is enough to see dead antennas, zeroed subbands and NaNs.
+
+Failures block the group, warnings only alert. The zero fraction is judged on live
+antennas: antennas whose data are all zero are reported as dead (and count against
+``CONTIMG_QA_MS_MIN_ANTENNAS``) instead of making every group look 30 % zero.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .options import MSQAThresholds
+from .result import GateBuilder, QAResult
+
+GATE = "ms_after_conversion"
+
+
+def check_ms_after_conversion(ms: Path, thresholds: MSQAThresholds,
+                              expected: dict[str, Any] | None = None) -> QAResult:
+    """Check a converted MS; ``expected`` may carry ConversionResult fields to compare."""
+    t0 = time.perf_counter()
+    g = GateBuilder(GATE)
+    expected = expected or {}
+    ms = Path(ms)
+    g.metrics["ms"] = str(ms)
+    try:
+        _check(ms, thresholds, expected, g)
+    except Exception as exc:  # an MS we cannot even read fails the gate, with the reason
+        g.fail_if(True, f"cannot read the MS: {type(exc).__name__}: {exc}")
+    dt = time.perf_counter() - t0
+    g.metrics["duration_s"] = round(dt, 4)
+    return g.result(dt)
+
+
+def _check(ms: Path, th: MSQAThresholds, expected: dict[str, Any], g: GateBuilder) -> None:
+    from casacore import tables
+
+    if not (ms / "table.dat").exists():
+        g.fail_if(True, f"{ms} is not a table (no table.dat)")
+        return
+    m = g.metrics
+    with tables.table(str(ms), ack=False) as t:
+        nrows = t.nrows()
+        m["n_rows"] = nrows
+        if nrows == 0:
+            g.fail_if(True, "the MS has no rows")
+            return
+        a1 = t.getcol("ANTENNA1")
+        a2 = t.getcol("ANTENNA2")
+        tcol = t.getcol("TIME")
+        ddid = t.getcol("DATA_DESC_ID")
+        uvw = t.getcol("UVW")
+        colnames = set(t.colnames())
+
+        _shape_checks(a1, a2, tcol, expected, th, g)
+        _spectral_checks(ms, ddid, expected, g)
+        _uvw_check(ms, a1, a2, uvw, th, g)
+        _field_check(ms, expected, th, g)
+        if "DATA" not in colnames:
+            g.fail_if(True, "no DATA column")
+            return
+        _data_checks(t, a1, a2, tcol, ddid, th, g)
+
+
+def _shape_checks(a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, expected: dict[str, Any],
+                  th: MSQAThresholds, g: GateBuilder) -> None:
+    m = g.metrics
+    ants = np.union1d(a1, a2)
+    pairs = np.unique(np.minimum(a1, a2).astype(np.int64) * 100_000 + np.maximum(a1, a2))
+    times = np.unique(tcol)
+    m.update(n_antennas=int(ants.size), n_baselines=int(pairs.size), n_times=int(times.size),
+             has_autocorrelations=bool(np.any(a1 == a2)))
+    m["rows_expected"] = int(pairs.size * times.size)
+    g.fail_if(m["n_rows"] != m["rows_expected"],
+              f"rows ({m['n_rows']}) != baselines x times ({pairs.size} x {times.size})")
+    g.warn_if(not m["has_autocorrelations"], "no autocorrelations in the MS")
+    for key in ("n_antennas", "n_baselines", "n_times"):
+        if expected.get(key) is not None:
+            g.fail_if(int(expected[key]) != m[key],
+                      f"{key} is {m[key]}, expected {int(expected[key])}")
+    g.fail_if(ants.size < th.min_antennas,
+              f"only {ants.size} antennas have rows (minimum {th.min_antennas})")
+
+
+def _spectral_checks(ms: Path, ddid: np.ndarray, expected: dict[str, Any], g: GateBuilder) -> None:
+    """Frequencies must increase within each spectral window and from one to the next."""
+    from casacore import tables
+
+    m = g.metrics
+    with tables.table(f"{ms}::DATA_DESCRIPTION", ack=False) as dd:
+        dd_spw = dd.getcol("SPECTRAL_WINDOW_ID")
+    with tables.table(f"{ms}::SPECTRAL_WINDOW", ack=False) as sw:
+        chan_freq = [np.asarray(sw.getcell("CHAN_FREQ", i), dtype=float) for i in range(sw.nrows())]
+    used = sorted({int(d) for d in np.unique(ddid)})
+    spws = [int(dd_spw[d]) for d in used]
+    freqs = {d: chan_freq[s] for d, s in zip(used, spws, strict=True)}
+    allf = np.concatenate([chan_freq[s] for s in spws])
+    m.update(n_spw=len(spws), n_channels=int(allf.size), freq_min_hz=float(allf.min()),
+             freq_max_hz=float(allf.max()))
+    inc_within = all(f.size < 2 or np.all(np.diff(f) > 0) for f in freqs.values())
+    starts = [chan_freq[s][0] for s in spws]
+    inc_across = all(chan_freq[a][-1] < chan_freq[b][0] for a, b in zip(spws, spws[1:], strict=False)) \
+        and starts == sorted(starts)
+    m["frequencies_increasing"] = bool(inc_within and inc_across)
+    g.fail_if(not inc_within, "channel frequencies do not increase within a spectral window")
+    g.fail_if(inc_within and not inc_across, "spectral windows are not in increasing frequency")
+    if expected.get("n_channels") is not None:
+        g.fail_if(int(expected["n_channels"]) != allf.size,
+                  f"{allf.size} channels, expected {int(expected['n_channels'])}")
+    for key in ("freq_min_hz", "freq_max_hz"):
+        if expected.get(key) is not None:
+            g.fail_if(abs(float(expected[key]) - m[key]) > 1.0,
+                      f"{key} is {m[key]:.1f}, expected {float(expected[key]):.1f}")
+
+
+def _uvw_check(ms: Path, a1: np.ndarray, a2: np.ndarray, uvw: np.ndarray,
+               th: MSQAThresholds, g: GateBuilder) -> None:
+    """|UVW| must equal the antenna separation (a rotation keeps lengths)."""
+    from casacore import tables
+
+    with tables.table(f"{ms}::ANTENNA", ack=False) as at:
+        pos = at.getcol("POSITION")
+    if a1.max() >= len(pos) or a2.max() >= len(pos):
+        g.fail_if(True, "ANTENNA1/ANTENNA2 index past the ANTENNA table")
+        return
+    sep = np.linalg.norm(pos[a2] - pos[a1], axis=1)
+    err = np.abs(np.linalg.norm(uvw, axis=1) - sep)
+    worst = float(err.max()) if err.size else 0.0
+    g.metrics["uvw_max_error_m"] = worst
+    g.metrics["uvw_median_error_m"] = float(np.median(err)) if err.size else 0.0
+    g.fail_if(not np.isfinite(worst) or worst > th.max_uvw_error_m,
+              f"|UVW| differs from the antenna separation by up to {worst:.3f} m "
+              f"(limit {th.max_uvw_error_m} m)")
+
+
+def _field_check(ms: Path, expected: dict[str, Any], th: MSQAThresholds, g: GateBuilder) -> None:
+    from casacore import tables
+
+    with tables.table(f"{ms}::FIELD", ack=False) as ft:
+        n_fields = ft.nrows()
+        pdir = ft.getcol("PHASE_DIR") if n_fields else np.zeros((0, 1, 2))
+        names = list(ft.getcol("NAME")) if n_fields else []
+    m = g.metrics
+    m["n_fields"] = n_fields
+    g.fail_if(n_fields == 0, "no FIELD rows")
+    if n_fields == 0:
+        return
+    ra = float(np.degrees(pdir[0, 0, 0])) % 360.0
+    dec = float(np.degrees(pdir[0, 0, 1]))
+    m.update(phase_centre_ra_deg=ra, phase_centre_dec_deg=dec, field_name=str(names[0]))
+    g.warn_if(n_fields > 1, f"{n_fields} fields (expected one phase centre per group)")
+    if expected.get("phase_centre_ra_deg") is not None and expected.get("phase_centre_dec_deg") is not None:
+        off = _separation_deg(ra, dec, float(expected["phase_centre_ra_deg"]),
+                              float(expected["phase_centre_dec_deg"]))
+        m["phase_centre_offset_deg"] = off
+        g.fail_if(off > th.max_phase_center_offset_deg,
+                  f"phase centre is {off:.4f} deg from where expected "
+                  f"(limit {th.max_phase_center_offset_deg} deg)")
+    if expected.get("pointing_dec_deg") is not None:
+        # the ICRS centre differs from the apparent pointing dec by precession (< ~0.5 deg)
+        d = abs(dec - float(expected["pointing_dec_deg"]))
+        m["phase_centre_minus_pointing_dec_deg"] = d
+        g.warn_if(d > 1.0, f"phase centre dec is {d:.2f} deg from the pointing declination")
+
+
+def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
+    c = np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(r1 - r2)
+    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+
+
+def _sample_rows(tcol: np.ndarray, n: int) -> list[np.ndarray]:
+    """Row numbers of up to ``n`` whole integrations spread over the group."""
+    times = np.unique(tcol)
+    pick = times[np.unique(np.linspace(0, times.size - 1, min(n, times.size)).round().astype(int))]
+    return [np.flatnonzero(tcol == tt) for tt in pick]
+
+
+def _read_rows(t: Any, col: str, rows: np.ndarray) -> np.ndarray:
+    """A column for the given rows; one contiguous read when they are consecutive."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+        return t.getcol(col, startrow=int(rows[0]), nrow=int(rows.size))
+    sub = t.selectrows(rows.tolist())
+    try:
+        return sub.getcol(col)
+    finally:
+        sub.close()
+
+
+def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid: np.ndarray,
+                 th: MSQAThresholds, g: GateBuilder) -> None:
+    """Zeros, NaN/Inf, flags, dead and weak antennas from a few whole integrations."""
+    m = g.metrics
+    ants = np.union1d(a1, a2)
+    n_vis = n_nonfinite = 0
+    cross_zero = np.zeros(ants.size)  # zero cross visibilities touching each antenna
+    cross_all = np.zeros(ants.size)
+    ant_index = {int(a): i for i, a in enumerate(ants)}  # ants is sorted (union1d)
+    # per ddid and channel: live cross visibilities, and how many of them are zero
+    auto_amp: dict[int, list[float]] = {}
+    chan_zero: dict[int, np.ndarray] = {}
+    chan_all: dict[int, np.ndarray] = {}
+    batches = _sample_rows(tcol, th.sample_integrations)
+    m["sampled_integrations"] = len(batches)
+    # per sampled batch of cross rows: (ANTENNA1, ANTENNA2, all-pols-zero per row and channel)
+    stash: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for rows in batches:
+        for d in np.unique(ddid[rows]):
+            r = rows[ddid[rows] == d]
+            data = _read_rows(t, "DATA", r)  # (nrow, nchan, npol)
+            finite = np.isfinite(data)
+            n_vis += data.size
+            n_nonfinite += int(data.size - finite.sum())
+            zero = (data == 0) & finite
+            r1, r2 = a1[r], a2[r]
+            cross = r1 != r2
+            zrow = zero.all(axis=2)  # (nrow, nchan): both/all pols zero
+            zcount = zrow.sum(axis=1)
+            nch = zrow.shape[1]
+            for side in (r1, r2):
+                idx = np.searchsorted(ants, side[cross])
+                cross_zero += np.bincount(idx, weights=zcount[cross], minlength=ants.size)
+                cross_all += np.bincount(idx, minlength=ants.size) * nch
+            autos = np.flatnonzero(~cross)
+            if autos.size:
+                amp = np.abs(np.where(finite[autos], data[autos], 0))
+                for j, row in enumerate(autos):
+                    auto_amp.setdefault(int(r1[row]), []).append(float(np.median(amp[j])))
+            stash.append((r1[cross], r2[cross], zrow[cross]))
+            chan_zero.setdefault(int(d), np.zeros(nch))
+            chan_all.setdefault(int(d), np.zeros(nch))
+            del data, finite, zero
+    # dead antennas: every sampled visibility involving them is zero (autos too, if present)
+    dead = []
+    for a, i in ant_index.items():
+        cross_dead = cross_all[i] > 0 and cross_zero[i] == cross_all[i]
+        auto_dead = a in auto_amp and max(auto_amp[a]) == 0.0
+        if (cross_dead and (a not in auto_amp or auto_dead)) or (cross_all[i] == 0 and auto_dead):
+            dead.append(a)
+    dead_set = set(dead)
+    z_live = n_live = 0
+    for (r1, r2, zrow), d in zip(stash, _ddids_of(batches, ddid), strict=True):
+        live = ~(np.isin(r1, list(dead_set)) | np.isin(r2, list(dead_set)))
+        if live.any():
+            z_live += int(zrow[live].sum())
+            n_live += int(zrow[live].size)
+            chan_zero[d] += zrow[live].sum(axis=0)
+            chan_all[d] += live.sum()
+    zero_all = float(cross_zero.sum() / max(cross_all.sum(), 1))
+    zero_live = float(z_live / max(n_live, 1)) if n_live else 1.0
+    nonfinite = n_nonfinite / max(n_vis, 1)
+    flagged = _flagged_fraction(t, ddid)
+    zero_chans = int(sum(int(np.sum((chan_all[d] > 0) & (chan_zero[d] == chan_all[d])))
+                         for d in chan_all))
+    alive = int(ants.size - len(dead))
+    med = {a: float(np.median(v)) for a, v in sorted(auto_amp.items())}
+    live_levels = [v for a, v in med.items() if a not in dead_set and v > 0]
+    array_level = float(np.median(live_levels)) if live_levels else 0.0
+    weak = sorted(a for a, v in med.items() if a not in dead_set and array_level > 0
+                  and v < 0.1 * array_level)
+    m.update(nonfinite_fraction=nonfinite, flagged_fraction=flagged,
+             zero_fraction=zero_all, zero_fraction_live=zero_live, zero_channels=zero_chans,
+             dead_antennas=sorted(dead), n_dead_antennas=len(dead), n_alive_antennas=alive,
+             auto_median_amplitude=med, auto_array_median=array_level, weak_antennas=weak)
+    g.fail_if(nonfinite > th.max_nonfinite_fraction,
+              f"{nonfinite:.2%} of sampled visibilities are NaN/Inf "
+              f"(limit {th.max_nonfinite_fraction:.2%})")
+    g.fail_if(zero_live > th.max_zero_fraction,
+              f"{zero_live:.1%} of live cross-correlations are exactly zero "
+              f"(limit {th.max_zero_fraction:.0%})")
+    g.warn_if(th.warn_zero_fraction < zero_live <= th.max_zero_fraction,
+              f"{zero_live:.1%} of live cross-correlations are exactly zero")
+    g.fail_if(flagged > th.max_flagged_fraction,
+              f"{flagged:.1%} of visibilities are flagged (limit {th.max_flagged_fraction:.0%})")
+    g.warn_if(th.warn_flagged_fraction < flagged <= th.max_flagged_fraction,
+              f"{flagged:.1%} of visibilities are flagged")
+    g.fail_if(alive < th.min_antennas,
+              f"only {alive} antennas carry data (minimum {th.min_antennas}); dead: {sorted(dead)}")
+    g.warn_if(ants.size > 0 and len(dead) / ants.size > th.warn_dead_fraction,
+              f"{len(dead)} of {ants.size} antennas are dead (all zero): {sorted(dead)}")
+    g.warn_if(zero_chans > 0 and zero_live <= th.max_zero_fraction,
+              f"{zero_chans} channels are zero on every live baseline (a dead subband?)")
+    g.warn_if(bool(weak), f"antennas with autocorrelations < 10% of the array median: {weak}")
+
+
+def _flagged_fraction(t: Any, ddid: np.ndarray, chunk_cells: int = 32 << 20) -> float:
+    """FLAG over every row (it is stored as bits: a full group's is ~32 MB), in chunks."""
+    n_true = n_all = 0
+    for d in np.unique(ddid):
+        rows = np.flatnonzero(ddid == d)
+        cells = int(np.prod(t.getcell("FLAG", int(rows[0])).shape))
+        step = max(1, chunk_cells // max(cells, 1))
+        contiguous = rows[-1] - rows[0] + 1 == rows.size
+        for i in range(0, rows.size, step):
+            part = rows[i:i + step]
+            if contiguous:
+                f = t.getcol("FLAG", startrow=int(part[0]), nrow=int(part.size))
+            else:
+                f = _read_rows(t, "FLAG", part)
+            n_true += int(np.count_nonzero(f))
+            n_all += f.size
+    return n_true / max(n_all, 1)
+
+
+def _ddids_of(batches: list[np.ndarray], ddid: np.ndarray) -> list[int]:
+    out = []
+    for rows in batches:
+        out.extend(int(d) for d in np.unique(ddid[rows]))
+    return out

@@ -1,0 +1,144 @@
+"""The MS QA gate: a good converted MS passes; damaged copies fail with a clear reason.
+
+The gate uses python-casacore, so it (and the damage) runs in a spawned worker process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsa110_contimg.qa.ms import check_ms_after_conversion
+from dsa110_contimg.qa.options import MSQAThresholds
+from dsa110_contimg.qa.result import QAResult
+
+
+def _damage(src: str, dest: str, kind: str) -> str:
+    """Copy the MS and break it in one way (worker side)."""
+    from casacore import tables
+
+    shutil.copytree(src, dest)
+    with tables.table(dest, readonly=False, ack=False) as t:
+        a1, a2 = t.getcol("ANTENNA1"), t.getcol("ANTENNA2")
+        data, flag = t.getcol("DATA"), t.getcol("FLAG")
+        cross = np.flatnonzero(a1 != a2)
+        if kind == "zeros":  # 60 % of the cross-correlations zeroed
+            data[cross[: int(0.6 * cross.size)]] = 0
+        elif kind == "nan":
+            data[cross[:5], :3] = np.nan
+        elif kind == "flags":
+            flag[: int(0.95 * flag.shape[0])] = True
+        elif kind == "dead":  # all but three antennas dead
+            ants = np.unique(np.concatenate([a1, a2]))
+            kill = np.isin(a1, ants[3:]) | np.isin(a2, ants[3:])
+            data[kill] = 0
+        elif kind == "zero_subband":
+            data[:, 48:52] = 0
+        elif kind == "uvw":
+            uvw = t.getcol("UVW")
+            uvw[cross[:10]] += 5.0
+            t.putcol("UVW", uvw)
+        t.putcol("DATA", data)
+        t.putcol("FLAG", flag)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def worker():
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+        yield ex
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_group) -> dict:
+    """What the truth says the converted tiny group must look like (not the converter's
+    own report): the phase centre is the meridian at mid-time at the pointing dec."""
+    from dsa110_contimg.simulate.core import _pointing_icrs
+    from dsa110_contimg.simulate.sky import pointing_altaz
+
+    _, truth = tiny_group
+    az, alt = pointing_altaz(truth["pointing"]["dec_deg"], 37.2339)
+    ra, dec = _pointing_icrs(az, alt, truth["mid_jd"])
+    n = len(truth["antennas"]["stations"])
+    return {"n_antennas": n, "n_baselines": n * (n + 1) // 2, "n_times": len(truth["times_jd"]),
+            "n_channels": truth["freq_hz"]["n_channels"], "phase_centre_ra_deg": ra,
+            "phase_centre_dec_deg": dec, "pointing_dec_deg": truth["pointing"]["dec_deg"],
+            "freq_min_hz": truth["freq_hz"]["min"], "freq_max_hz": truth["freq_hz"]["max"]}
+
+
+def _check(worker, ms, expected=None, **th) -> QAResult:
+    return worker.submit(check_ms_after_conversion, Path(ms), MSQAThresholds(**th),
+                         expected).result()
+
+
+def test_good_ms_passes(worker, tiny_ms, tiny_group, expected):
+    _, truth = tiny_group
+    r = _check(worker, tiny_ms, expected)
+    assert r.passed, r.failures
+    passed, metrics = r  # unpacks as (passed, metrics)
+    assert passed and r.reason == "passed"
+    assert metrics["n_rows"] == metrics["rows_expected"] == 153 * 6
+    assert metrics["n_channels"] == 64 and metrics["frequencies_increasing"]
+    assert metrics["dead_antennas"] == truth["antennas"]["dead"] == [97]
+    assert metrics["n_alive_antennas"] == 16
+    assert metrics["zero_fraction_live"] == 0.0 and metrics["nonfinite_fraction"] == 0.0
+    assert metrics["uvw_max_error_m"] < 1e-3
+    assert metrics["phase_centre_offset_deg"] < 1e-3
+    # autocorrelations sit at the SEFD (5800 Jy) times the gain amplitude squared
+    assert 0.5 * truth["sefd_jy"] < metrics["auto_array_median"] < 1.5 * truth["sefd_jy"]
+    assert metrics["sampled_integrations"] == 3
+    assert 0 < r.duration_s < 30
+    assert r.as_dict()["gate"] == "ms_after_conversion"
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("zeros", "exactly zero"),
+    ("nan", "NaN/Inf"),
+    ("flags", "flagged"),
+    ("dead", "antennas carry data"),
+    ("uvw", "|UVW| differs"),
+])
+def test_damaged_ms_fails_with_reason(worker, tiny_ms, expected, tmp_path, kind, reason):
+    bad = worker.submit(_damage, str(tiny_ms), str(tmp_path / f"{kind}.ms"), kind).result()
+    r = _check(worker, bad, expected)
+    assert not r.passed
+    assert any(reason in f for f in r.failures), r.failures
+
+
+def test_zeroed_subband_warns_but_passes(worker, tiny_ms, expected, tmp_path):
+    bad = worker.submit(_damage, str(tiny_ms), str(tmp_path / "z.ms"), "zero_subband").result()
+    r = _check(worker, bad, expected)
+    assert r.passed, r.failures
+    assert r.metrics["zero_channels"] == 4
+    assert any("4 channels are zero" in w for w in r.warnings)
+
+
+def test_expectations_are_enforced(worker, tiny_ms, expected):
+    moved = {**expected, "phase_centre_dec_deg": expected["phase_centre_dec_deg"] + 1.0,
+             "n_antennas": 18}
+    r = _check(worker, tiny_ms, moved)
+    assert not r.passed
+    assert any("phase centre is 1.0" in f for f in r.failures)
+    assert any("n_antennas is 17, expected 18" in f for f in r.failures)
+
+
+def test_thresholds_come_from_settings(worker, tiny_ms, expected):
+    """The dead antenna makes 11.8 % of cross-correlations zero; judged on live antennas
+    they are clean, but a strict dead-antenna threshold turns it into a warning."""
+    r = _check(worker, tiny_ms, expected, warn_dead_fraction=0.01)
+    assert r.passed and any("dead" in w for w in r.warnings)
+    assert r.metrics["zero_fraction"] == pytest.approx(16 / 136)
+
+
+def test_unreadable_ms_fails(worker, tmp_path):
+    (tmp_path / "broken.ms").mkdir()
+    (tmp_path / "broken.ms" / "table.dat").write_bytes(b"garbage")
+    r = _check(worker, tmp_path / "broken.ms")
+    assert not r.passed and "cannot read the MS" in r.reason
+    r = _check(worker, tmp_path / "nothing.ms")
+    assert not r.passed and "not a table" in r.reason
