@@ -1,0 +1,229 @@
+"""Which calibrator a group sees, and MODEL_DATA for it (componentlist + ft, times the beam).
+
+DSA-110 calibrates on drift scans: a group has a calibrator only when a catalogue source
+*transits* during it, close enough to the pointing declination and bright enough through the
+primary beam. A later group in which the source merely lingers in the beam has none and is
+calibrated with the set in force.
+
+The dishes do not track, so the calibrator drifts through the fixed (az, alt) beam during a
+group (~8 % in 5 min). ``ft`` knows nothing of that, so MODEL_DATA is computed here directly:
+the point-source visibility ft would write (same sign and frame, checked against ft in the
+tests) times the 4.65 m Airy power at each integration and channel; without the beam the gain
+amplitudes would absorb it. The model carries the calibrator's phase at its true position, so
+no separate rephasing pass is needed to solve on it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from ..simulate.array import OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG
+from ..simulate.sky import C_M_S, airy_power, enu_unit, pointing_altaz
+from .casarun import MJD_S, MSInfo, open_table, read_ms_info
+from .catalog import Calibrator, load_calibrators
+from .options import CalibrationOptions
+
+log = structlog.get_logger(__name__)
+
+# Band centre of DSA-110 (1311.25-1498.75 MHz), used when no MS says otherwise.
+DEFAULT_FREQ_HZ = 1405.0e6
+_ROWS_PER_CHUNK = 8192
+
+
+def _offline_astropy() -> None:
+    from astropy.utils import iers
+
+    iers.conf.auto_download = False
+
+
+def _location(itrf_m: tuple[float, float, float] | None) -> Any:
+    import astropy.units as u
+    from astropy.coordinates import EarthLocation
+
+    if itrf_m is None:
+        return EarthLocation.from_geodetic(OVRO_LON_DEG * u.deg, OVRO_LAT_DEG * u.deg,
+                                           OVRO_ALT_M * u.m)
+    return EarthLocation.from_geocentric(*itrf_m, unit=u.m)
+
+
+def hour_angle_deg(ra_deg: float, dec_deg: float, mjd: np.ndarray, location: Any) -> np.ndarray:
+    """Apparent hour angle in (-180, 180] at the given UTC MJDs (negative before transit)."""
+    import astropy.units as u
+    from astropy.coordinates import TETE, SkyCoord
+    from astropy.time import Time
+
+    _offline_astropy()
+    t = Time(np.atleast_1d(mjd), format="mjd", scale="utc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # IERS-A out of range: UT1-UTC < 1 s, harmless here
+        app = SkyCoord(ra_deg * u.deg, dec_deg * u.deg, frame="icrs").transform_to(TETE(obstime=t))
+        last = t.sidereal_time("apparent", longitude=location.lon).deg
+    return (last - app.ra.deg + 180.0) % 360.0 - 180.0
+
+
+def apparent_flux_at_transit(cal: Calibrator, pointing_dec_deg: float, freq_hz: float) -> float:
+    """Catalogue flux at ``freq_hz`` times the beam at transit (offset = declination offset)."""
+    theta = np.radians(abs(cal.dec_deg - pointing_dec_deg))
+    return float(cal.flux_at(freq_hz) * airy_power(theta, freq_hz))
+
+
+def find_transiting_calibrator(source: Path | str | MSInfo | tuple[float, Sequence[float]],
+                               options: CalibrationOptions, *,
+                               pointing_dec_deg: float | None = None,
+                               interval_s: float | None = None,
+                               freq_hz: float | None = None) -> Calibrator | None:
+    """The brightest catalogue calibrator transiting during the group, or None.
+
+    ``source`` is an MS (path or :class:`MSInfo`: times, band and pointing are read from it,
+    the pointing declination defaulting to the phase centre's) or ``(pointing_dec_deg,
+    integration-centre MJDs)``. A calibrator qualifies when its hour angle changes sign within
+    the group's time span, it lies within ``calibrator_radius_deg`` of the pointing at
+    transit, and its beam-attenuated flux is at least ``min_calibrator_flux_jy``.
+    """
+    itrf = None
+    if isinstance(source, tuple):
+        point_dec, times = float(source[0]), np.asarray(source[1], dtype=float)
+        freq = freq_hz or DEFAULT_FREQ_HZ
+        if interval_s is None:
+            interval_s = float(np.median(np.diff(np.unique(times)))) * MJD_S if times.size > 1 else 0.0
+    else:
+        info = source if isinstance(source, MSInfo) else read_ms_info(Path(source))
+        times, itrf = info.times_mjd, info.itrf_centre_m
+        point_dec = info.phase_centre_deg[1] if pointing_dec_deg is None else pointing_dec_deg
+        freq = freq_hz or float(np.mean(info.freqs_hz))
+        interval_s = info.interval_s if interval_s is None else interval_s
+    if pointing_dec_deg is not None:
+        point_dec = float(pointing_dec_deg)
+    t0 = float(times.min()) - interval_s / 2 / MJD_S
+    t1 = float(times.max()) + interval_s / 2 / MJD_S
+    loc = _location(itrf)
+    candidates: list[tuple[float, Calibrator]] = []
+    for cal in load_calibrators():
+        if abs(cal.dec_deg - point_dec) > options.calibrator_radius_deg:
+            continue
+        flux = apparent_flux_at_transit(cal, point_dec, freq)
+        if flux < options.min_calibrator_flux_jy:
+            continue
+        ha0, ha1 = hour_angle_deg(cal.ra_deg, cal.dec_deg, np.array([t0, t1]), loc)
+        if ha0 <= 0.0 < ha1 and ha1 - ha0 < 90.0:
+            candidates.append((flux, cal))
+    if not candidates:
+        return None
+    flux, best = max(candidates, key=lambda c: c[0])
+    log.info("calibrator_transits", calibrator=best.name, apparent_flux_jy=round(flux, 3),
+             others=[c.name for _, c in candidates if c is not best])
+    return best
+
+
+def beam_response(cal: Calibrator, info: MSInfo, pointing_dec_deg: float) -> np.ndarray:
+    """Primary-beam power toward ``cal`` per integration and channel, shape (ntime, nchan).
+
+    The pointing is fixed in (az, alt) (transit pointing at ``pointing_dec_deg``); the source
+    position is computed per integration exactly as the sky moves (ICRS -> AltAz, astropy).
+    """
+    import astropy.units as u
+    from astropy.coordinates import AltAz, SkyCoord
+    from astropy.time import Time
+
+    _offline_astropy()
+    loc = _location(info.itrf_centre_m)
+    az_p, alt_p = pointing_altaz(pointing_dec_deg, float(loc.lat.deg))
+    p_hat = enu_unit(np.array(az_p), np.array(alt_p))
+    frame = AltAz(obstime=Time(info.times_mjd, format="mjd", scale="utc"), location=loc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = SkyCoord(cal.ra_deg * u.deg, cal.dec_deg * u.deg, frame="icrs").transform_to(frame)
+    s_hat = enu_unit(c.az.deg, c.alt.deg)  # (ntime, 3)
+    theta = np.arccos(np.clip(s_hat @ p_hat, -1.0, 1.0))
+    return airy_power(theta[:, None], info.freqs_hz[None, :])
+
+
+def make_componentlist(cal: Calibrator, path: Path) -> Path:
+    """A one-component list: point source with the catalogue flux and spectral index.
+
+    Not used by the stage (see :func:`write_model`); kept as the CASA reference the direct
+    model is checked against, and for operators who want to reproduce a model with ``ft``.
+    """
+    import casatools
+
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    cl = casatools.componentlist()
+    try:
+        cl.addcomponent(dir=f"J2000 {cal.ra_deg}deg {cal.dec_deg}deg", flux=cal.flux_jy,
+                        fluxunit="Jy", freq=f"{cal.ref_freq_hz}Hz", shape="point",
+                        spectrumtype="spectral index", index=cal.spectral_index)
+        cl.rename(str(path))
+    finally:
+        cl.close()
+    return path
+
+
+def direction_cosines(ra_deg: float, dec_deg: float, ra0_deg: float,
+                      dec0_deg: float) -> tuple[float, float, float]:
+    """(l, m, n) of (ra, dec) relative to the phase centre (ra0, dec0), same frame (J2000)."""
+    a, d, a0, d0 = map(np.radians, (ra_deg, dec_deg, ra0_deg, dec0_deg))
+    l_ = np.cos(d) * np.sin(a - a0)
+    m_ = np.sin(d) * np.cos(d0) - np.cos(d) * np.sin(d0) * np.cos(a - a0)
+    return float(l_), float(m_), float(np.sqrt(max(0.0, 1.0 - l_ * l_ - m_ * m_)))
+
+
+def _ensure_model_column(tb: Any, npol: int, nchan: int) -> None:
+    """Add MODEL_DATA (tiled by whole rows, ~1.5 MB tiles) unless it exists."""
+    if "MODEL_DATA" in tb.colnames():
+        return
+    desc = tb.getcoldesc("DATA")
+    desc.pop("dataManagerGroup", None)
+    desc.pop("dataManagerType", None)
+    desc["comment"] = "model of the calibrator (dsa110-contimg)"
+    rows = int(max(8, min(4096, (1 << 20) * 1.5 // (npol * nchan * 8))))
+    dminfo = {"TYPE": "TiledShapeStMan", "NAME": "ModelTiled",
+              "SPEC": {"DEFAULTTILESHAPE": np.array([npol, nchan, rows], dtype=np.int32)}}
+    tb.addcols({"MODEL_DATA": desc}, dminfo)
+
+
+def write_model(ms: Path, cal: Calibrator, pointing_dec_deg: float,
+                info: MSInfo | None = None) -> dict[str, Any]:
+    """MODEL_DATA = S(nu) B(t, nu) exp(+2 pi i (u l + v m + w (n - 1)) nu / c) for ``cal``.
+
+    This is exactly what ``ft`` of a one-component list (point source, catalogue flux and
+    spectral index) writes - the sign and frame were checked against ft (tests) - times the
+    primary beam per integration and channel, computed in one pass: ft + a rescaling pass
+    would write MODEL_DATA, read it back and write it again (52 s instead of ~15 s at full size).
+    """
+    t0 = time.perf_counter()
+    info = info or read_ms_info(ms)
+    freqs = info.freqs_hz
+    spectrum = np.array([cal.flux_at(f) for f in freqs])
+    beam = beam_response(cal, info, pointing_dec_deg)  # (ntime, nchan)
+    l_, m_, n_ = direction_cosines(cal.ra_deg, cal.dec_deg, *info.phase_centre_deg)
+    k = 2.0 * np.pi * freqs / C_M_S  # rad per metre, per channel
+    with open_table(ms, readonly=False) as tb:
+        npol = int(tb.getcell("DATA", 0).shape[0])
+        _ensure_model_column(tb, npol, len(freqs))
+        n = int(tb.nrows())
+        for start in range(0, n, _ROWS_PER_CHUNK):
+            nrow = min(_ROWS_PER_CHUNK, n - start)
+            t = tb.getcol("TIME", start, nrow) / MJD_S
+            uvw = tb.getcol("UVW", start, nrow)  # (3, nrow)
+            it = np.clip(np.searchsorted(info.times_mjd, t - 1e-9), 0, len(info.times_mjd) - 1)
+            path = uvw[0] * l_ + uvw[1] * m_ + uvw[2] * (n_ - 1.0)  # metres, (nrow,)
+            vis = (spectrum[:, None] * beam[it].T) * np.exp(1j * k[:, None] * path[None, :])
+            tb.putcol("MODEL_DATA", np.broadcast_to(vis.astype(np.complex64), (npol,) + vis.shape),
+                      start, nrow)
+    facts = {"calibrator": cal.name, "flux_jy": cal.flux_jy, "spectral_index": cal.spectral_index,
+             "ref_freq_hz": cal.ref_freq_hz, "offset_from_phase_centre_deg":
+             float(np.degrees(np.arccos(np.clip(n_, -1, 1)))), "beam_min": float(beam.min()),
+             "beam_max": float(beam.max()), "duration_s": time.perf_counter() - t0}
+    log.info("model_written", ms=str(ms), **{k_: (round(v, 4) if isinstance(v, float) else v)
+                                            for k_, v in facts.items()})
+    return facts

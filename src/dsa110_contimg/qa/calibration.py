@@ -1,0 +1,190 @@
+"""Calibration QA gate: are the solutions sane, and did applycal leave sane CORRECTED_DATA?
+
+Cheap by construction: it reads the caltables (kilobytes to a few MB) and one integration of
+the MS (the middle one), never the whole visibility set. Failures block the group; the
+per-antenna phase scatter only warns (a noisy antenna is worth an alert, not a lost group).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..calibration.calset import CalSet
+from ..calibration.casarun import open_table
+from ..calibration.solve import CalSolutions, read_caltable
+from ..errors import BadInputError
+from .options import CalQAThresholds
+from .result import GateBuilder, QAResult
+
+GATE = "calibration"
+_MIN_GOOD_FRACTION = 0.5  # an antenna "has solutions" when at least half of them are unflagged
+
+
+def _live_names(calset: CalSet) -> list[str] | None:
+    for params in (calset.params, calset.params.get("g_params") or {}):
+        if params.get("live_antennas"):
+            return [str(a) for a in params["live_antennas"]]
+    return None
+
+
+def _rows_for(sol: CalSolutions, live: list[str] | None) -> np.ndarray:
+    names = np.array([sol.antenna_names[a] if a < len(sol.antenna_names) else "" for a in sol.antenna])
+    if live is None:  # antennas CASA could solve for at all: not every row flagged
+        good = {n for n in set(names) if n and not sol.flag[:, :, names == n].all()}
+        return np.isin(names, list(good))
+    return np.isin(names, live)
+
+
+def solution_metrics(calset: CalSet) -> dict[str, Any]:
+    """Statistics of the applied tables over the antennas that had data."""
+    live = _live_names(calset)
+    m: dict[str, Any] = {"set": calset.name, "refant": calset.refant, "flagged_fraction": {},
+                         "median_snr": {}}
+    good_by_kind: dict[str, set[str]] = {}
+    n_live = len(live) if live is not None else None
+    for t in calset.applied_tables():
+        sol = read_caltable(t.path)
+        rows = _rows_for(sol, live)
+        names = np.array([sol.antenna_names[a] for a in sol.antenna[rows]])
+        flag = sol.flag[:, :, rows]
+        vals = sol.values[:, :, rows]
+        snr = sol.snr[:, :, rows]
+        m["flagged_fraction"][t.kind] = float(flag.mean()) if flag.size else 1.0
+        good_snr = snr[~flag]
+        if good_snr.size and not np.any(good_snr):
+            m["median_snr"][t.kind] = None  # CASA leaves SNR at 0 for delay (K) solutions
+        else:
+            m["median_snr"][t.kind] = float(np.median(good_snr)) if good_snr.size else 0.0
+        good_by_kind[t.kind] = {n for n in set(names)
+                                if (~flag[:, :, names == n]).mean() >= _MIN_GOOD_FRACTION}
+        if n_live is None:
+            n_live = len(set(names))
+        if t.kind == "K":
+            d = vals[~flag]
+            m["delay_ns_min"] = float(d.min()) if d.size else None
+            m["delay_ns_max"] = float(d.max()) if d.size else None
+            m["delay_ns_abs_max"] = float(np.abs(d).max()) if d.size else None
+        elif t.kind in ("G", "BP"):
+            amp = np.abs(vals[~flag])
+            key = "gain" if t.kind == "G" else "bandpass"
+            if amp.size:
+                med = float(np.median(amp))
+                m[f"{key}_amp_min"], m[f"{key}_amp_max"] = float(amp.min()), float(amp.max())
+                m[f"{key}_amp_median"] = med
+                m[f"{key}_amp_scatter"] = float(np.std(amp) / med) if med > 0 else float("inf")
+            if t.kind == "G":
+                m["phase_scatter_deg"] = _phase_scatter(sol, rows, names)
+    solved = set.intersection(*good_by_kind.values()) if good_by_kind else set()
+    m["n_antennas_live"] = int(n_live or 0)
+    m["n_antennas_solved"] = len(solved)
+    m["antenna_coverage"] = len(solved) / n_live if n_live else 0.0
+    m["antennas_unsolved"] = sorted(set(live or []) - solved, key=lambda x: (len(x), x))
+    return m
+
+
+def _phase_scatter(sol: CalSolutions, rows: np.ndarray, names: np.ndarray) -> dict[str, float]:
+    """Per antenna: circular std (deg) in time of the gain phase, worst polarisation."""
+    out: dict[str, float] = {}
+    vals, flag = sol.values[:, 0, rows], sol.flag[:, 0, rows]  # (npol, nrow)
+    for n in sorted(set(names), key=lambda x: (len(x), x)):
+        sel = names == n
+        worst = 0.0
+        for p in range(vals.shape[0]):
+            v = vals[p, sel][~flag[p, sel]]
+            if v.size < 2:
+                continue
+            r = np.abs(np.mean(v / np.maximum(np.abs(v), 1e-30)))
+            worst = max(worst, float(np.degrees(np.sqrt(max(0.0, -2.0 * np.log(max(r, 1e-12)))))))
+        out[n] = round(worst, 3)
+    return out
+
+
+def corrected_metrics(ms: Path) -> dict[str, Any]:
+    """CORRECTED_DATA of the middle integration: finite, non-zero, median |CORRECTED|/|DATA|."""
+    m: dict[str, Any] = {}
+    with open_table(ms) as tb:
+        if "CORRECTED_DATA" not in tb.colnames():
+            m["has_corrected"] = False
+            return m
+        m["has_corrected"] = True
+        times = np.unique(tb.getcol("TIME"))
+        mid = float(times[len(times) // 2])
+        sub = tb.query(f"TIME > {mid - 0.01} && TIME < {mid + 0.01} && ANTENNA1 != ANTENNA2")
+        try:
+            data = sub.getcol("DATA")
+            corr = sub.getcol("CORRECTED_DATA")
+            flag = sub.getcol("FLAG")
+        finally:
+            sub.close()
+    ok = ~flag
+    m["sampled_visibilities"] = int(ok.sum())
+    if not ok.any():
+        m["corrected_finite_fraction"] = None
+        return m
+    c, d = corr[ok], data[ok]
+    finite = np.isfinite(c)
+    m["corrected_finite_fraction"] = float(finite.mean())
+    nz = finite & (c != 0)
+    m["corrected_nonzero_fraction"] = float(nz.mean())
+    use = nz & (d != 0) & np.isfinite(d)
+    m["corrected_ratio_median"] = float(np.median(np.abs(c[use]) / np.abs(d[use]))) if use.any() else None
+    return m
+
+
+def check_calibration_quality(calset: CalSet | None, ms: Path,
+                              thresholds: CalQAThresholds) -> QAResult:
+    """The calibration gate: solution statistics of ``calset`` and the CORRECTED_DATA of ``ms``."""
+    t0 = time.perf_counter()
+    th = thresholds
+    g = GateBuilder(GATE)
+    if calset is None:
+        g.fail_if(True, "no calibration set was applied")
+        return g.result(time.perf_counter() - t0)
+    try:
+        sm = solution_metrics(calset)
+    except BadInputError as exc:
+        g.fail_if(True, f"calibration table unreadable: {exc}")
+        return g.result(time.perf_counter() - t0)
+    g.metrics.update(sm)
+    worst_flag = max(sm["flagged_fraction"].values(), default=1.0)
+    g.metrics["flagged_fraction_max"] = worst_flag
+    g.fail_if(worst_flag > th.max_flagged_solution_fraction,
+              f"{worst_flag:.0%} of solutions flagged (> {th.max_flagged_solution_fraction:.0%})")
+    snr = min((v for v in sm["median_snr"].values() if v is not None), default=0.0)
+    g.metrics["median_snr_min"] = snr
+    g.fail_if(snr < th.min_median_snr, f"median solution SNR {snr:.1f} < {th.min_median_snr}")
+    scatter = sm.get("gain_amp_scatter")
+    g.fail_if(scatter is None or not np.isfinite(scatter) or scatter > th.max_amp_scatter,
+              f"gain amplitude scatter {scatter} > {th.max_amp_scatter}")
+    g.fail_if(sm.get("gain_amp_min", 0.0) <= 0.0, "a gain amplitude is zero")
+    dmax = sm.get("delay_ns_abs_max")
+    g.fail_if(dmax is not None and dmax > th.max_delay_ns,
+              f"delay {dmax:.1f} ns exceeds {th.max_delay_ns} ns")
+    g.fail_if(sm["antenna_coverage"] < th.min_antenna_fraction,
+              f"only {sm['n_antennas_solved']}/{sm['n_antennas_live']} antennas have solutions "
+              f"(< {th.min_antenna_fraction:.0%})")
+    noisy = {a: s for a, s in (sm.get("phase_scatter_deg") or {}).items()
+             if s > th.max_phase_scatter_deg}
+    g.warn_if(bool(noisy), f"gain phase scatters > {th.max_phase_scatter_deg} deg on {sorted(noisy)}")
+
+    cm = corrected_metrics(Path(ms))
+    g.metrics.update(cm)
+    if not cm.get("has_corrected"):
+        g.fail_if(True, "MS has no CORRECTED_DATA")
+    elif cm.get("corrected_finite_fraction") is None:
+        g.fail_if(True, "no unflagged visibilities in the sampled integration")
+    else:
+        g.fail_if(cm["corrected_finite_fraction"] < 1.0,
+                  f"{1 - cm['corrected_finite_fraction']:.2%} of CORRECTED_DATA is NaN/Inf")
+        g.fail_if(cm["corrected_nonzero_fraction"] == 0.0, "CORRECTED_DATA is all zero")
+        ratio = cm.get("corrected_ratio_median")
+        g.fail_if(ratio is None or not (th.corrected_ratio_min <= ratio <= th.corrected_ratio_max),
+                  f"median |CORRECTED|/|DATA| = {ratio} outside "
+                  f"[{th.corrected_ratio_min}, {th.corrected_ratio_max}]")
+    took = time.perf_counter() - t0
+    g.metrics["qa_duration_s"] = took
+    return g.result(took)
