@@ -86,7 +86,7 @@ def test_two_groups_calibrator_then_applied_set_status_api_and_sigterm(tmp_path)
         subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,900",
                         base + "/"], capture_output=True, timeout=120)
         assert shot.exists() and shot.stat().st_size > 5000
-        png = httpx.get(base + "/api/images", timeout=10).json()[0]["quicklook_png"]
+        png = httpx.get(base + "/api/images", timeout=10).json()[0]["quicklook_path"]
         assert png and png.endswith(".png")
 
     d.terminate()

@@ -83,7 +83,7 @@ def _api(tmp_path, token="s3cret-token"):
         return f"group {gid} requeued"
 
     async def images():
-        return [{"group_id": "2026-06-01T04:46:06", "quicklook_png": str(tmp_path / "out" / "q.png"),
+        return [{"group_id": "2026-06-01T04:46:06", "quicklook_path": str(tmp_path / "out" / "q.png"),
                  "qa_passed": True, "rms_jy": 0.001, "dynamic_range": 500, "bmaj_arcsec": 30,
                  "bmin_arcsec": 20}]
 

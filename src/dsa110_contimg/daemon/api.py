@@ -178,22 +178,24 @@ class StatusAPI:
                        for k, v in counts.items())
         cards = []
         for im in images[:12]:
-            png = im.get("quicklook_png")
+            png = im.get("quicklook_path")
             rel = None
             if png:
                 try:
                     rel = Path(png).resolve().relative_to(self.output_dir)
                 except ValueError:
                     rel = None
-            img = (f"<img src='/products/{urllib.parse.quote(str(rel))}' alt='quick-look {html.escape(im['group_id'])}'>"
-                   if rel else "<div class='noimg'>no quick-look</div>")
+            img = (f'<img src="/products/{urllib.parse.quote(str(rel))}" '
+                   f'alt="quick-look {html.escape(im["group_id"])}">'
+                   if rel else '<div class="noimg">no quick-look</div>')
             verdict = "passed" if im.get("qa_passed") else "FAILED"
             cards.append(
-                f"<div class='card' data-group='{html.escape(im['group_id'])}'>{img}"
+                f'<div class="card" data-group="{html.escape(im["group_id"])}">{img}'
                 f"<h3>{html.escape(im['group_id'])}</h3>"
-                f"<p class='qa {verdict.lower()}'>QA {verdict}</p>"
-                f"<p>rms {im.get('rms_jy', 0) * 1e3:.2f} mJy/beam · DR {im.get('dynamic_range', 0):.0f}"
-                f" · beam {im.get('bmaj_arcsec', 0):.1f}″×{im.get('bmin_arcsec', 0):.1f}″</p></div>")
+                f'<p class="qa {verdict.lower()}">QA {verdict}</p>'
+                f"<p>rms {(im.get('rms_jy') or 0) * 1e3:.2f} mJy/beam · "
+                f"DR {im.get('dynamic_range') or 0:.0f} · beam {im.get('bmaj_arcsec') or 0:.1f}″"
+                f"×{im.get('bmin_arcsec') or 0:.1f}″</p></div>")
         return _PAGE.format(rows=rows, cards="".join(cards) or "<p>No images yet.</p>",
                             updated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
 
