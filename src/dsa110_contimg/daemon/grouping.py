@@ -125,6 +125,10 @@ class Grouper:
         self._files: dict[Path, _File] = {}
         self._ignored: set[str] = set()
         self._busy = False
+        # Paths whose handling failed (e.g. the database locked past its busy timeout): the
+        # watcher forwards a path only once per signature, so without a retry the file would
+        # be dropped from its group. path -> (when to retry, backoff)
+        self._retry: dict[Path, tuple[float, float]] = {}
 
     # ----------------------------------------------------------------- inputs
     def submit(self, path: Path) -> None:
@@ -133,7 +137,7 @@ class Grouper:
 
     def idle(self) -> bool:
         """Nothing queued, nothing being placed, no group still collecting in memory."""
-        return self._inbox.empty() and not self._busy and not self._groups
+        return self._inbox.empty() and not self._busy and not self._groups and not self._retry
 
     async def run(self, stop_event: asyncio.Event) -> None:
         """Restore open groups, then react to sightings and re-check files until stopped."""
@@ -155,23 +159,30 @@ class Grouper:
                     paths = [get.result()]
                 while not self._inbox.empty():
                     paths.append(self._inbox.get_nowait())
+                now = self._clock()
+                paths += [p for p, (due, _) in self._retry.items() if due <= now]
                 self._busy = True
                 try:
                     for path in dict.fromkeys(paths):
-                        await self._guarded(self.handle(path), "ingest.handle_failed",
-                                            path=str(path))
+                        backoff = self._retry.pop(path, (0.0, 0.0))[1]
+                        if not await self._guarded(self.handle(path), "ingest.handle_failed",
+                                                   path=str(path)):
+                            backoff = min(60.0, max(1.0, 2 * backoff))
+                            self._retry[path] = (self._clock() + backoff, backoff)
                     await self._guarded(self.check(), "ingest.check_failed")
                 finally:
                     self._busy = False
         finally:
             stop_wait.cancel()
 
-    async def _guarded(self, coro: Awaitable[None], event: str, **kw: object) -> None:
+    async def _guarded(self, coro: Awaitable[None], event: str, **kw: object) -> bool:
         """One bad file or a transient DB error must not stop ingest for every later group."""
         try:
             await coro
         except Exception:
             log.exception(event, **kw)
+            return False
+        return True
 
     def _next_wakeup(self) -> float:
         now = self._clock()
@@ -184,6 +195,7 @@ class Grouper:
                     deadlines.append(f.bad_since + opt.stable_seconds)
         for g in self._groups.values():
             deadlines.append(g.created + opt.group_timeout_s)
+        deadlines.extend(due for due, _ in self._retry.values())
         return max(0.01, min(deadlines) - now)
 
     async def restore(self) -> None:

@@ -204,6 +204,22 @@ class Scheduler:
                         f"{claim.stage} of {claim.group_id} failed (attempt {claim.attempt})"
                         + (": giving up" if state == "failed" else ", will retry"), reason,
                         {"group_id": claim.group_id, "stage": claim.stage, "state": state}))
+        await self._free_dead_staging()
+
+    async def _free_dead_staging(self) -> None:
+        """A worker that died (OOM kill, a crash, a stage timeout) cannot remove its staging
+        directory: free it now rather than at the next restart, months away (it can be GBs
+        of tmpfs). Only directories whose owner process is gone are touched."""
+        from ..conversion.staging import clean_stale_staging
+
+        try:
+            cleaned = await asyncio.to_thread(clean_stale_staging, self.s.paths.scratch_dir,
+                                              self.s.paths.tmpfs_path)
+        except Exception as exc:  # noqa: BLE001 - housekeeping must not fail the group
+            log.warning("stale_staging_cleanup_failed", error=str(exc))
+            return
+        if cleaned:
+            log.warning("stale_staging_removed", paths=[str(p) for p in cleaned])
 
     async def _gate(self, stage: str, claim: Claim, fn: Any, *args: Any) -> QAResult:
         qa: QAResult = await self.executor.run(fn, *args, group_id=claim.group_id)

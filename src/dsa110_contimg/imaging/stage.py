@@ -1,0 +1,291 @@
+"""The imaging stage: MS -> tclean -> FITS (image, residual, beam, pb-corrected) + quick-look.
+
+Called by the daemon in a fresh worker process as ``image_group(inputs, options)``.
+
+- Works in a staging directory beside the product directory (same filesystem, no ':' in its
+  name: CASA dislikes colons in table paths) and publishes each file by atomic rename, the
+  ``<stem>.imaging.json`` record last, so a crash never leaves a half-published image that a
+  re-run would mistake for a finished one.
+- Idempotent: when the record exists, its files are present, the options match and the MS has
+  not been rewritten since (e.g. re-calibrated), the result is returned with ``skipped=True``.
+- Unusable input (no rows, all flagged, NaN/zero data) raises ``BadInputError`` before tclean:
+  the scheduler quarantines rather than retrying a deterministic failure. CASA faults and bad
+  outputs raise ``StageError`` (retried). Quality judgement is the QA gate's job
+  (``qa.image.check_image_quality``), not the stage's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from ..errors import BadInputError, ContimgError, StageError
+from ..products import safe_stem
+from ..qa.image import image_statistics
+from .export import export_fits, standard_keywords
+from .msinfo import count_unflagged_nonfinite, pointing_icrs, summarize_ms
+from .options import ImagingOptions
+from .params import params_from_plan, plan_imaging
+from .pbcor import write_beam_and_pbcor
+from .tclean_runner import NonFiniteImage, clear_image_products, run_tclean
+
+log = structlog.get_logger(__name__)
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImagingInputs:
+    group_id: str
+    ms_path: Path
+    product_dir: Path
+    datacolumn: str = "corrected"   # 'corrected' | 'data'
+    calibrator: str | None = None   # catalogue name, for the QA flux check
+
+
+@dataclass(frozen=True)
+class ImagingResult:
+    group_id: str
+    image_fits: Path
+    pbcor_fits: Path
+    quicklook_png: Path | None
+    residual_fits: Path | None
+    pb_fits: Path | None
+    bmaj_arcsec: float
+    bmin_arcsec: float
+    bpa_deg: float
+    rms_jy: float
+    peak_jy: float
+    dynamic_range: float
+    imsize: int
+    cell_arcsec: float
+    freq_hz: float
+    centre_ra_deg: float
+    centre_dec_deg: float
+    tclean_params: dict[str, Any]
+    duration_s: float
+    skipped: bool = False
+    tier: str = ""
+    noise_expected_jy: float | None = None
+    tclean_s: float = 0.0
+    iterdone: int = 0
+    nmajordone: int = 0
+    stopreason: str = ""
+    plan: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImagingResult:
+        paths = {"image_fits", "pbcor_fits", "quicklook_png", "residual_fits", "pb_fits"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: (Path(v) if k in paths and v is not None else v)
+              for k, v in d.items() if k in names}
+        return cls(**kw)
+
+
+def product_names(product_dir: Path, group_id: str) -> dict[str, Path]:
+    stem = safe_stem(group_id)
+    d = Path(product_dir)
+    return {"image": d / f"{stem}.image.fits", "pbcor": d / f"{stem}.pbcor.fits",
+            "pb": d / f"{stem}.pb.fits", "residual": d / f"{stem}.residual.fits",
+            "quicklook": d / "quicklook.png", "record": d / f"{stem}.imaging.json"}
+
+
+def options_fingerprint(options: ImagingOptions, datacolumn: str) -> str:
+    blob = json.dumps({**dataclasses.asdict(options), "datacolumn": datacolumn}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ms_mtime(ms_path: Path) -> float:
+    """Latest modification of the MS's main-table data files (changes when a column is rewritten,
+    e.g. re-calibration). ``table.lock`` is left out: merely opening the MS touches it."""
+    ms_path = Path(ms_path)
+    times = [p.stat().st_mtime for p in ms_path.iterdir()
+             if p.is_file() and (p.name == "table.dat" or p.name.startswith("table.f"))]
+    return max(times) if times else 0.0
+
+
+def _finished(inputs: ImagingInputs, options: ImagingOptions) -> ImagingResult | None:
+    names = product_names(inputs.product_dir, inputs.group_id)
+    if not names["record"].exists():
+        return None
+    try:
+        rec = json.loads(names["record"].read_text())
+        result = ImagingResult.from_dict(rec["result"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("imaging.record_unreadable", path=str(names["record"]), error=str(exc))
+        return None
+    if rec.get("fingerprint") != options_fingerprint(options, inputs.datacolumn):
+        log.info("imaging.redo", group_id=inputs.group_id, reason="imaging options changed")
+        return None
+    if Path(inputs.ms_path).exists() and ms_mtime(inputs.ms_path) > rec.get("ms_mtime", 0) + 1:
+        log.info("imaging.redo", group_id=inputs.group_id, reason="MS rewritten since imaging")
+        return None
+    needed = [result.image_fits, result.pbcor_fits, result.quicklook_png, result.residual_fits,
+              result.pb_fits]
+    if not all(p is None or Path(p).exists() for p in needed):
+        return None
+    return result
+
+
+def image_group(inputs: ImagingInputs, options: ImagingOptions) -> ImagingResult:
+    """Image one group's MS into ``inputs.product_dir`` (see the module docstring)."""
+    t0 = time.monotonic()
+    done = _finished(inputs, options)
+    if done is not None:
+        log.info("imaging.skipped", group_id=inputs.group_id, image=str(done.image_fits))
+        return dataclasses.replace(done, skipped=True, duration_s=time.monotonic() - t0)
+    ms_path = Path(inputs.ms_path)
+    if not ms_path.is_dir():
+        raise BadInputError("measurement set does not exist", path=str(ms_path))
+    names = product_names(inputs.product_dir, inputs.group_id)
+    stem = safe_stem(inputs.group_id)
+    product_dir = Path(inputs.product_dir)
+    staging = product_dir.parent / f".{stem}.imaging-staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        result = _image(inputs, options, ms_path, staging, stem, names, t0)
+    except ContimgError:
+        raise
+    except Exception as exc:  # disk full, astropy/matplotlib faults: may pass, so retry
+        raise StageError(f"imaging of {inputs.group_id} failed: {type(exc).__name__}: {exc}") \
+            from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("imaging.done", group_id=inputs.group_id, image=str(result.image_fits),
+             rms_jy=result.rms_jy, peak_jy=result.peak_jy, bmaj=round(result.bmaj_arcsec, 2),
+             bmin=round(result.bmin_arcsec, 2), duration_s=round(result.duration_s, 2))
+    return result
+
+
+def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, staging: Path,
+           stem: str, names: dict[str, Path], t0: float) -> ImagingResult:
+    timings: dict[str, float] = {}
+    tick = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.monotonic()
+        timings[name] = round(now - tick, 3)
+        tick = now
+
+    mtime = ms_mtime(ms_path)
+    summary = summarize_ms(ms_path, inputs.datacolumn)
+    plan = plan_imaging(summary, options)
+    imagename = str(staging / stem)
+    params = params_from_plan(summary, plan, options, imagename)
+    lap("summarize_and_plan")
+    try:
+        out = run_tclean(params)
+    except NonFiniteImage as exc:
+        # the sampled pre-check missed them: look at every row before blaming CASA
+        bad = count_unflagged_nonfinite(ms_path, inputs.datacolumn)
+        if bad:
+            raise BadInputError(f"{bad} unflagged NaN/Inf visibilities in {inputs.datacolumn} "
+                                "blank the image (flag them upstream)", path=str(ms_path)) from exc
+        raise
+    lap("tclean")
+
+    keywords = standard_keywords(
+        group_id=inputs.group_id, observer=summary.observer,
+        start_mjd_s=min(summary.times_mjd_s) - summary.integration_s / 2,
+        end_mjd_s=max(summary.times_mjd_s) + summary.integration_s / 2,
+        freq_hz=plan.ref_freq_hz, array_itrf_m=summary.array_itrf_m,
+        datacolumn=summary.datacolumn, tier=plan.tier, noise_expected_jy=plan.noise_expected_jy,
+        bandwidth_hz=summary.freq_max_hz - summary.freq_min_hz, ms_name=ms_path.name)
+    staged = {k: staging / p.name for k, p in names.items()}
+    try:
+        export_fits(out.image, staged["image"], keywords)
+        export_fits(out.residual, staged["residual"], keywords)
+    except Exception as exc:  # exportfits raises bare RuntimeErrors
+        raise StageError(f"FITS export failed: {exc}") from exc
+    clear_image_products(imagename)  # CASA images are large and no longer needed
+    lap("export")
+
+    times = np.asarray(summary.times_mjd_s)
+    track_ra, track_dec = pointing_icrs(summary.pointing_az_deg, summary.pointing_alt_deg,
+                                        np.asarray(summary.array_itrf_m), times)
+    pb = write_beam_and_pbcor(staged["image"], staged["pb"], staged["pbcor"], track_ra,
+                              track_dec, np.asarray(summary.time_weights), plan.ref_freq_hz,
+                              summary.dish_diameter_m, options.pb_level)
+    from astropy.io import fits
+
+    with fits.open(staged["image"]) as hdul:
+        image = np.squeeze(hdul[0].data).astype(np.float64)
+        header = hdul[0].header
+        centre = (float(header["CRVAL1"]), float(header["CRVAL2"]))
+    stats = image_statistics(image, pb >= options.pb_level)
+    if not np.isfinite(stats["rms_jy"]):
+        raise StageError("exported image has no finite pixels inside the primary beam")
+    lap("pbcor_and_stats")
+
+    quicklook = None
+    if options.quicklook:
+        try:
+            from .quicklook import write_quicklook
+
+            quicklook = write_quicklook(staged["image"], staged["quicklook"],
+                                        title=f"DSA-110 {inputs.group_id}", pb=pb,
+                                        pb_level=options.pb_level, rms=stats["rms_jy"])
+        except Exception as exc:  # a missing picture must not lose the image
+            log.warning("imaging.quicklook_failed", group_id=inputs.group_id, error=repr(exc))
+    if not options.keep_residual:
+        staged["residual"].unlink()
+    lap("quicklook")
+
+    published = {k: names[k] for k in ("image", "pbcor", "pb")}
+    if options.keep_residual:
+        published["residual"] = names["residual"]
+    if quicklook is not None:
+        published["quicklook"] = names["quicklook"]
+    result = ImagingResult(
+        group_id=inputs.group_id, image_fits=names["image"], pbcor_fits=names["pbcor"],
+        quicklook_png=published.get("quicklook"), residual_fits=published.get("residual"),
+        pb_fits=names["pb"], bmaj_arcsec=out.bmaj_arcsec, bmin_arcsec=out.bmin_arcsec,
+        bpa_deg=out.bpa_deg, rms_jy=float(stats["rms_jy"]), peak_jy=float(stats["peak_jy"]),
+        dynamic_range=float(stats["dynamic_range"]), imsize=plan.imsize,
+        cell_arcsec=plan.cell_arcsec, freq_hz=plan.ref_freq_hz, centre_ra_deg=centre[0],
+        centre_dec_deg=centre[1], tclean_params=params, duration_s=time.monotonic() - t0,
+        skipped=False, tier=plan.tier, noise_expected_jy=plan.noise_expected_jy,
+        tclean_s=out.duration_s, iterdone=out.iterdone, nmajordone=out.nmajordone,
+        stopreason=out.stopreason, plan=plan.as_dict(), timings_s=timings)
+    record = {"version": RECORD_VERSION, "fingerprint": options_fingerprint(options, inputs.datacolumn),
+              "ms_mtime": mtime, "ms_path": str(ms_path), "pointing_source": summary.pointing_source,
+              "result": result.as_dict()}
+    staged["record"].write_text(json.dumps(record, indent=1, default=_json_default))
+    _publish(staged, published, names["record"])
+    return result
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _publish(staged: dict[str, Path], published: dict[str, Path], record: Path) -> None:
+    """Atomic rename of each product into place; the record last marks completion."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    if record.exists():
+        record.unlink()  # an older record must not vouch for half-replaced files
+    for key, dest in published.items():
+        os.replace(staged[key], dest)
+    os.replace(staged["record"], record)
