@@ -27,8 +27,9 @@ from typing import Any, Self
 import aiosqlite
 import structlog
 
-from ..errors import ConfigError, ContimgError
+from ..errors import ContimgError
 from ..qa.result import jsonable
+from ..sqlitedb import connect, migrate_component
 from .calset import BANDPASS_KINDS, KINDS, CalSet, CalTable
 from .options import CalibrationOptions
 
@@ -96,14 +97,8 @@ class CalRegistry:
                    busy_timeout_s: float = 30.0) -> CalRegistry:
         """Open (creating if needed) and migrate; ``options`` is the default for find_valid."""
         db_path = Path(db_path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(str(db_path), isolation_level=None, timeout=busy_timeout_s)
+        db = await connect(db_path, busy_timeout_s)
         try:
-            db.row_factory = sqlite3.Row
-            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA synchronous = NORMAL")
-            await db.execute("PRAGMA foreign_keys = ON")
             reg = cls(db, db_path, options)
             await reg._migrate()
         except BaseException:
@@ -123,25 +118,7 @@ class CalRegistry:
 
     async def _migrate(self) -> None:
         async with self._write() as db:
-            await db.execute("CREATE TABLE IF NOT EXISTS schema_versions ("
-                             "component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-            row = await _one(db, "SELECT version FROM schema_versions WHERE component = ?",
-                             (COMPONENT,))
-            current = int(row["version"]) if row else 0
-            if current > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"CONTIMG_STATE_DIR: {self.path} has calibration registry schema v{current}, "
-                    f"newer than this software (v{SCHEMA_VERSION}); upgrade dsa110-contimg")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version]:
-                    await db.execute(statement)
-            if current < SCHEMA_VERSION:
-                await db.execute(
-                    "INSERT INTO schema_versions (component, version) VALUES (?, ?) "
-                    "ON CONFLICT(component) DO UPDATE SET version = excluded.version",
-                    (COMPONENT, SCHEMA_VERSION))
-                log.info("registry.migrated", path=str(self.path), from_version=current,
-                         to_version=SCHEMA_VERSION)
+            await migrate_component(db, COMPONENT, SCHEMA_VERSION, MIGRATIONS, self.path)
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -39,7 +39,8 @@ from typing import Any, ParamSpec, Self, TypeVar
 import aiosqlite
 import structlog
 
-from ..errors import BadInputError, ConfigError, ContimgError, IllegalTransition
+from ..errors import BadInputError, ContimgError, IllegalTransition
+from ..sqlitedb import connect, migrate_component
 from .naming import group_time, validate_group_id
 from .options import QueueOptions
 
@@ -281,16 +282,8 @@ class GroupQueue:
                    busy_timeout_s: float = 30.0) -> GroupQueue:
         """Open (creating if needed) and migrate the database; WAL so readers never block."""
         db_path = Path(db_path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(str(db_path), isolation_level=None, timeout=busy_timeout_s)
+        db = await connect(db_path, busy_timeout_s)
         try:
-            db.row_factory = sqlite3.Row
-            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a process crash loses nothing; a power cut may drop the last
-            # commits but never corrupts. Each transition commits, so FULL would fsync each one.
-            await db.execute("PRAGMA synchronous = NORMAL")
-            await db.execute("PRAGMA foreign_keys = ON")
             queue = cls(db, options, db_path)
             await queue._migrate()
         except BaseException:
@@ -310,25 +303,7 @@ class GroupQueue:
 
     async def _migrate(self) -> None:
         async with self._write() as db:
-            await db.execute("CREATE TABLE IF NOT EXISTS schema_versions ("
-                             "component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-            row = await _one(db, "SELECT version FROM schema_versions WHERE component = ?",
-                             (COMPONENT,))
-            current = row["version"] if row else 0
-            if current > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"CONTIMG_STATE_DIR: {self.path} has queue schema v{current}, newer than this "
-                    f"software (v{SCHEMA_VERSION}); upgrade dsa110-contimg")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version]:
-                    await db.execute(statement)
-            if current < SCHEMA_VERSION:
-                await db.execute(
-                    "INSERT INTO schema_versions (component, version) VALUES (?, ?) "
-                    "ON CONFLICT(component) DO UPDATE SET version = excluded.version",
-                    (COMPONENT, SCHEMA_VERSION))
-                log.info("queue.migrated", path=str(self.path), from_version=current,
-                         to_version=SCHEMA_VERSION)
+            await migrate_component(db, COMPONENT, SCHEMA_VERSION, MIGRATIONS, self.path)
 
     # ----------------------------------------------------------------- transactions
     @asynccontextmanager

@@ -17,8 +17,8 @@ from typing import Any, Self
 import aiosqlite
 import structlog
 
-from ..errors import ConfigError
 from ..qa.result import QAResult, jsonable
+from ..sqlitedb import connect, migrate_component
 
 log = structlog.get_logger(__name__)
 
@@ -78,13 +78,8 @@ class ImageCatalog:
     @classmethod
     async def open(cls, db_path: Path, busy_timeout_s: float = 30.0) -> ImageCatalog:
         db_path = Path(db_path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(str(db_path), isolation_level=None, timeout=busy_timeout_s)
+        db = await connect(db_path, busy_timeout_s)
         try:
-            db.row_factory = sqlite3.Row
-            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA synchronous = NORMAL")
             cat = cls(db, db_path)
             await cat._migrate()
         except BaseException:
@@ -105,23 +100,7 @@ class ImageCatalog:
         db = self._db
         await db.execute("BEGIN IMMEDIATE")
         try:
-            await db.execute("CREATE TABLE IF NOT EXISTS schema_versions ("
-                             "component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-            async with db.execute("SELECT version FROM schema_versions WHERE component = ?",
-                                  (COMPONENT,)) as cur:
-                row = await cur.fetchone()
-            current = int(row["version"]) if row else 0
-            if current > SCHEMA_VERSION:
-                raise ConfigError(f"CONTIMG_STATE_DIR: {self.path} has images schema v{current}, "
-                                  f"newer than this software (v{SCHEMA_VERSION})")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version]:
-                    await db.execute(statement)
-            if current < SCHEMA_VERSION:
-                await db.execute(
-                    "INSERT INTO schema_versions (component, version) VALUES (?, ?) "
-                    "ON CONFLICT(component) DO UPDATE SET version = excluded.version",
-                    (COMPONENT, SCHEMA_VERSION))
+            await migrate_component(db, COMPONENT, SCHEMA_VERSION, MIGRATIONS, self.path)
         except BaseException:
             await db.execute("ROLLBACK")
             raise
