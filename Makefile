@@ -31,5 +31,8 @@ lint: venv
 bench: venv
 	$(BIN)/python benchmarks/run_all.py
 
+faults: venv
+	$(BIN)/python tests/faults/run.py
+
 clean:
 	rm -rf .state .test-state build *.egg-info src/*.egg-info

@@ -1,0 +1,31 @@
+"""Every session of the suite, in the order of the issue's priorities."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from . import bad_input, crash, environment, neighbours, security, soak, static
+from .core import Row
+
+SessionFn = Callable[[Path], list[Row]]
+
+SESSIONS: dict[str, SessionFn] = {
+    # 1. bad input
+    "bad-input": bad_input.session_bad_input,
+    "timeout-process": bad_input.session_timeout_process,
+    # 2. security
+    "security": security.session_security,
+    "static": static.session_static,
+    # 3. environment
+    "disk": environment.session_disk,
+    "ro-state": environment.session_readonly_state,
+    "sqlite-lock": environment.session_sqlite,
+    "workers": environment.session_workers,
+    # 4. neighbours
+    "neighbours": neighbours.session_neighbours,
+    # 5. crashes
+    "crash": crash.session_crash,
+    # 6. soak
+    "soak": soak.session_soak,
+}

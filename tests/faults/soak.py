@@ -1,0 +1,125 @@
+"""Soak: many tiny groups, some with random faults, dropped in one after another into one
+long daemon run while the daemon's RSS and open file descriptors are sampled from /proc.
+
+Expected: the first group (a calibrator transit) goes through to ``done``, every other good
+group reaches ``converted`` or beyond and every faulty one is stopped
+with a reason (nothing lost, nothing duplicated); RSS and fds stay flat (the last quarter of
+the samples against the first, after warm-up); the queue and the products agree: a
+converted+ group has exactly one MS, a stopped-at-ingest group none, and every catalogue row
+belongs to a ``done`` group whose files exist. The number of groups is ``--soak-groups`` of
+run.py (``FAULTS_SOAK_GROUPS``); the later groups are not calibrator transits (nor within the
+first group's gain validity), so calibration holds them in ``converted``: the soak exercises
+the daemon, not CASA.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from .core import CONVERTED_PLUS, STOPPED, Expect, Row, Session, at, finish, proc_sample
+
+FAULTS = ["truncated", "nothdf5", "channels", "nan", "times", "antennas", "duplicate", "missing"]
+
+
+def session_soak(workdir: Path) -> list[Row]:
+    n = int(os.environ.get("FAULTS_SOAK_GROUPS", "20"))
+    row = Row(f"soak: {n} groups, ~30% random faults", "cal→done, good→converted+, bad→stopped")
+    mem = Row("soak: daemon RSS and open fds", "flat")
+    rows = [row, mem]
+    rng = random.Random(2026)
+    s = Session(workdir, "soak", CONTIMG_GROUP_TIMEOUT_S="15", CONTIMG_TIMEOUT_POLICY="process",
+                CONTIMG_MAX_WORKERS="2")
+    samples: list[tuple[float, int, int]] = []
+    stop = threading.Event()
+    try:
+        cal = s.simulate(at(0), seed=899)  # a calibrator transit: goes through to done
+        plan = [(cal, None)]
+        for k in range(n - 1):
+            fault = rng.choice(FAULTS) if rng.random() < 0.3 else None
+            truth = s.simulate(at(75 + 10 * k), faults={rng.randrange(16): fault} if fault else None,
+                               seed=900 + k)
+            plan.append((truth, fault))
+        s.start()
+        pid = s.proc.pid
+
+        def sampler() -> None:
+            while not stop.is_set():
+                try:
+                    rss, fds = proc_sample(pid)
+                except OSError:
+                    return
+                samples.append((time.monotonic(), rss, fds))
+                stop.wait(0.5)
+
+        threading.Thread(target=sampler, daemon=True).start()
+        for truth, _ in plan:
+            s.drop(truth["group_id"])
+            time.sleep(0.5)
+        want = {t["group_id"]: (STOPPED if f and f != "missing" else CONVERTED_PLUS) for t, f in plan}
+        want[cal["group_id"]] = ("done",)
+        s.wait_states({g: want[g] if want[g] == ("done",) else CONVERTED_PLUS + STOPPED
+                       for g in want}, timeout=90 + 15 * n,
+                      what="every soak group converted or stopped, the calibrator's done")
+        time.sleep(3)
+        stop.set()
+        status = s.status_json()
+        finish(s, rows)
+        expects = [Expect(t["group_id"], want[t["group_id"]]) for t, _ in plan]
+        s.account(row, expects, status=status)
+        s.unexpected_groups(row, [s.actual(t["group_id"]) for t, _ in plan])
+        s.leftovers(row)
+        _agree(s, row, expects)
+        row.check(s.catalogue_counts().get(s.actual(cal["group_id"])) == 1,
+                  "the done calibrator group has no image catalogue row")
+        _flat(mem, samples)
+        mem.runs, mem.groups_in = s.runs, len(plan)
+    except Exception as exc:  # noqa: BLE001
+        for r in rows:
+            r.problems.append(f"session aborted: {type(exc).__name__}: {str(exc)[:1500]}")
+    finally:
+        stop.set()
+        s.close()
+    return rows
+
+
+def _agree(s: Session, row: Row, expects: list[Expect]) -> None:
+    """Queue vs products: an MS exactly for the converted+ groups, catalogue rows only for
+    done groups and pointing at files that exist."""
+    groups = s.groups()
+    for x in expects:
+        g = groups.get(x.gid)
+        if g is None:
+            continue
+        pdir = s.d.output / x.gid[:10] / x.gid
+        mss = [p for p in pdir.glob("*.ms")] if pdir.is_dir() else []
+        if g["state"] in CONVERTED_PLUS:
+            row.check(len(mss) == 1, f"{x.gid} is {g['state']} but has {len(mss)} MS")
+            conv = (g["flags"].get("conversion") or {}).get("ms_path")
+            row.check(conv and Path(conv).is_dir(), f"{x.gid}: queue's MS path missing: {conv}")
+        elif g["state"] in STOPPED and not any(r["group_id"] == x.gid for r in s.stage_runs()):
+            row.check(not mss, f"{x.gid} stopped at ingest but has an MS")
+    for r in s.catalogue():
+        g = groups.get(r["group_id"])
+        row.check(g and g["state"] == "done", f"catalogue row for {r['group_id']} "
+                                              f"in state {g and g['state']}")
+        row.check(Path(r["image_path"]).is_file(), f"catalogue image missing: {r['image_path']}")
+
+
+def _flat(row: Row, samples: list[tuple[float, int, int]]) -> None:
+    row.check(len(samples) >= 20, f"only {len(samples)} samples")
+    if len(samples) < 20:
+        return
+    body = samples[len(samples) // 5:]  # after warm-up (imports, first workers)
+    q = max(5, len(body) // 4)
+    first, last = body[:q], body[-q:]
+    rss0, rss1 = statistics.median(r for _, r, _ in first), statistics.median(r for _, r, _ in last)
+    fd0, fd1 = max(f for _, _, f in first), max(f for _, _, f in last)
+    row.goal = (f"flat: RSS {rss0 / 1024:.0f}→{rss1 / 1024:.0f} MB, "
+                f"fds {fd0}→{fd1} (peak {max(f for _, _, f in samples)})")
+    row.check(rss1 <= rss0 * 1.25 + 20 * 1024, f"RSS grew {rss0 / 1024:.0f} → {rss1 / 1024:.0f} MB")
+    row.check(fd1 <= fd0 + 8, f"open fds grew {fd0} → {fd1}")
