@@ -88,7 +88,11 @@ class Scheduler:
         """Claim while there is room; with ``once``, return when nothing is left to do."""
         while not stop.is_set():
             while len(self.inflight) < self.s.executor.max_workers and not stop.is_set():
-                claim = await self.queue.claim(self.worker_id)
+                try:
+                    claim = await self.queue.claim(self.worker_id)
+                except Exception as exc:  # noqa: BLE001 - e.g. DB locked past busy_timeout
+                    log.error("claim_failed", error=str(exc))
+                    claim = None
                 if claim is None:
                     break
                 task = asyncio.create_task(self._process(claim), name=f"group:{claim.group_id}")
