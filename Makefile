@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: venv demo test test-fast lint bench bench-e2e faults clean
 
@@ -30,6 +31,10 @@ lint: venv
 
 bench: venv
 	$(BIN)/python benchmarks/run_all.py
+
+# plain chain vs the daemon on 3 groups, speed and accuracy, one run (BENCH_ARGS="--preset tiny")
+bench-e2e: venv
+	$(BIN)/python benchmarks/bench_e2e.py $(BENCH_ARGS)
 
 faults: venv
 	$(BIN)/python tests/faults/run.py

@@ -3,41 +3,22 @@
     python benchmarks/bench_daemon.py [--preset full] [--groups 3] [--arrival burst|realtime]
 
 Simulates N consecutive groups (the first with 3C286 transiting) once into --group-dir,
-then runs ``contimg run --once`` on them in a fresh state/output directory: ``burst`` drops
-all groups in at the start (back-to-back), ``realtime`` moves group k in at k x 309 s as the
-correlator would. Stage durations come from the queue's own stage history. RTF = wall time /
-309.24 s of data; the sustained RTF is (last group done - first group started) / (N x 309.24 s)
-for burst arrival.
+then runs the daemon on them in a fresh state/output directory: ``burst`` drops all groups in
+at the start (back-to-back, ``contimg run --once``), ``realtime`` drops group k in at k x the
+group length as the correlator would. Stage durations come from the queue's own stage history.
+RTF = wall time / seconds of data; the sustained RTF is (last stage end - first stage start) /
+(N x group length) for burst arrival. ``bench_e2e.py`` adds the plain-chain reference,
+accuracy against the truth and the issue's verdicts.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import shutil
-import sqlite3
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-GROUP_S = 24 * 12.884902
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def simulate(group_dir: Path, preset: str, groups: int) -> list[dict]:
-    truths = sorted(group_dir.glob("*_truth.json"))
-    if len(truths) < groups:
-        shutil.rmtree(group_dir, ignore_errors=True)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "dsa110_contimg.cli", "simulate", str(group_dir),
-                        "--preset", preset, "--groups", str(groups)], check=True)
-        print(f"simulated {groups} {preset} group(s) in {time.perf_counter() - t0:.0f} s")
-        truths = sorted(group_dir.glob("*_truth.json"))
-    return [json.loads(p.read_text()) for p in truths[:groups]]
+from _common import ROOT, group_seconds, queue_records, run_daemon, simulate
 
 
 def main() -> int:
@@ -52,60 +33,18 @@ def main() -> int:
 
     group_dir = args.group_dir / f"{args.preset}-{args.groups}"
     truths = simulate(group_dir, args.preset, args.groups)
+    group_s = group_seconds(truths[0])  # seconds of data per group
+    (ROOT / ".bench").mkdir(exist_ok=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="contimg-bench-", dir=ROOT / ".bench"))
-    dirs = {k: work / k for k in ("incoming", "products", "state", "scratch")}
-    for d in dirs.values():
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-    env = {**os.environ, "CONTIMG_INPUT_DIR": str(dirs["incoming"]),
-           "CONTIMG_OUTPUT_DIR": str(dirs["products"]), "CONTIMG_STATE_DIR": str(dirs["state"]),
-           "CONTIMG_SCRATCH_DIR": str(dirs["scratch"]), "CONTIMG_FILE_STABLE_S": "1",
-           "CONTIMG_API_ENABLED": "false", "CONTIMG_CAL_HOLD_RETRY_S": "5",
-           "CONTIMG_MAX_WORKERS": str(args.max_workers), "CONTIMG_LOG_FORMAT": "json",
-           "CONTIMG_DISK_WARN_GB": "1", "CONTIMG_DISK_CRIT_GB": "0.5"}
+    run = run_daemon(group_dir, truths, work, args.arrival, group_s, args.max_workers)
+    rows, states, _ = queue_records(run.dirs["state"] / "contimg.sqlite")
 
-    def drop(t: dict) -> None:
-        for name in t["files"]:  # same filesystem: a rename, as a finished correlator file appears
-            os.link(group_dir / name, dirs["incoming"] / name)
-
-    if args.arrival == "burst":
-        for t in truths:
-            drop(t)
-    t_start = time.time()
-    log = open(work / "daemon.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "dsa110_contimg.cli", "run",
-                             *(["--once"] if args.arrival == "burst" else [])],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    if args.arrival == "realtime":
-        for k, t in enumerate(truths):
-            time.sleep(max(0.0, t_start + k * GROUP_S - time.time()))
-            drop(t)
-        db = dirs["state"] / "contimg.sqlite"
-        while True:
-            time.sleep(2)
-            with sqlite3.connect(db) as con:
-                n = con.execute("SELECT count(*) FROM groups WHERE state IN "
-                                "('done','failed','quarantined')").fetchone()[0]
-            if n >= len(truths):
-                break
-        proc.terminate()
-    rc = proc.wait()
-    wall = time.time() - t_start
-    log.close()
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-
-    con = sqlite3.connect(dirs["state"] / "contimg.sqlite")
-    con.row_factory = sqlite3.Row
-    rows = con.execute("SELECT group_id, stage, started, finished, duration_s, outcome "
-                       "FROM stage_runs ORDER BY id").fetchall()
-    states = dict(con.execute("SELECT id, state FROM groups").fetchall())
-    print(f"\n{args.groups} x {args.preset} groups, arrival={args.arrival}, daemon exit {rc}, "
-          f"wall {wall:.0f} s")
+    print(f"\n{args.groups} x {args.preset} groups, arrival={args.arrival}, daemon exit "
+          f"{run.exit_code}, wall {run.wall_s:.0f} s")
     print(f"{'group':<21} {'state':<11} {'conversion':>10} {'calibration':>11} {'imaging':>8} "
           f"{'sum':>7} {'RTF':>6}")
-    group_s = len(truths[0]["times_jd"]) * truths[0]["integration_s"]  # seconds of data per group
-    first = min((r["started"] for r in rows), default=t_start)
-    last = max((r["finished"] or 0 for r in rows), default=t_start)
+    first = min((r["started"] for r in rows), default=run.t_start)
+    last = max((r["finished"] or 0 for r in rows), default=run.t_start)
     for t in truths:
         gid = t["group_id"]
         d = {r["stage"]: r["duration_s"] for r in rows if r["group_id"] == gid and r["outcome"] == "ok"}
@@ -116,8 +55,10 @@ def main() -> int:
     span = last - first
     print(f"sustained RTF (first stage start -> last stage end) / data: "
           f"{span:.0f} s / {len(truths) * group_s:.0f} s = {span / (len(truths) * group_s):.2f}")
-    print(f"peak RSS of any worker: {peak_kb / 1e6:.2f} GB")
-    print(f"products: {dirs['products']}")
+    peaks = [r.get("peak_rss_mb") for r in rows if r.get("peak_rss_mb") is not None]
+    if peaks:
+        print(f"peak RSS of any stage worker: {max(peaks) / 1024:.2f} GiB")
+    print(f"products: {run.dirs['products']}")
     return 0 if all(states.get(t["group_id"]) == "done" for t in truths) else 1
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import workerfns
 from dsa110_contimg.daemon.api import StatusAPI
-from dsa110_contimg.daemon.executor import LocalExecutor
+from dsa110_contimg.daemon.executor import LocalExecutor, TaskUsage
 from dsa110_contimg.daemon.metrics import Metrics, render_prometheus
 from dsa110_contimg.daemon.sdnotify import Notifier, watchdog_loop
 from dsa110_contimg.errors import StageError
@@ -32,6 +32,62 @@ async def test_local_executor_fresh_process_per_task_survives_worker_death():
             await ex.run(workerfns.casa_raises)
     finally:
         await ex.shutdown(kill=True)
+
+
+async def test_local_executor_reports_the_workers_cpu_and_peak_rss():
+    ex = LocalExecutor(max_workers=1, log_format="json")
+    try:
+        small, u_small = await ex.run_measured(workerfns.burn_and_hold, 0.0, 1)
+        big, u_big = await ex.run_measured(workerfns.burn_and_hold, 0.5, 300)
+    finally:
+        await ex.shutdown(kill=True)
+    assert (small, big) == (2**20, 300 * 2**20)
+    assert isinstance(u_big, TaskUsage) and 0.5 <= u_big.cpu_s < 5.0
+    # a forked worker starts from the forkserver's footprint, so only bounds are certain
+    assert u_big.peak_rss_mb >= 300 and u_big.peak_rss_mb > u_small.peak_rss_mb, (u_small, u_big)
+    both = u_small + u_big
+    assert both.cpu_s == u_small.cpu_s + u_big.cpu_s and both.peak_rss_mb == u_big.peak_rss_mb
+
+
+class _CannedExecutor:
+    """Answers each stage function by name with a canned value and the usage it 'cost'."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    async def run_measured(self, fn, *args, group_id=None):
+        return self.answers[fn.__name__]
+
+
+async def test_scheduler_records_stage_usage_summed_over_stage_and_gate(tmp_path):
+    from dsa110_contimg.config import load_settings
+    from dsa110_contimg.conversion.convert import ConversionResult
+    from dsa110_contimg.daemon.options import QueueOptions
+    from dsa110_contimg.daemon.queue import GroupQueue
+    from dsa110_contimg.daemon.scheduler import Scheduler
+    from dsa110_contimg.qa.result import QAResult
+
+    gid = "2026-06-01T04:46:06"
+    s = load_settings({f"CONTIMG_{k.upper()}_DIR": str(tmp_path / k)
+                       for k in ("input", "output", "state", "scratch")})
+    conv = ConversionResult(gid, tmp_path / "x.ms", 16, 136, 6, 64, 1.3e9, 1.5e9, 30.7, 202.0,
+                            30.7, 61192.2, "tmpfs", 5_800_000, 2.0)
+    ex = _CannedExecutor({
+        "convert_group": (conv, TaskUsage(3.0, 400.0)),
+        "check_ms_after_conversion": (QAResult("conversion", True, {}, duration_s=0.25),
+                                      TaskUsage(0.5, 150.0)),
+    })
+    async with await GroupQueue.open(tmp_path / "q.sqlite", QueueOptions()) as q:
+        await q.create_group(gid)
+        await q.record_file(gid, 0, tmp_path / f"{gid}_sb00.hdf5", 10, 1.0)
+        await q.mark_ready(gid)
+        sched = Scheduler(s, q, ex, lambda alert: None, None, None, Metrics(), worker_id="w")
+        await sched._process(await q.claim("w"))
+        group = await q.get_group(gid)
+    assert group["state"] == "converted"
+    (run,) = group["stage_runs"]
+    assert (run["cpu_s"], run["peak_rss_mb"], run["qa_s"]) == (3.5, 400.0, 0.25)
+    assert not sched._usage, "nothing kept after the stage"
 
 
 async def test_shutdown_kill_abandons_running_stage():

@@ -526,6 +526,39 @@ async def test_migrates_an_older_schema_and_keeps_other_tables(tmp_path: Path) -
         assert await state_of(q, G1) == "pending"
 
 
+async def test_v3_adds_usage_columns_and_keeps_earlier_runs(tmp_path: Path) -> None:
+    """A v2 database with a finished run gains cpu_s/peak_rss_mb/qa_s, NULL for that run."""
+    db = tmp_path / "q.sqlite"
+    with sqlite3.connect(db) as raw:
+        raw.execute("CREATE TABLE schema_versions (component TEXT PRIMARY KEY, version INT)")
+        for version in (1, 2):
+            for statement in MIGRATIONS[version]:
+                raw.execute(statement)
+        raw.execute("INSERT INTO schema_versions VALUES ('queue', 2)")
+        raw.execute("INSERT INTO groups (id, anchor, state, created, updated) "
+                    "VALUES (?, 0, 'converted', 1.0, 2.0)", (G1,))
+        raw.execute("INSERT INTO stage_runs (group_id, stage, attempt, started, finished, "
+                    "duration_s, outcome) VALUES (?, 'conversion', 1, 1.0, 2.0, 1.0, 'ok')", (G1,))
+    async with await GroupQueue.open(db, OPTS) as q:
+        (run,) = (await q.get_group(G1))["stage_runs"]
+        assert run["duration_s"] == 1.0 and run["outcome"] == "ok"
+        assert run["cpu_s"] is None and run["peak_rss_mb"] is None and run["qa_s"] is None
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("SELECT version FROM schema_versions WHERE component = 'queue'"
+                           ).fetchone()[0] == SCHEMA_VERSION >= 3
+
+
+async def test_complete_records_worker_usage_and_qa_time(queue: GroupQueue) -> None:
+    await drive(queue, G1, "converting")
+    await queue.complete(G1, W, 12.5, {"rms": 1.0}, cpu_s=20.25, peak_rss_mb=512.0, qa_s=0.4)
+    assert (await queue.claim(W)).stage == "calibration"
+    await queue.complete(G1, W, 3.0, {}, cpu_s=float("nan"))  # unknown usage stays NULL
+    conv, cal = (await queue.get_group(G1))["stage_runs"]
+    assert (conv["duration_s"], conv["cpu_s"], conv["peak_rss_mb"], conv["qa_s"]) == \
+        (12.5, 20.25, 512.0, 0.4)
+    assert cal["cpu_s"] is None and cal["peak_rss_mb"] is None and cal["qa_s"] is None
+
+
 async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
     db = tmp_path / "q.sqlite"
     with sqlite3.connect(db) as raw:

@@ -25,3 +25,13 @@ def casa_raises():
 
     tb = casatools.table()
     tb.open("/nonexistent/table.ms")  # CASA raises RuntimeError
+
+
+def burn_and_hold(cpu_s, mib):
+    """Spin the CPU for ``cpu_s`` and touch ``mib`` MiB, for the usage report."""
+    block = bytearray(mib * 2**20)
+    block[::4096] = b"x" * len(block[::4096])
+    t0 = time.process_time()
+    while time.process_time() - t0 < cpu_s:
+        pass
+    return len(block)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import resource
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -19,6 +21,32 @@ log = structlog.get_logger(__name__)
 
 _PRELOAD = ["numpy", "scipy.special", "h5py", "astropy.time", "astropy.coordinates", "pyuvdata",
             "dsa110_contimg.conversion.preload"]
+
+
+@dataclass(frozen=True)
+class TaskUsage:
+    """CPU time and peak resident memory of the process that ran one task.
+
+    Measured by the worker itself just before it reports (a forkserver child is not the
+    daemon's child, so the daemon cannot ``wait4`` it); children the stage started and waited
+    for are included, since their cost is the stage's cost.
+    """
+
+    cpu_s: float
+    # MiB; the larger of this process and its largest waited-for child. A forked worker
+    # starts from the forkserver's footprint (the preloaded modules), so that is a floor.
+    peak_rss_mb: float
+
+    @classmethod
+    def of_this_process(cls) -> TaskUsage:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return cls(cpu_s=me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+                   peak_rss_mb=max(me.ru_maxrss, kids.ru_maxrss) / 1024.0)  # Linux: KiB
+
+    def __add__(self, other: TaskUsage) -> TaskUsage:
+        """Two tasks of one stage (the stage, then its QA gate): CPU adds up, peaks do not."""
+        return TaskUsage(self.cpu_s + other.cpu_s, max(self.peak_rss_mb, other.peak_rss_mb))
 
 
 def call_stage(fn: Any, args: tuple, group_id: str | None) -> Any:
@@ -57,13 +85,15 @@ def _stderr_to_casa_logs() -> None:
 
 class StageExecutor(Protocol):
     async def run(self, fn: Any, *args: Any, group_id: str | None = None) -> Any: ...
+    async def run_measured(self, fn: Any, *args: Any,
+                           group_id: str | None = None) -> tuple[Any, TaskUsage | None]: ...
     async def shutdown(self, kill: bool = False) -> None: ...
     def describe(self) -> str: ...
 
 
 def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, log_level: str,
                 log_format: str) -> None:
-    """Worker process body: run one call, send the outcome, exit without atexit hooks.
+    """Worker process body: run one call, send (ok, value, usage), exit without atexit hooks.
 
     ``os._exit`` because CASA's tools can keep an exiting interpreter alive; the stage has
     already closed its tables and published (or not) by the time it returns.
@@ -76,10 +106,12 @@ def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, log_level
         out: tuple[bool, Any] = (True, call_stage(fn, args, group_id))
     except BaseException as exc:  # noqa: BLE001 - the parent re-raises it
         out = (False, exc)
+    usage = TaskUsage.of_this_process()
     try:
-        conn.send(out)
+        conn.send((*out, usage))
     except Exception as exc:  # unpicklable result or exception: send its text
-        conn.send((False, RuntimeError(f"{type(out[1]).__name__}: {out[1]} (not picklable: {exc})")))
+        conn.send((False, RuntimeError(f"{type(out[1]).__name__}: {out[1]} (not picklable: {exc})"),
+                   usage))
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -115,12 +147,17 @@ class LocalExecutor:
         return f"local worker processes (max {self.max_workers})"
 
     async def run(self, fn: Any, *args: Any, group_id: str | None = None) -> Any:
+        return (await self.run_measured(fn, *args, group_id=group_id))[0]
+
+    async def run_measured(self, fn: Any, *args: Any,
+                           group_id: str | None = None) -> tuple[Any, TaskUsage | None]:
+        """The result and the worker's own CPU time and peak RSS (usage is lost on a raise)."""
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_workers)
         async with self._sem:
             return await self._run_one(fn, args, group_id)
 
-    async def _run_one(self, fn: Any, args: tuple, group_id: str | None) -> Any:
+    async def _run_one(self, fn: Any, args: tuple, group_id: str | None) -> tuple[Any, TaskUsage]:
         loop = asyncio.get_running_loop()
         parent, child = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=_child_main, name=f"contimg-{fn.__name__}",
@@ -142,7 +179,7 @@ class LocalExecutor:
 
         loop.add_reader(parent.fileno(), readable)
         try:
-            ok, value = await fut
+            ok, value, usage = await fut
         except EOFError:
             await asyncio.to_thread(proc.join, 5)
             self.deaths += 1
@@ -159,7 +196,7 @@ class LocalExecutor:
                 await asyncio.to_thread(proc.join, 5)
             self._procs.discard(proc)
         if ok:
-            return value
+            return value, usage
         raise value
 
     async def shutdown(self, kill: bool = False) -> None:
@@ -188,12 +225,18 @@ class DaskExecutor:
         self._client = await Client(self.address, asynchronous=True)
 
     async def run(self, fn: Any, *args: Any, group_id: str | None = None) -> Any:
+        return (await self.run_measured(fn, *args, group_id=group_id))[0]
+
+    async def run_measured(self, fn: Any, *args: Any,
+                           group_id: str | None = None) -> tuple[Any, TaskUsage | None]:
+        """The result and the usage the task's child interpreter reported about itself."""
         from .isolated import run_isolated
 
         if self._client is None:
             await self.start()
         assert self._client is not None
-        fut = self._client.submit(run_isolated, fn, args, group_id, self.stage_timeout_s, pure=False)
+        fut = self._client.submit(run_isolated, fn, args, group_id, self.stage_timeout_s,
+                                  with_usage=True, pure=False)
         return await fut
 
     async def shutdown(self, kill: bool = False) -> None:

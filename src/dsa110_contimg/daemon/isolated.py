@@ -15,7 +15,9 @@ import tempfile
 from typing import Any
 
 
-def run_isolated(fn: Any, args: tuple, group_id: str | None = None, timeout: float | None = None) -> Any:
+def run_isolated(fn: Any, args: tuple, group_id: str | None = None, timeout: float | None = None,
+                 with_usage: bool = False) -> Any:
+    """The call's result; with ``with_usage``, (result, TaskUsage the child measured)."""
     with tempfile.TemporaryDirectory(prefix="contimg-task-") as tmp:
         src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
         with open(src, "wb") as fh:
@@ -28,14 +30,14 @@ def run_isolated(fn: Any, args: tuple, group_id: str | None = None, timeout: flo
             raise StageError(f"isolated worker for {getattr(fn, '__name__', fn)} died "
                              f"(exit code {proc.returncode})")
         with open(dst, "rb") as fh:
-            ok, value = pickle.load(fh)
+            ok, value, usage = pickle.load(fh)
     if ok:
-        return value
+        return (value, usage) if with_usage else value
     raise value
 
 
 def _main(src: str, dst: str) -> int:
-    from .executor import call_stage
+    from .executor import TaskUsage, call_stage
 
     with open(src, "rb") as fh:
         fn, args, group_id = pickle.load(fh)
@@ -43,14 +45,16 @@ def _main(src: str, dst: str) -> int:
         out = (True, call_stage(fn, args, group_id))
     except BaseException as exc:  # noqa: BLE001 - the parent re-raises it
         out = (False, exc)
+    usage = TaskUsage.of_this_process()
     tmp = dst + ".tmp"
     with open(tmp, "wb") as fh:
         try:
-            pickle.dump(out, fh)
+            pickle.dump((*out, usage), fh)
         except Exception as exc:  # unpicklable exception: send its text
             fh.seek(0)
             fh.truncate()
-            pickle.dump((False, RuntimeError(f"{type(out[1]).__name__}: {out[1]} ({exc})")), fh)
+            pickle.dump((False, RuntimeError(f"{type(out[1]).__name__}: {out[1]} ({exc})"),
+                         usage), fh)
     os.replace(tmp, dst)
     return 0
 

@@ -13,8 +13,8 @@ States::
 
 A claim moves a resting group to its active state and opens a ``stage_runs`` row; complete,
 fail, release and stale-claim recovery close that row (outcome ok / failed / abandoned), which
-is the group's history with durations and QA metrics. ``state_reason`` says why a group is where
-it is, and a trigger copies every state change with that reason into ``group_events``, so a
+is the group's history with durations, QA metrics and (v3) the workers' CPU time, peak RSS and
+QA time. ``state_reason`` says why a group is where it is, and a trigger copies every state change with that reason into ``group_events``, so a
 requeue does not erase why the group had stopped.
 
 Other components keep their own tables in the same file and their own row in
@@ -208,6 +208,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
              VALUES (NEW.id, NEW.updated, OLD.state, NEW.state, NEW.state_reason);
            END""",
     ),
+    # v3: what a stage cost besides wall time, as its worker processes measured it (CPU
+    # seconds of the stage and its QA gate, their larger peak RSS in MiB) and the QA gate's
+    # own time; NULL for runs recorded before, and where the executor cannot tell.
+    3: (
+        "ALTER TABLE stage_runs ADD COLUMN cpu_s REAL",
+        "ALTER TABLE stage_runs ADD COLUMN peak_rss_mb REAL",
+        "ALTER TABLE stage_runs ADD COLUMN qa_s REAL",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 COMPONENT = "queue"
@@ -232,6 +240,14 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return repr(value)
+
+
+def _finite(value: float | None) -> float | None:
+    """NULL rather than NaN/inf in a REAL column (SQLite stores NaN as NULL anyway, inf not)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _dumps(obj: Any) -> str:
@@ -364,15 +380,17 @@ class GroupQueue:
 
     async def _close_run(self, db: aiosqlite.Connection, group_id: str, now: float,
                          outcome: str, error: str | None, duration_s: float | None = None,
-                         metrics: Mapping[str, Any] | None = None) -> None:
-        if duration_s is not None and not math.isfinite(duration_s):
-            duration_s = None
+                         metrics: Mapping[str, Any] | None = None,
+                         usage: Mapping[str, float | None] | None = None) -> None:
+        duration_s = _finite(duration_s)
+        u = {k: _finite((usage or {}).get(k)) for k in ("cpu_s", "peak_rss_mb", "qa_s")}
         await db.execute(
             "UPDATE stage_runs SET finished = ?1, duration_s = coalesce(?2, max(0.0, ?1 - started)), "
-            "outcome = ?3, error = ?4, metrics = ?5 WHERE id = (SELECT max(id) FROM stage_runs "
-            "WHERE group_id = ?6 AND finished IS NULL)",
+            "outcome = ?3, error = ?4, metrics = ?5, cpu_s = ?7, peak_rss_mb = ?8, qa_s = ?9 "
+            "WHERE id = (SELECT max(id) FROM stage_runs WHERE group_id = ?6 AND finished IS NULL)",
             (now, duration_s, outcome, error,
-             None if metrics is None else _dumps(dict(metrics)), group_id))
+             None if metrics is None else _dumps(dict(metrics)), group_id,
+             u["cpu_s"], u["peak_rss_mb"], u["qa_s"]))
 
     @staticmethod
     def _require_claim(row: sqlite3.Row, worker_id: str) -> None:
@@ -532,14 +550,18 @@ class GroupQueue:
     @_atomic
     async def complete(self, group_id: str, worker_id: str, duration_s: float,
                        metrics: Mapping[str, Any] | None = None,
-                       now: float | None = None) -> str:
-        """Close a successful stage; returns the new state (``done`` after imaging)."""
+                       now: float | None = None, *, cpu_s: float | None = None,
+                       peak_rss_mb: float | None = None, qa_s: float | None = None) -> str:
+        """Close a successful stage; returns the new state (``done`` after imaging).
+
+        ``cpu_s``/``peak_rss_mb`` are the stage's worker usage, ``qa_s`` its QA gate's time."""
         now = _now(now)
         async with self._write() as db:
             row = await self._group(db, group_id)
             self._require_claim(row, worker_id)
             after = _ACTIVE[row["state"]][1]
-            await self._close_run(db, group_id, now, "ok", None, duration_s, metrics or {})
+            await self._close_run(db, group_id, now, "ok", None, duration_s, metrics or {},
+                                  {"cpu_s": cpu_s, "peak_rss_mb": peak_rss_mb, "qa_s": qa_s})
             await self._change(db, row, after, now, f"{_ACTIVE[row['state']][2]} ok",
                                attempts=0, last_error=None)
         return after
@@ -706,8 +728,9 @@ class GroupQueue:
                 db, "SELECT subband, path, size, mtime FROM group_files WHERE group_id = ? "
                     "ORDER BY subband", (group_id,))]
             runs = await _all(
-                db, "SELECT stage, attempt, worker, started, finished, duration_s, outcome, "
-                    "error, metrics FROM stage_runs WHERE group_id = ? ORDER BY id", (group_id,))
+                db, "SELECT stage, attempt, worker, started, finished, duration_s, cpu_s, "
+                    "peak_rss_mb, qa_s, outcome, error, metrics FROM stage_runs "
+                    "WHERE group_id = ? ORDER BY id", (group_id,))
             out["stage_runs"] = [
                 {**dict(r), "metrics": None if r["metrics"] is None else json.loads(r["metrics"])}
                 for r in runs]

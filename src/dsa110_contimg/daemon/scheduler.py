@@ -26,13 +26,14 @@ from ..config import Settings
 from ..errors import BadInputError, CalibrationUnavailable, QAFailure
 from ..products import product_dir
 from ..qa.result import QAResult, jsonable
-from .executor import StageExecutor
+from .executor import StageExecutor, TaskUsage
 from .metrics import Metrics
 from .queue import Claim, GroupQueue
 
 log = structlog.get_logger(__name__)
 
 HOLD_FLAG = "held"
+_NO_USAGE = TaskUsage(0.0, 0.0)
 
 
 def new_worker_id() -> str:
@@ -76,6 +77,8 @@ class Scheduler:
         self.metrics = metrics
         self.worker_id = worker_id or new_worker_id()
         self.inflight: dict[str, asyncio.Task] = {}
+        # per claimed group: worker usage of the current stage's tasks so far; None = unknown
+        self._usage: dict[str, TaskUsage | None] = {}
         self._wake = asyncio.Event()
         self.draining = False
 
@@ -142,6 +145,7 @@ class Scheduler:
         gid, stage = claim.group_id, claim.stage
         structlog.contextvars.bind_contextvars(group_id=gid, stage=stage)
         hb = asyncio.create_task(self._heartbeat(gid))
+        self._usage[gid] = _NO_USAGE
         t0 = time.monotonic()
         log.info("stage_start", attempt=claim.attempt)
         try:
@@ -162,9 +166,13 @@ class Scheduler:
             took = time.monotonic() - t0
             self.metrics.stage_done(stage, took)
             metrics = {"result": result, "qa": qa.as_dict()}
-            state = await self.queue.complete(gid, self.worker_id, took, metrics)
+            usage = self._usage.get(gid)
+            cpu_s, rss_mb = (None, None) if usage is None else (usage.cpu_s, usage.peak_rss_mb)
+            state = await self.queue.complete(gid, self.worker_id, took, metrics, cpu_s=cpu_s,
+                                              peak_rss_mb=rss_mb, qa_s=qa.duration_s)
             log.info("stage_done", duration_s=round(took, 2), state=state,
-                     qa_s=round(qa.duration_s, 3))
+                     qa_s=round(qa.duration_s, 3), cpu_s=cpu_s and round(cpu_s, 2),
+                     peak_rss_mb=rss_mb and round(rss_mb, 1))
             for w in qa.warnings:
                 self.emit(Alert(Severity.WARNING, f"qa.{stage}", f"QA warning for {gid}", w,
                                 {"group_id": gid, "stage": stage}))
@@ -172,6 +180,7 @@ class Scheduler:
                 self.metrics.group_done()
         finally:
             hb.cancel()
+            self._usage.pop(gid, None)
 
     async def _safely(self, coro: Any) -> None:
         try:
@@ -225,8 +234,15 @@ class Scheduler:
         if cleaned:
             log.warning("stale_staging_removed", paths=[str(p) for p in cleaned])
 
+    async def _run(self, claim: Claim, fn: Any, *args: Any) -> Any:
+        """Run one task of the claimed stage in the executor, adding up what it cost."""
+        value, usage = await self.executor.run_measured(fn, *args, group_id=claim.group_id)
+        so_far = self._usage.get(claim.group_id, _NO_USAGE)
+        self._usage[claim.group_id] = None if usage is None or so_far is None else so_far + usage
+        return value
+
     async def _gate(self, stage: str, claim: Claim, fn: Any, *args: Any) -> QAResult:
-        qa: QAResult = await self.executor.run(fn, *args, group_id=claim.group_id)
+        qa: QAResult = await self._run(claim, fn, *args)
         await asyncio.to_thread(write_qa_json, product_dir(self.s.paths.output_dir, claim.group_id),
                                 claim.group_id, stage, qa)
         if not qa.passed:
@@ -243,8 +259,7 @@ class Scheduler:
                                   files=tuple(claim.files[k] for k in sorted(claim.files)),
                                   output_dir=p.output_dir, scratch_dir=p.scratch_dir,
                                   tmpfs_path=p.tmpfs_path)
-        res = await self.executor.run(convert_group, inputs, self.s.conversion,
-                                      group_id=claim.group_id)
+        res = await self._run(claim, convert_group, inputs, self.s.conversion)
         expected = {"n_antennas": res.n_antennas, "phase_centre_ra_deg": res.phase_centre_ra_deg,
                     "phase_centre_dec_deg": res.phase_centre_dec_deg}
         qa = await self._gate("conversion", claim, check_ms_after_conversion, res.ms_path,
@@ -265,7 +280,7 @@ class Scheduler:
                                    caltable_dir=product_dir(self.s.paths.output_dir, gid) / "caltables",
                                    pointing_dec_deg=conv["pointing_dec_deg"],
                                    mid_mjd=conv["mid_mjd"], apply_set=apply_set)
-        res = await self.executor.run(calibrate_group, inputs, self.s.calibration, group_id=gid)
+        res = await self._run(claim, calibrate_group, inputs, self.s.calibration)
         if res.mode == "uncalibrated":
             qa = QAResult("calibration", True, {"mode": "uncalibrated"},
                           warnings=("no valid calibration: imaged uncalibrated",))
@@ -313,7 +328,7 @@ class Scheduler:
         inputs = ImagingInputs(group_id=gid, ms_path=Path(conv["ms_path"]),
                                product_dir=product_dir(self.s.paths.output_dir, gid),
                                datacolumn=datacolumn, calibrator=calibrator)
-        res = await self.executor.run(image_group, inputs, self.s.imaging, group_id=gid)
+        res = await self._run(claim, image_group, inputs, self.s.imaging)
         qa = await self._gate("imaging", claim, check_image_quality, res, self.s.qa_img, calibrator)
         await self.catalog.record(res, qa)
         return _asdict(res), qa
