@@ -53,6 +53,9 @@ TARGETS = {  # the issue's goals; the verdicts below compare measurements with t
     "sustained_rtf": 1.0, "gain_phase_deg": 1.5, "gain_amp_pct": 2.0, "flux_pct": 3.0,
     "conversion_rss_gb": 4.0, "throughput_vs_copy": 0.5, "qa_pct": 5.0,
 }
+# A 3 % flux test needs the noise well below 3 %: sources are judged when the image noise is at
+# most 2 % of their apparent flux (S/N >= 50); fainter ones are printed, not judged.
+JUDGE_MIN_SNR = 50.0
 MB = 1e6
 GB = 1e9
 
@@ -90,7 +93,8 @@ def run_plain(group_dir: Path, truth: dict, work: Path) -> dict[str, Any]:
     return report
 
 
-def summarise_daemon(run: Any, truths: list[dict], group_s: float, copy: dict) -> dict[str, Any]:
+def summarise_daemon(run: Any, truths: list[dict], group_s: float, copy: dict,
+                     workers: int = 2) -> dict[str, Any]:
     """Per group and stage figures from the daemon's queue, and the run-level ratios."""
     runs, states, done_at = queue_records(run.dirs["state"] / "contimg.sqlite")
     groups = []
@@ -141,11 +145,16 @@ def summarise_daemon(run: Any, truths: list[dict], group_s: float, copy: dict) -
             out["sustained_rtf"] = span / (n * group_s)
             out["rtf_definition"] = "(last stage end - first stage start) / (N x group length)"
         else:
-            steady = [g["busy_span_s"] for g in groups[1:] if "busy_span_s" in g] or \
-                     [g["busy_span_s"] for g in groups if "busy_span_s" in g]
-            out["per_group_period_s"] = statistics.median(steady)
-            out["sustained_rtf"] = out["per_group_period_s"] / group_s
-            out["rtf_definition"] = ("median busy span of groups after the first / group length")
+            # arrivals pace a realtime run, so its span says nothing about speed: what the
+            # stages occupied of the pool (workers x data length) says whether it keeps up
+            busy = sum(g.get("stage_wall_sum_s", 0.0) for g in groups)
+            out["per_group_period_s"] = busy / n / workers
+            out["sustained_rtf"] = busy / (workers * n * group_s)
+            out["rtf_definition"] = ("sum of stage wall times / (workers x N x group length): "
+                                     "the share of the pool the data keep busy")
+            lat = [g["latency_s"] for g in groups if "latency_s" in g]
+            if lat:
+                out["median_latency_s"] = statistics.median(lat)
             if "latency_s" in groups[-1]:
                 out["last_group_lag_s"] = groups[-1]["latency_s"]
         out["span_s"] = span
@@ -229,7 +238,8 @@ def verdicts(d: dict, copy: dict) -> list[tuple[str, str, Any, str]]:
 
     stages = [(g, s, v) for g in d["groups"] for s, v in g["stages"].items()]
     gains = d.get("gains") if isinstance(d.get("gains"), dict) else {}
-    fitted = [s for g in d["groups"] for s in _fitted(g.get("sources"))]
+    fitted = [s for g in d["groups"] for s in _fitted(g.get("sources"))
+              if s.get("snr", 0.0) >= JUDGE_MIN_SNR]
     worst_flux = max((abs(s["ratio"] - 1) * 100 for s in fitted), default=None)
     conv_rss = [v["peak_rss_mb"] for _, s, v in stages if s == "conversion" and v["peak_rss_mb"]]
     thr = [v["throughput_vs_copy"] for _, s, v in stages if "throughput_vs_copy" in v]
@@ -242,7 +252,8 @@ def verdicts(d: dict, copy: dict) -> list[tuple[str, str, Any, str]]:
               lambda v: v <= t["gain_phase_deg"], f"<= {t['gain_phase_deg']}"),
         judge("gain amplitude (% rms)", gains.get("amp_rms_pct"),
               lambda v: v <= t["gain_amp_pct"], f"<= {t['gain_amp_pct']}"),
-        judge(f"worst source flux error (%, {len(fitted)} fitted)", worst_flux,
+        judge(f"worst source flux error (%, {len(fitted)} fitted at S/N >= {JUDGE_MIN_SNR:.0f})",
+              worst_flux,
               lambda v: v <= t["flux_pct"], f"<= {t['flux_pct']}"),
         judge("conversion peak RSS (GB)", max(conv_rss) * 2**20 / GB if conv_rss else None,
               lambda v: v <= t["conversion_rss_gb"], f"<= {t['conversion_rss_gb']}"),
@@ -382,12 +393,14 @@ def markdown(report: dict) -> str:
 
     def flux_cell(lists: list[Any]) -> str:
         fitted = [s for lst in lists for s in _fitted(lst)]
+        judged = [s for s in fitted if s.get("snr", 0.0) >= JUDGE_MIN_SNR]
         outside = sum(1 for lst in lists if isinstance(lst, list)
                       for s in lst if s["status"] != "fitted")
-        if not fitted:
+        if not judged:
             return "-"
-        worst = max(abs(s["ratio"] - 1) * 100 for s in fitted)
-        return f"worst {worst:.1f} % of {len(fitted)}" + (f" ({outside} outside)" if outside else "")
+        worst = max(abs(s["ratio"] - 1) * 100 for s in judged)
+        return (f"worst {worst:.1f} % of {len(judged)} at S/N >= {JUDGE_MIN_SNR:.0f} "
+                f"({len(fitted) - len(judged)} fainter, {outside} outside)")
 
     row("source fluxes vs truth", flux_cell([plain.get("sources")]),
         [flux_cell([g.get("sources") for g in d["groups"]]) for d in ds],
@@ -445,7 +458,7 @@ def main() -> int:
     for mode in modes:
         print(f"daemon, arrival={mode} (spacing {spacing:.1f} s) ...", flush=True)
         run = run_daemon(group_dir, truths, work / mode, mode, spacing, args.max_workers)
-        d = summarise_daemon(run, truths, group_s, copy)
+        d = summarise_daemon(run, truths, group_s, copy, args.max_workers)
         d["state_db"] = str(run.dirs["state"] / "contimg.sqlite")
         report["daemon"][mode] = d
 

@@ -25,7 +25,7 @@ from conftest import convert_groups_isolated
 from dsa110_contimg.calibration.calset import CalSet, CalTable
 from dsa110_contimg.calibration.casarun import open_table, read_ms_info, run_task
 from dsa110_contimg.calibration.catalog import get_calibrator
-from dsa110_contimg.calibration.flagging import STEPS, flag_calls
+from dsa110_contimg.calibration.flagging import STEPS, flag_calls, flag_ms
 from dsa110_contimg.calibration.options import CalibrationOptions
 from dsa110_contimg.calibration.registry import CalRegistry
 from dsa110_contimg.calibration.skymodel import (
@@ -369,10 +369,17 @@ async def test_stale_policy(solved, stale_group, tmp_path):
     inp = inputs_for(copy_ms(ms, work), t3, work / "caltables")
     with pytest.raises(CalibrationUnavailable, match="no valid calibration set for MJD"):
         calibrate_group(inp, replace(OPTIONS, stale_policy="hold"))
+    # the held group was flagged while it waited, once: the retry finds the marker
+    marker = json.loads((inp.ms_path / "contimg_flags.json").read_text())
+    assert marker["fractions"]["autocorr"] > 0
     r = calibrate_group(inp, replace(OPTIONS, stale_policy="uncalibrated"))
     assert r.mode == "uncalibrated" and r.applied_set is None and r.new_set is None
     assert any("uncalibrated" in n for n in r.notes)
-    assert r.flag_fractions["autocorr"] > 0  # still flagged for imaging
+    assert r.flag_fractions == marker["fractions"]  # still flagged for imaging
+    assert r.step_durations["flagging"] == 0.0
+    # other flagging options: the arrival flags come back and the pass runs again
+    again = flag_ms(inp.ms_path, replace(OPTIONS, flag_rflag=not OPTIONS.flag_rflag))
+    assert again.duration_s > 0 and again.fractions["autocorr"] == marker["fractions"]["autocorr"]
 
 
 # ------------------------------------------------------------------ bad input

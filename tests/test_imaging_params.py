@@ -15,9 +15,11 @@ from dsa110_contimg.imaging.params import (
     briggs_noise_factor,
     build_tclean_params,
     cell_size_arcsec,
+    choose_chanbin,
     fast_fft_size,
     pb_radius_deg,
     plan_imaging,
+    smearing_loss,
     wproj_planes,
 )
 from dsa110_contimg.simulate.sky import C_M_S, airy_power
@@ -156,7 +158,8 @@ def test_tiers_trade_depth_for_time():
         == "multiscale"
     assert p["deep"]["deconvolver"] == "mtmfs" and p["deep"]["nterms"] == 2
     assert p["deep"]["scales"] == [0, 5, 15]
-    assert all(q["cyclefactor"] >= 1.0 for q in p.values())  # see params docstring
+    # see the params docstring: below 1 only with a clean mask
+    assert all(q["cyclefactor"] >= 1.0 or q["usemask"] == "auto-multithresh" for q in p.values())
     for q in p.values():
         assert q["specmode"] == "mfs" and q["stokes"] == "I" and q["weighting"] == "briggs"
         assert q["savemodel"] == "none" and q["pblimit"] < 0 and not q["pbcor"]
@@ -198,3 +201,38 @@ def test_builder_output_is_a_complete_tclean_call():
     assert params["cell"][0].endswith("arcsec")
     assert params["reffreq"] == f"{(F_LO + F_HI) / 2:.1f}Hz"
     assert params["robust"] == 0.5
+
+
+def test_smearing_loss_matches_a_brute_force_channel_average():
+    rng = np.random.default_rng(3)
+    uv = rng.uniform(-2500, 2500, size=(400, 2))
+    theta, dnu = math.radians(1.5), 1.0e6
+    # a point source at theta along u: visibility phase 2 pi u theta nu / c, averaged over dnu
+    nu = 1.4e9 + np.linspace(-dnu / 2, dnu / 2, 2001)
+    b = np.hypot(uv[:, 0], uv[:, 1])
+    brute = np.abs(np.exp(2j * np.pi * b[:, None] * theta * nu[None, :] / C_M_S).mean(axis=1))
+    assert smearing_loss(uv, theta, dnu) == pytest.approx(1 - brute.mean(), rel=1e-3)
+    assert smearing_loss(uv, theta, 0.0) == 0.0
+    assert smearing_loss(None, theta, dnu) == 0.0
+
+
+def test_chanbin_is_the_widest_divisor_within_the_smearing_budget():
+    rng = np.random.default_rng(4)
+    uv = rng.normal(0, 700, size=(5000, 2))
+    s = replace(_summary(uv=uv), chan_width_hz=244140.625, chans_per_spw=48)
+    theta = math.radians(1.88)
+    native = smearing_loss(uv, theta, s.chan_width_hz)
+    for budget in (0.002, 0.005, 0.02):
+        k, loss = choose_chanbin(s, theta, budget)
+        assert 48 % k == 0 and loss - native <= budget
+        wider = [j for j in range(k + 1, 17) if 48 % j == 0]
+        if wider:  # the next divisor up would break the budget
+            assert smearing_loss(uv, theta, wider[0] * s.chan_width_hz) - native > budget
+    assert choose_chanbin(s, theta, 0.0)[0] == 1
+    assert choose_chanbin(replace(s, chans_per_spw=0), theta, 0.05)[0] == 1  # unknown: no averaging
+    # a larger budget never averages less; the plan records what it chose
+    assert choose_chanbin(s, theta, 0.02)[0] >= choose_chanbin(s, theta, 0.005)[0]
+    plan = plan_imaging(s, ImagingOptions(max_smearing_loss=0.005))
+    assert plan.chanbin == choose_chanbin(s, math.radians(min(plan.image_half_width_deg,
+                                                              plan.field_radius_deg)), 0.005)[0]
+    assert plan.chanbin > 1

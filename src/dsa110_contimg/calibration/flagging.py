@@ -11,10 +11,18 @@ everything back into a single full-resolution pass.
 
 The MS's flags as they arrived are saved once as the flag version ``contimg_preflag``; a re-run
 (after a crash or a requeue) restores it first, so flagging twice never compounds.
+
+A finished pass leaves ``contimg_flags.json`` inside the MS directory (casacore ignores it; a
+re-converted MS is a new directory without it) with the report and the flagging options. A
+later call with the same options returns that report without touching the data: a group held
+for calibration is flagged once, while it waits, and only applycal remains when a set arrives.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +36,7 @@ from .options import CalibrationOptions
 log = structlog.get_logger(__name__)
 
 PREFLAG_VERSION = "contimg_preflag"
+MARKER = "contimg_flags.json"
 STEPS: tuple[str, ...] = ("start", "zeros", "autocorr", "shadow", "tfcrop", "rflag")
 
 
@@ -99,12 +108,34 @@ def _restore_or_save_preflag(ms: Path) -> bool:
     return False
 
 
+def _flag_digest(options: CalibrationOptions) -> str:
+    flag_opts = {k: v for k, v in dataclasses.asdict(options).items() if k.startswith("flag_")}
+    return hashlib.sha256(json.dumps(flag_opts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done_before(ms: Path, options: CalibrationOptions) -> FlagReport | None:
+    try:
+        doc = json.loads((ms / MARKER).read_text())
+        if doc.get("digest") != _flag_digest(options):
+            return None
+        return FlagReport({k: float(v) for k, v in doc["fractions"].items()},
+                          {k: float(v) for k, v in doc["antenna_fractions"].items()}, 0.0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def flag_ms(ms: Path, options: CalibrationOptions) -> FlagReport:
     """Flag zeros, autocorrelations, shadowing, then tfcrop and rflag; report each step.
 
     Raises ``BadInputError`` when nothing is left unflagged (re-running cannot help).
     """
     t0 = time.perf_counter()
+    earlier = _done_before(ms, options)
+    if earlier is not None and earlier.final < 1.0 - 1e-9:
+        log.info("flagging_skipped", ms=str(ms), reason="flagged before with these options",
+                 final=earlier.final)
+        return earlier
+    (ms / MARKER).unlink(missing_ok=True)
     restored = _restore_or_save_preflag(ms)
     reports: dict[str, dict] = {}
     for cmds in flag_calls(options):
@@ -121,4 +152,8 @@ def flag_ms(ms: Path, options: CalibrationOptions) -> FlagReport:
              chanbin=options.flag_chanbin, duration_s=round(report.duration_s, 2))
     if report.final >= 1.0 - 1e-9:
         raise BadInputError(f"all data flagged after flagging ({fractions})", path=str(ms))
+    tmp = ms / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps({"digest": _flag_digest(options), "fractions": fractions,
+                               "antenna_fractions": ants}))
+    tmp.replace(ms / MARKER)
     return report

@@ -213,12 +213,13 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
         raise BadInputError("measurement set has no DATA column", path=str(ms))
     cal = find_transiting_calibrator(info, options, pointing_dec_deg=inputs.pointing_dec_deg)
     durations["find_calibrator"] = time.perf_counter() - t0
-    # Decide before the expensive part: holding a group must not cost a flagging pass each retry.
-    if cal is None and inputs.apply_set is None and options.stale_policy == "hold":
-        raise CalibrationUnavailable(_unavailable(inputs))
-
+    # A group that will be held is flagged first: the pass does not need a calibration set, it
+    # runs while the calibrator group is still solving, and flag_ms leaves a marker so the
+    # retries (and the final apply) skip it.
     flags = flag_ms(ms, options)
     durations["flagging"] = flags.duration_s
+    if cal is None and inputs.apply_set is None and options.stale_policy == "hold":
+        raise CalibrationUnavailable(_unavailable(inputs))
 
     mode, new_set, applied, refant = "uncalibrated", None, None, None
     if cal is not None:

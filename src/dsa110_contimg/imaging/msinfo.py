@@ -101,7 +101,7 @@ def summarize_ms(ms_path: Path, datacolumn: str = "corrected") -> MSSummary:
     tweights = np.bincount(tidx, weights=live_count, minlength=utimes.size)
     keep = tweights > 0
     utimes, tweights = utimes[keep], tweights[keep]
-    freqs, diam, centre_itrf, telescope, observer, pc = _subtables(ms_path, a1[live], a2[live])
+    freqs, chans, diam, centre_itrf, telescope, observer, pc = _subtables(ms_path, a1[live], a2[live])
     ants = np.unique(np.concatenate([a1[live], a2[live]]))
 
     offline_astropy()
@@ -121,7 +121,8 @@ def summarize_ms(ms_path: Path, datacolumn: str = "corrected") -> MSSummary:
         integration_s=float(np.median(interval[live])), dish_diameter_m=diam,
         telescope=telescope, observer=observer, vis_sigma_jy=vis_sigma,
         array_itrf_m=tuple(float(x) for x in centre_itrf),
-        sampled_nonfinite_fraction=nonfinite_frac, sampled_zero_fraction=zero_frac, uv_m=uv)
+        sampled_nonfinite_fraction=nonfinite_frac, sampled_zero_fraction=zero_frac, uv_m=uv,
+        chan_width_hz=chans[0], chans_per_spw=chans[1])
     log.info("imaging.ms_summary", ms=str(ms_path), rows=nrows, unflagged=n_unflagged,
              antennas=summary.n_antennas, max_uv_m=round(max_uv, 1), max_w_m=round(max_w, 1),
              vis_sigma_jy=vis_sigma, pointing=source)
@@ -217,6 +218,9 @@ def _subtables(ms_path: Path, a1: np.ndarray, a2: np.ndarray):
     try:
         chan = tb.getvarcol("CHAN_FREQ")
         freqs = np.concatenate([np.ravel(v) for v in chan.values()])
+        widths = tb.getvarcol("CHAN_WIDTH")
+        chan_width = float(max(np.max(np.abs(np.ravel(v))) for v in widths.values()))
+        chans_per_spw = math.gcd(*(np.ravel(v).size for v in chan.values()))  # every window divides
     finally:
         tb.close()
     used = np.unique(np.concatenate([a1, a2]))
@@ -245,7 +249,7 @@ def _subtables(ms_path: Path, a1: np.ndarray, a2: np.ndarray):
     if ref not in ("J2000", "ICRS"):
         log.warning("imaging.phase_dir_frame", frame=ref, note="treated as ICRS")
     pc = (math.degrees(float(pd[0, 0, 0])) % 360.0, math.degrees(float(pd[1, 0, 0])))
-    return freqs, diam, centre, telescope, observer, pc
+    return freqs, (chan_width, chans_per_spw), diam, centre, telescope, observer, pc
 
 
 def _location(centre_itrf: np.ndarray):

@@ -17,5 +17,6 @@ class ImagingOptions:
     max_imsize: int = setting("CONTIMG_IMG_MAX_IMSIZE", 4096, "Largest image side in pixels", minimum=64)
     threshold_sigma: float = setting("CONTIMG_IMG_THRESHOLD_SIGMA", 5.0, "Clean down to this multiple of the estimated noise", minimum=0.5)
     wproj_max_phase_rad: float = setting("CONTIMG_IMG_WPROJ_MAX_PHASE_RAD", 0.5, "Use w-projection when the w-term phase pi*w_max*theta^2 at the field edge exceeds this (radians); also the per-plane error bound", minimum=0.01)
+    max_smearing_loss: float = setting("CONTIMG_IMG_MAX_SMEARING_LOSS", 0.01, "Image from a copy with channels averaged as far as this extra bandwidth-smearing loss of peak flux at the image edge allows (0: native channels); the copy also drops fully flagged rows", minimum=0, maximum=0.1)
     keep_residual: bool = setting("CONTIMG_IMG_KEEP_RESIDUAL", True, "Publish the residual image as FITS beside the image (the QA gate reads its mean)")
     quicklook: bool = setting("CONTIMG_IMG_QUICKLOOK", True, "Write a quick-look PNG beside the FITS")

@@ -32,12 +32,13 @@ import structlog
 from ..errors import BadInputError, ContimgError, StageError
 from ..products import safe_stem
 from ..qa.image import image_statistics
+from .average import make_imaging_copy
 from .export import export_fits, standard_keywords
 from .msinfo import count_unflagged_nonfinite, pointing_icrs, summarize_ms
 from .options import ImagingOptions
 from .params import params_from_plan, plan_imaging
 from .pbcor import write_beam_and_pbcor
-from .tclean_runner import NonFiniteImage, clear_image_products, run_tclean
+from .tclean_runner import ZERO_MASK, NonFiniteImage, clear_image_products, run_tclean
 
 log = structlog.get_logger(__name__)
 
@@ -191,6 +192,11 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
     imagename = str(staging / stem)
     params = params_from_plan(summary, plan, options, imagename)
     lap("summarize_and_plan")
+    if options.max_smearing_loss > 0:
+        copy = make_imaging_copy(ms_path, staging / f"{stem}.img.ms", inputs.datacolumn,
+                                 plan.chanbin, summary.n_channels // plan.chanbin)
+        params.update(vis=str(copy), datacolumn="data")
+        lap("imaging_copy")
     try:
         out = run_tclean(params)
     except NonFiniteImage as exc:
@@ -200,6 +206,14 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
             raise BadInputError(f"{bad} unflagged NaN/Inf visibilities in {inputs.datacolumn} "
                                 "blank the image (flag them upstream)", path=str(ms_path)) from exc
         raise
+    if (out.stopcode == ZERO_MASK and out.iterdone == 0 and out.peak_jy > plan.threshold_jy
+            and params.get("usemask") == "auto-multithresh"):
+        # PSF sidelobes above ~1/sidelobethreshold of the peak (a sparse array, a short
+        # group) leave auto-multithresh nothing to mask: clean unmasked and shallower instead
+        log.warning("imaging.automask_empty", group_id=inputs.group_id, peak_jy=out.peak_jy,
+                    action="cleaning again without a mask, cyclefactor 1")
+        params.update(usemask="user", cyclefactor=max(1.0, float(params["cyclefactor"])))
+        out = run_tclean(params)
     lap("tclean")
 
     keywords = standard_keywords(
@@ -216,6 +230,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
     except Exception as exc:  # exportfits raises bare RuntimeErrors
         raise StageError(f"FITS export failed: {exc}") from exc
     clear_image_products(imagename)  # CASA images are large and no longer needed
+    shutil.rmtree(staging / f"{stem}.img.ms", ignore_errors=True)
     lap("export")
 
     times = np.asarray(summary.times_mjd_s)

@@ -33,6 +33,7 @@ STOPCODES = {
     7: "zero mask", 8: "nsigma threshold reached", 9: "nmajor (major-cycle cap) reached",
 }
 DIVERGED = (5, 6)
+ZERO_MASK = 7
 
 
 class NonFiniteImage(StageError):
