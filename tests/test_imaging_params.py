@@ -56,16 +56,16 @@ def test_fast_fft_size():
         assert k == 1
 
 
-def test_cell_is_a_fifth_of_the_beam_from_the_longest_baseline_at_the_top_frequency():
+def test_cell_is_a_quarter_of_the_beam_from_the_longest_baseline_at_the_top_frequency():
     beam_arcsec = C_M_S / F_HI / 2500.0 * 206264.806
     assert cell_size_arcsec(2500.0, F_HI, 5.0) == pytest.approx(beam_arcsec / 5, rel=1e-3)
     plan = plan_imaging(_summary(max_uv_m=2500.0), ImagingOptions())
-    assert plan.cell_arcsec == pytest.approx(3.30, abs=0.01)
+    assert plan.cell_arcsec == pytest.approx(4.13, abs=0.01)  # default: 4 cells per beam
     # half the baseline, twice the cell; more pixels per beam, smaller cell
     assert plan_imaging(_summary(max_uv_m=1250.0), ImagingOptions()).cell_arcsec == \
         pytest.approx(2 * plan.cell_arcsec, rel=1e-3)
     assert plan_imaging(_summary(), ImagingOptions(pixels_per_beam=3)).cell_arcsec == \
-        pytest.approx(plan.cell_arcsec * 5 / 3, rel=1e-3)
+        pytest.approx(plan.cell_arcsec * 4 / 3, rel=1e-3)
     with pytest.raises(ValueError):
         cell_size_arcsec(0.0, F_HI, 5)
 
@@ -157,7 +157,7 @@ def test_tiers_trade_depth_for_time():
     assert build_tclean_params(s, ImagingOptions(deconvolver="multiscale"), "x")["deconvolver"] \
         == "multiscale"
     assert p["deep"]["deconvolver"] == "mtmfs" and p["deep"]["nterms"] == 2
-    assert p["deep"]["scales"] == [0, 5, 15]
+    assert p["deep"]["scales"] == [0, 4, 12]  # point, one and three beams
     # see the params docstring: below 1 only with a clean mask
     assert all(q["cyclefactor"] >= 1.0 or q["usemask"] == "auto-multithresh" for q in p.values())
     for q in p.values():
