@@ -62,9 +62,17 @@ GB = 1e9
 
 # --------------------------------------------------------------------------- measurements
 def tmpfs_copy(group_dir: Path, truth: dict, tmpfs: Path = Path("/dev/shm")) -> dict[str, Any]:
-    """Time shutil.copyfile of each subband of one group into tmpfs, then delete the copies."""
+    """Time shutil.copyfile of each subband of one group into tmpfs, then delete the copies.
+
+    The files are read once first, untimed: the daemon converts them from the page cache
+    (they have just been written), so the yardstick must not pay for the disk either.
+    """
     dest = Path(tempfile.mkdtemp(prefix="contimg-copy-", dir=tmpfs))
     try:
+        for name in truth["files"]:
+            with open(group_dir / name, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
         t0 = time.perf_counter()
         for name in truth["files"]:
             shutil.copyfile(group_dir / name, dest / name)
@@ -73,7 +81,7 @@ def tmpfs_copy(group_dir: Path, truth: dict, tmpfs: Path = Path("/dev/shm")) -> 
         shutil.rmtree(dest, ignore_errors=True)
     nbytes = group_bytes(group_dir, truth)
     return {"bytes": nbytes, "wall_s": wall, "mb_s": nbytes / MB / wall, "target": str(tmpfs),
-            "page_cache": "warm (not dropped: the inputs were just written or read)"}
+            "page_cache": "warm (read once before the timed copy)"}
 
 
 def run_plain(group_dir: Path, truth: dict, work: Path) -> dict[str, Any]:

@@ -17,6 +17,15 @@ prepare_casa(TEST_STATE)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(autouse=True)
+def _no_daemon_left_running():
+    """A test that fails mid-way must not leave its daemon (and CASA workers) running."""
+    yield
+    from daemon_harness import Daemon
+
+    Daemon.reap_all()
+
+
 @pytest.fixture(scope="session")
 def casa_state_dir() -> Path:
     return TEST_STATE

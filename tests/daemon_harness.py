@@ -28,6 +28,22 @@ FAST_ENV = {
 
 
 class Daemon:
+    # every daemon a test started, so a failing test cannot leave one running (conftest reaps)
+    started: list[subprocess.Popen] = []
+
+    @classmethod
+    def reap_all(cls) -> int:
+        """SIGKILL the process group of every started daemon still alive; how many were."""
+        alive = [p for p in cls.started if p.poll() is None]
+        for p in alive:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(30)
+        cls.started.clear()
+        return len(alive)
+
     def __init__(self, root: Path, **env: str) -> None:
         self.root = Path(root)
         self.input = self.root / "incoming"
@@ -54,6 +70,7 @@ class Daemon:
                                      env={**self.env, **env}, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
+        Daemon.started.append(self.proc)
         return self.proc
 
     def wait(self, timeout: float) -> int:

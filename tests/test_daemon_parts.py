@@ -207,3 +207,20 @@ def test_prometheus_text_has_no_settings():
     text = render_prometheus({"done": 3}, Metrics(), {}, {})
     assert "contimg_groups{state=\"done\"} 3" in text
     json.dumps(text)
+
+
+def test_harness_reaps_a_daemon_a_failed_test_left_running(tmp_path):
+    import os
+
+    from daemon_harness import Daemon
+
+    d = Daemon(tmp_path)
+    proc = d.start()
+    try:
+        assert proc.poll() is None
+        assert Daemon.reap_all() == 1
+        assert proc.poll() is not None
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # the whole group is gone, workers included
+    finally:
+        d._log.close()
