@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,3 +152,34 @@ def queue_records(db: Path) -> tuple[list[dict], dict[str, str], dict[str, float
     for r in runs:
         r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
     return runs, states, done
+
+
+# One group simulated with 3C286 transiting and converted by the conversion stage, in a child
+# process (python-casacore and casatools never share a process); prints its facts as JSON.
+_SIM_CONVERT = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from dsa110_contimg.simulate import simulate_groups
+    from dsa110_contimg.conversion.convert import ConversionInputs, convert_group
+    from dsa110_contimg.conversion.options import ConversionOptions
+    preset, root = sys.argv[1], Path(sys.argv[2])
+    t0 = time.perf_counter()
+    truth = simulate_groups(root / "raw", preset=preset, groups=1, seed=1)[0]
+    t_sim = time.perf_counter() - t0
+    files = tuple(root / "raw" / n for n in truth["files"])
+    t0 = time.perf_counter()
+    res = convert_group(ConversionInputs(truth["group_id"], files, root / "products",
+                                         root / "scratch", Path("/dev/shm")), ConversionOptions())
+    print(json.dumps({"ms": str(res.ms_path), "group_id": truth["group_id"],
+                      "pointing_dec_deg": res.pointing_dec_deg, "mid_mjd": res.mid_mjd,
+                      "simulate_s": t_sim, "convert_s": time.perf_counter() - t0}))
+""")
+
+
+def simulate_and_convert(preset: str, root: Path) -> dict:
+    """Simulate and convert one ``preset`` group under ``root``; the facts the child printed."""
+    r = subprocess.run([sys.executable, "-c", _SIM_CONVERT, preset, str(root)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"simulate/convert failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

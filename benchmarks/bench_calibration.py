@@ -19,40 +19,13 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
 
-_SIM_CONVERT = textwrap.dedent("""
-    import json, sys, time
-    from pathlib import Path
-    from dsa110_contimg.simulate import simulate_groups
-    from dsa110_contimg.conversion.convert import ConversionInputs, convert_group
-    from dsa110_contimg.conversion.options import ConversionOptions
-    preset, root = sys.argv[1], Path(sys.argv[2])
-    t0 = time.perf_counter()
-    truth = simulate_groups(root / "raw", preset=preset, groups=1, seed=1)[0]
-    t_sim = time.perf_counter() - t0
-    files = tuple(root / "raw" / n for n in truth["files"])
-    t0 = time.perf_counter()
-    res = convert_group(ConversionInputs(truth["group_id"], files, root / "products",
-                                         root / "scratch", Path("/dev/shm")), ConversionOptions())
-    print(json.dumps({"ms": str(res.ms_path), "group_id": truth["group_id"],
-                      "pointing_dec_deg": res.pointing_dec_deg, "mid_mjd": res.mid_mjd,
-                      "simulate_s": t_sim, "convert_s": time.perf_counter() - t0}))
-""")
-
-
-def simulate_and_convert(preset: str, root: Path) -> dict:
-    r = subprocess.run([sys.executable, "-c", _SIM_CONVERT, preset, str(root)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"simulate/convert failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+from _common import simulate_and_convert
 
 
 def ms_facts(ms: Path) -> dict:

@@ -19,31 +19,12 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
-_SIM_CONVERT = textwrap.dedent("""
-    import json, sys, time
-    from pathlib import Path
-    from dsa110_contimg.simulate import simulate_groups
-    from dsa110_contimg.conversion.convert import ConversionInputs, convert_group
-    from dsa110_contimg.conversion.options import ConversionOptions
-    preset, root = sys.argv[1], Path(sys.argv[2])
-    t0 = time.perf_counter()
-    truth = simulate_groups(root / "raw", preset=preset, groups=1, seed=1)[0]
-    t_sim = time.perf_counter() - t0
-    files = tuple(root / "raw" / n for n in truth["files"])
-    t0 = time.perf_counter()
-    res = convert_group(ConversionInputs(truth["group_id"], files, root / "products",
-                                         root / "scratch", Path("/dev/shm")), ConversionOptions())
-    print(json.dumps({"ms": str(res.ms_path), "group_id": truth["group_id"],
-                      "truth": str(root / "raw" / (truth["group_id"] + "_truth.json")),
-                      "simulate_s": t_sim, "convert_s": time.perf_counter() - t0}))
-""")
+from _common import simulate_and_convert
 
 
 def _group_id_from_ms(ms: Path) -> str:
@@ -90,11 +71,7 @@ def main() -> int:
     truth = None
     try:
         if args.preset:
-            r = subprocess.run([sys.executable, "-c", _SIM_CONVERT, args.preset, str(work)],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit(f"simulate/convert failed:\n{r.stderr[-3000:]}")
-            info = json.loads(r.stdout.strip().splitlines()[-1])
+            info = simulate_and_convert(args.preset, work)
             report.update(simulate_s=round(info["simulate_s"], 1),
                           convert_s=round(info["convert_s"], 1))
             ms, gid = Path(info["ms"]), info["group_id"]

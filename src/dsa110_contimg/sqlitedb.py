@@ -6,9 +6,12 @@ same way and migrates its own component's schema, recorded in ``schema_versions`
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, ClassVar, Self
 
 import aiosqlite
 import structlog
@@ -62,3 +65,80 @@ async def migrate_component(db: aiosqlite.Connection, component: str, target: in
         log.info("schema_migrated", component=component, path=str(path),
                  from_version=current, to_version=target)
     return current
+
+
+class SQLiteComponent:
+    """One component's connection: opening with migration, transactions, closing.
+
+    Subclasses set COMPONENT, SCHEMA_VERSION and MIGRATIONS and call ``_open`` from their own
+    ``open``. All coroutines of a process share the one aiosqlite connection, so the lock
+    keeps one coroutine's statements out of another's open transaction.
+    """
+
+    COMPONENT: ClassVar[str]
+    SCHEMA_VERSION: ClassVar[int]
+    MIGRATIONS: ClassVar[Mapping[int, Sequence[str]]]
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def _open(cls, db_path: Path, busy_timeout_s: float,
+                    make: Callable[[aiosqlite.Connection, Path], Any]) -> Any:
+        """Connect, build with ``make(db, path)``, migrate; the connection is closed on failure."""
+        db_path = Path(db_path)
+        db = await connect(db_path, busy_timeout_s)
+        try:
+            owner = make(db, db_path)
+            await owner._migrate()
+        except BaseException:
+            await db.close()
+            raise
+        return owner
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._db.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _migrate(self) -> None:
+        async with self._write() as db:
+            await migrate_component(db, self.COMPONENT, self.SCHEMA_VERSION, self.MIGRATIONS,
+                                    self.path)
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front, so read-then-update cannot race."""
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A consistent snapshot for multi-statement reads."""
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN")
+                yield self._db
+            finally:
+                await self._rollback()
+
+    async def _rollback(self) -> None:
+        # Unconditional and in statement order: a BEGIN still queued in aiosqlite's thread
+        # runs first, so no transaction is ever left open on the shared connection.
+        try:
+            await self._db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass  # no transaction was active (BEGIN failed, or COMMIT already ended it)

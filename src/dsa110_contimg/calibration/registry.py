@@ -15,21 +15,19 @@ newest valid bandpass with the newest valid gain, possibly from different sets.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiosqlite
 import structlog
 
 from ..errors import ContimgError
 from ..qa.result import jsonable
-from ..sqlitedb import connect, migrate_component
+from ..sqlitedb import SQLiteComponent
 from .calset import BANDPASS_KINDS, KINDS, CalSet, CalTable
 from .options import CalibrationOptions
 
@@ -81,66 +79,23 @@ class RegistryError(ContimgError):
     """A registry call was given something it cannot store (unknown status or table kind)."""
 
 
-class CalRegistry:
+class CalRegistry(SQLiteComponent):
     """One owner of the registry tables; each public method is one transaction."""
+
+    COMPONENT = COMPONENT
+    SCHEMA_VERSION = SCHEMA_VERSION
+    MIGRATIONS = MIGRATIONS
 
     def __init__(self, db: aiosqlite.Connection, path: Path,
                  options: CalibrationOptions | None = None) -> None:
-        self._db = db
-        self.path = path
+        super().__init__(db, path)
         self.options = options or CalibrationOptions()
-        self._lock = asyncio.Lock()
 
-    # ------------------------------------------------------------------ life cycle
     @classmethod
     async def open(cls, db_path: Path, options: CalibrationOptions | None = None,
                    busy_timeout_s: float = 30.0) -> CalRegistry:
         """Open (creating if needed) and migrate; ``options`` is the default for find_valid."""
-        db_path = Path(db_path)
-        db = await connect(db_path, busy_timeout_s)
-        try:
-            reg = cls(db, db_path, options)
-            await reg._migrate()
-        except BaseException:
-            await db.close()
-            raise
-        return reg
-
-    async def close(self) -> None:
-        async with self._lock:
-            await self._db.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _migrate(self) -> None:
-        async with self._write() as db:
-            await migrate_component(db, COMPONENT, SCHEMA_VERSION, MIGRATIONS, self.path)
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                if self._db.in_transaction:
-                    await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            await self._db.execute("BEGIN")
-            try:
-                yield self._db
-            finally:
-                if self._db.in_transaction:
-                    await self._db.execute("COMMIT")
+        return await cls._open(db_path, busy_timeout_s, lambda db, p: cls(db, p, options))
 
     # ------------------------------------------------------------------ writes
     async def register(self, calset: CalSet, status: str = "active") -> None:

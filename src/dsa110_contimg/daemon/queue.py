@@ -29,18 +29,17 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import aiosqlite
 import structlog
 
 from ..errors import BadInputError, ContimgError, IllegalTransition
-from ..sqlitedb import connect, migrate_component
+from ..sqlitedb import SQLiteComponent
 from .naming import group_time, validate_group_id
 from .options import QueueOptions
 
@@ -281,76 +280,22 @@ def _atomic(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return run
 
 
-class GroupQueue:
+class GroupQueue(SQLiteComponent):
     """The single owner of the queue tables; every public method is one transaction."""
 
-    def __init__(self, db: aiosqlite.Connection, options: QueueOptions, path: Path) -> None:
-        self._db = db
-        self.options = options
-        self.path = path
-        # One aiosqlite connection is shared by every coroutine of the daemon: the lock keeps
-        # one coroutine's statements out of another's open transaction.
-        self._lock = asyncio.Lock()
+    COMPONENT = COMPONENT
+    SCHEMA_VERSION = SCHEMA_VERSION
+    MIGRATIONS = MIGRATIONS
 
-    # ----------------------------------------------------------------- life cycle
+    def __init__(self, db: aiosqlite.Connection, options: QueueOptions, path: Path) -> None:
+        super().__init__(db, path)
+        self.options = options
+
     @classmethod
     async def open(cls, db_path: Path, options: QueueOptions,
                    busy_timeout_s: float = 30.0) -> GroupQueue:
         """Open (creating if needed) and migrate the database; WAL so readers never block."""
-        db_path = Path(db_path)
-        db = await connect(db_path, busy_timeout_s)
-        try:
-            queue = cls(db, options, db_path)
-            await queue._migrate()
-        except BaseException:
-            await db.close()
-            raise
-        return queue
-
-    async def close(self) -> None:
-        async with self._lock:
-            await self._db.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _migrate(self) -> None:
-        async with self._write() as db:
-            await migrate_component(db, COMPONENT, SCHEMA_VERSION, MIGRATIONS, self.path)
-
-    # ----------------------------------------------------------------- transactions
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE takes the write lock up front, so read-then-update cannot race."""
-        async with self._lock:
-            try:
-                await self._db.execute("BEGIN IMMEDIATE")
-                yield self._db
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._rollback()
-                raise
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A consistent snapshot for multi-statement reads."""
-        async with self._lock:
-            try:
-                await self._db.execute("BEGIN")
-                yield self._db
-            finally:
-                await self._rollback()
-
-    async def _rollback(self) -> None:
-        # Unconditional and in statement order: a BEGIN still queued in aiosqlite's thread
-        # runs first, so no transaction is ever left open on the shared connection.
-        try:
-            await self._db.execute("ROLLBACK")
-        except sqlite3.OperationalError:
-            pass  # no transaction was active (BEGIN failed, or COMMIT already ended it)
+        return await cls._open(db_path, busy_timeout_s, lambda db, p: cls(db, options, p))
 
     async def _group(self, db: aiosqlite.Connection, group_id: str) -> sqlite3.Row:
         row = await _one(db, _SELECT_GROUP + " WHERE id = ?", (group_id,))

@@ -12,13 +12,12 @@ import json
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-import aiosqlite
 import structlog
 
 from ..qa.result import QAResult, jsonable
-from ..sqlitedb import connect, migrate_component
+from ..sqlitedb import SQLiteComponent
 
 log = structlog.get_logger(__name__)
 
@@ -68,43 +67,16 @@ def _finite(x: Any) -> Any:
     return jsonable(x)
 
 
-class ImageCatalog:
+class ImageCatalog(SQLiteComponent):
     """Async access to the images table (one connection per owner)."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
-        self._db = db
-        self.path = path
+    COMPONENT = COMPONENT
+    SCHEMA_VERSION = SCHEMA_VERSION
+    MIGRATIONS = MIGRATIONS
 
     @classmethod
     async def open(cls, db_path: Path, busy_timeout_s: float = 30.0) -> ImageCatalog:
-        db_path = Path(db_path)
-        db = await connect(db_path, busy_timeout_s)
-        try:
-            cat = cls(db, db_path)
-            await cat._migrate()
-        except BaseException:
-            await db.close()
-            raise
-        return cat
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _migrate(self) -> None:
-        db = self._db
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            await migrate_component(db, COMPONENT, SCHEMA_VERSION, MIGRATIONS, self.path)
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
-        await db.execute("COMMIT")
+        return await cls._open(db_path, busy_timeout_s, cls)
 
     async def record(self, result: Any, qa: QAResult | None = None) -> int:
         """Insert (or update, by image path) the row for an ``ImagingResult``; returns its id."""
@@ -137,16 +109,11 @@ class ImageCatalog:
         updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c != "image_path")
         sql = (f"INSERT INTO images ({cols}) VALUES ({marks}) "  # noqa: S608 - fixed column names
                f"ON CONFLICT(image_path) DO UPDATE SET {updates}")
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            await self._db.execute(sql, tuple(values[c] for c in _COLUMNS))
-            async with self._db.execute("SELECT id FROM images WHERE image_path = ?",
-                                        (values["image_path"],)) as cur:
+        async with self._write() as db:
+            await db.execute(sql, tuple(values[c] for c in _COLUMNS))
+            async with db.execute("SELECT id FROM images WHERE image_path = ?",
+                                  (values["image_path"],)) as cur:
                 row = await cur.fetchone()
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
-        await self._db.execute("COMMIT")
         log.info("images.recorded", group_id=result.group_id, image=values["image_path"],
                  qa_passed=values["qa_passed"])
         return int(row["id"])
@@ -171,7 +138,7 @@ class ImageCatalog:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         sql = f"SELECT * FROM images {clause} ORDER BY recorded_at DESC, id DESC LIMIT ?"  # noqa: S608 - clause built from fixed strings
         args.append(int(limit))
-        async with self._db.execute(sql, tuple(args)) as cur:
+        async with self._read() as db, db.execute(sql, tuple(args)) as cur:
             rows = await cur.fetchall()
         return [_row(r) for r in rows]
 
