@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import aiosqlite
 import structlog
@@ -70,14 +70,11 @@ async def migrate_component(db: aiosqlite.Connection, component: str, target: in
 class SQLiteComponent:
     """One component's connection: opening with migration, transactions, closing.
 
-    Subclasses set COMPONENT, SCHEMA_VERSION and MIGRATIONS and call ``_open`` from their own
-    ``open``. All coroutines of a process share the one aiosqlite connection, so the lock
-    keeps one coroutine's statements out of another's open transaction.
+    Subclasses call ``_open`` from their own ``open`` with their component name and module-level
+    migrations (the SQL stays literal, as the fault suite's taint scan checks). All coroutines
+    of a process share the one aiosqlite connection, so the lock keeps one coroutine's
+    statements out of another's open transaction.
     """
-
-    COMPONENT: ClassVar[str]
-    SCHEMA_VERSION: ClassVar[int]
-    MIGRATIONS: ClassVar[Mapping[int, Sequence[str]]]
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -86,13 +83,15 @@ class SQLiteComponent:
 
     @classmethod
     async def _open(cls, db_path: Path, busy_timeout_s: float,
-                    make: Callable[[aiosqlite.Connection, Path], Any]) -> Any:
+                    make: Callable[[aiosqlite.Connection, Path], Any], component: str,
+                    version: int, migrations: Mapping[int, Sequence[str]]) -> Any:
         """Connect, build with ``make(db, path)``, migrate; the connection is closed on failure."""
         db_path = Path(db_path)
         db = await connect(db_path, busy_timeout_s)
         try:
             owner = make(db, db_path)
-            await owner._migrate()
+            async with owner._write() as wdb:
+                await migrate_component(wdb, component, version, migrations, db_path)
         except BaseException:
             await db.close()
             raise
@@ -107,11 +106,6 @@ class SQLiteComponent:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    async def _migrate(self) -> None:
-        async with self._write() as db:
-            await migrate_component(db, self.COMPONENT, self.SCHEMA_VERSION, self.MIGRATIONS,
-                                    self.path)
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -82,10 +82,6 @@ class RegistryError(ContimgError):
 class CalRegistry(SQLiteComponent):
     """One owner of the registry tables; each public method is one transaction."""
 
-    COMPONENT = COMPONENT
-    SCHEMA_VERSION = SCHEMA_VERSION
-    MIGRATIONS = MIGRATIONS
-
     def __init__(self, db: aiosqlite.Connection, path: Path,
                  options: CalibrationOptions | None = None) -> None:
         super().__init__(db, path)
@@ -95,7 +91,8 @@ class CalRegistry(SQLiteComponent):
     async def open(cls, db_path: Path, options: CalibrationOptions | None = None,
                    busy_timeout_s: float = 30.0) -> CalRegistry:
         """Open (creating if needed) and migrate; ``options`` is the default for find_valid."""
-        return await cls._open(db_path, busy_timeout_s, lambda db, p: cls(db, p, options))
+        return await cls._open(db_path, busy_timeout_s, lambda db, p: cls(db, p, options),
+                               COMPONENT, SCHEMA_VERSION, MIGRATIONS)
 
     # ------------------------------------------------------------------ writes
     async def register(self, calset: CalSet, status: str = "active") -> None:

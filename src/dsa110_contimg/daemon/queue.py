@@ -283,10 +283,6 @@ def _atomic(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 class GroupQueue(SQLiteComponent):
     """The single owner of the queue tables; every public method is one transaction."""
 
-    COMPONENT = COMPONENT
-    SCHEMA_VERSION = SCHEMA_VERSION
-    MIGRATIONS = MIGRATIONS
-
     def __init__(self, db: aiosqlite.Connection, options: QueueOptions, path: Path) -> None:
         super().__init__(db, path)
         self.options = options
@@ -295,7 +291,8 @@ class GroupQueue(SQLiteComponent):
     async def open(cls, db_path: Path, options: QueueOptions,
                    busy_timeout_s: float = 30.0) -> GroupQueue:
         """Open (creating if needed) and migrate the database; WAL so readers never block."""
-        return await cls._open(db_path, busy_timeout_s, lambda db, p: cls(db, options, p))
+        return await cls._open(db_path, busy_timeout_s, lambda db, p: cls(db, options, p),
+                               COMPONENT, SCHEMA_VERSION, MIGRATIONS)
 
     async def _group(self, db: aiosqlite.Connection, group_id: str) -> sqlite3.Row:
         row = await _one(db, _SELECT_GROUP + " WHERE id = ?", (group_id,))

@@ -70,13 +70,9 @@ def _finite(x: Any) -> Any:
 class ImageCatalog(SQLiteComponent):
     """Async access to the images table (one connection per owner)."""
 
-    COMPONENT = COMPONENT
-    SCHEMA_VERSION = SCHEMA_VERSION
-    MIGRATIONS = MIGRATIONS
-
     @classmethod
     async def open(cls, db_path: Path, busy_timeout_s: float = 30.0) -> ImageCatalog:
-        return await cls._open(db_path, busy_timeout_s, cls)
+        return await cls._open(db_path, busy_timeout_s, cls, COMPONENT, SCHEMA_VERSION, MIGRATIONS)
 
     async def record(self, result: Any, qa: QAResult | None = None) -> int:
         """Insert (or update, by image path) the row for an ``ImagingResult``; returns its id."""
