@@ -27,6 +27,22 @@ FAST_ENV = {
 }
 
 
+def json_events(log: Path) -> list[dict]:
+    """The JSON event lines of one daemon log (other lines, e.g. CASA's, are skipped)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
 class Daemon:
     # every daemon a test started, so a failing test cannot leave one running (conftest reaps)
     started: list[subprocess.Popen] = []
@@ -122,15 +138,8 @@ class Daemon:
             return [dict(r) for r in con.execute("SELECT * FROM stage_runs ORDER BY id")]
 
     def events(self) -> list[dict]:
-        out = []
-        for p in sorted(self.root.glob("daemon-*.log")):
-            for line in p.read_text(errors="replace").splitlines():
-                if line.startswith("{"):
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        pass
-        return out
+        """Every JSON log event of every run so far, in order."""
+        return [e for p in sorted(self.root.glob("daemon-*.log")) for e in json_events(p)]
 
     def log_tail(self, n: int = 40) -> str:
         try:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from daemon_harness import Daemon
+from daemon_harness import Daemon, json_events
 
 #: Longest wait for any one condition (seconds); keep it short on a shared machine.
 WAIT_S = float(os.environ.get("FAULTS_WAIT_S", "240"))
@@ -422,18 +422,7 @@ class Session:
 
     def run_events(self) -> list[dict]:
         """Events of the current (latest) run only."""
-        try:
-            text = self.d.log_path.read_text(errors="replace")
-        except OSError:
-            return []
-        out = []
-        for line in text.splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
+        return json_events(self.d.log_path)
 
     def alerts(self) -> list[dict]:
         return [e for e in self.events() if e.get("event") == "alert"]

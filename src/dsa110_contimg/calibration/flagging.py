@@ -130,8 +130,8 @@ def flag_ms(ms: Path, options: CalibrationOptions) -> FlagReport:
     Raises ``BadInputError`` when nothing is left unflagged (re-running cannot help).
     """
     t0 = time.perf_counter()
-    earlier = _done_before(ms, options)
-    if earlier is not None and earlier.final < 1.0 - 1e-9:
+    earlier = _done_before(ms, options)  # written only after a pass that left data unflagged
+    if earlier is not None:
         log.info("flagging_skipped", ms=str(ms), reason="flagged before with these options",
                  final=earlier.final)
         return earlier
