@@ -171,6 +171,7 @@ _SIM_CONVERT = textwrap.dedent("""
     res = convert_group(ConversionInputs(truth["group_id"], files, root / "products",
                                          root / "scratch", Path("/dev/shm")), ConversionOptions())
     print(json.dumps({"ms": str(res.ms_path), "group_id": truth["group_id"],
+                      "truth": str(root / "raw" / f"{truth['group_id']}_truth.json"),
                       "pointing_dec_deg": res.pointing_dec_deg, "mid_mjd": res.mid_mjd,
                       "simulate_s": t_sim, "convert_s": time.perf_counter() - t0}))
 """)

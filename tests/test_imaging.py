@@ -147,6 +147,61 @@ def test_image_qa_passes_and_calibrator_flux_matches_catalogue(imaged):
     assert again.passed and again.metrics["calibrator"]["ratio"] == pytest.approx(cal["ratio"])
 
 
+def test_bright_calibrator_is_peeled_with_its_drift_beam_and_restored(imaged):
+    """3C286 (15 Jy) is fitted along the drift, subtracted before clean, restored after."""
+    _, result, truth = imaged
+    cal = next(s for s in truth["sources"] if s["name"] == "3C286")
+    (peeled,) = [p for p in result.peeled if p["name"] == "3C286"]
+    assert peeled["restored"]
+    assert peeled["flux_jy"] == pytest.approx(cal["flux_at_band_centre_jy"], rel=0.01)
+    assert peeled["spectral_index"] == pytest.approx(cal["spectral_index"], abs=0.1)
+    assert "peel" in result.timings_s and "restore" in result.timings_s
+    _, header = _fits2d(result.image_fits)
+    assert header["PEEL1"].startswith("3C286 ") and "restored" in header.comments["PEEL1"]
+    # the residual no longer holds it: nothing of 15 Jy x beam is left at its position
+    image, header = _fits2d(result.residual_fits)
+    x, y = WCS(header).celestial.world_to_pixel_values(cal["ra_deg"], cal["dec_deg"])
+    assert abs(image[int(round(float(y))), int(round(float(x)))]) < 0.01 * cal["apparent_flux_jy"]
+
+
+def test_peeling_subtracts_the_fitted_source_from_the_visibilities(tiny_calibrated_ms, tmp_path):
+    import casatasks
+
+    from dsa110_contimg.calibration.casarun import open_table
+    from dsa110_contimg.calibration.catalog import get_calibrator
+    from dsa110_contimg.imaging.msinfo import pointing_icrs, summarize_ms
+    from dsa110_contimg.imaging.peel import peel_sources, select_bright
+
+    ms, truth = tiny_calibrated_ms
+    copy = tmp_path / "copy.ms"
+    casatasks.mstransform(vis=str(ms), outputvis=str(copy), datacolumn="corrected",
+                          keepflags=False)
+    s = summarize_ms(ms, "corrected")
+    times = np.asarray(s.times_mjd_s)
+    tra, tdec = pointing_icrs(s.pointing_az_deg, s.pointing_alt_deg, np.asarray(s.array_itrf_m),
+                              times)
+    w = np.asarray(s.time_weights)
+    ref = (s.freq_min_hz + s.freq_max_hz) / 2
+    bright = select_bright(tra, tdec, w, ref, s.dish_diameter_m, 0.5)
+    assert [c.name for c in bright] == ["3C286"]
+    assert select_bright(tra, tdec, w, ref, s.dish_diameter_m, 0.0) == []  # 0: off
+    with open_table(copy) as tb:
+        before = tb.getcol("DATA")
+    (p,) = peel_sources(copy, bright, s.pointing_az_deg, s.pointing_alt_deg, ref,
+                        s.dish_diameter_m, tra, tdec, w)
+    cal = next(x for x in truth["sources"] if x["name"] == "3C286")
+    assert p.flux_jy == pytest.approx(cal["flux_at_band_centre_jy"], rel=0.01)
+    assert p.catalogue_jy == pytest.approx(get_calibrator("3C286").flux_at(ref))
+    with open_table(copy) as tb:
+        after = tb.getcol("DATA")
+    # the calibrator dominated the visibilities; what is left is the faint field and noise
+    assert np.abs(after).mean() < 0.25 * np.abs(before).mean()
+    # fitting again finds (almost) nothing more of it
+    (again,) = peel_sources(copy, bright, s.pointing_az_deg, s.pointing_alt_deg, ref,
+                            s.dish_diameter_m, tra, tdec, w)
+    assert abs(again.flux_jy) < 0.01 * p.flux_jy
+
+
 def test_rerun_is_skipped_and_a_new_tier_reimages(imaged):
     inputs, result, _ = imaged
     t0 = time.monotonic()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from ..simulate.array import OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG
+from ..simulate.array import DISH_DIAMETER_M, OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG
 from ..simulate.sky import C_M_S, airy_power, enu_unit, pointing_altaz
 from .casarun import MJD_S, MSInfo, open_table, read_ms_info
 from .catalog import Calibrator, load_calibrators
@@ -128,21 +128,44 @@ def beam_response(cal: Calibrator, info: MSInfo, pointing_dec_deg: float) -> np.
     The pointing is fixed in (az, alt) (transit pointing at ``pointing_dec_deg``); the source
     position is computed per integration exactly as the sky moves (ICRS -> AltAz, astropy).
     """
+    loc = _location(info.itrf_centre_m)
+    az_p, alt_p = pointing_altaz(pointing_dec_deg, float(loc.lat.deg))
+    return beam_along_drift(cal.ra_deg, cal.dec_deg, info, az_p, alt_p)
+
+
+def beam_along_drift(ra_deg: float, dec_deg: float, info: MSInfo, az_deg: float, alt_deg: float,
+                     diameter_m: float = DISH_DIAMETER_M) -> np.ndarray:
+    """Airy power toward (ra, dec) for a dish fixed at (az, alt), shape (ntime, nchan)."""
     import astropy.units as u
     from astropy.coordinates import AltAz, SkyCoord
     from astropy.time import Time
 
     _offline_astropy()
     loc = _location(info.itrf_centre_m)
-    az_p, alt_p = pointing_altaz(pointing_dec_deg, float(loc.lat.deg))
-    p_hat = enu_unit(np.array(az_p), np.array(alt_p))
+    p_hat = enu_unit(np.array(az_deg), np.array(alt_deg))
     frame = AltAz(obstime=Time(info.times_mjd, format="mjd", scale="utc"), location=loc)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        c = SkyCoord(cal.ra_deg * u.deg, cal.dec_deg * u.deg, frame="icrs").transform_to(frame)
+        c = SkyCoord(ra_deg * u.deg, dec_deg * u.deg, frame="icrs").transform_to(frame)
     s_hat = enu_unit(c.az.deg, c.alt.deg)  # (ntime, 3)
     theta = np.arccos(np.clip(s_hat @ p_hat, -1.0, 1.0))
-    return airy_power(theta[:, None], info.freqs_hz[None, :])
+    return airy_power(theta[:, None], info.freqs_hz[None, :], diameter_m)
+
+
+def unit_point_vis(uvw: np.ndarray, lmn: tuple[float, float, float], freqs_hz: np.ndarray,
+                   beam_rows: np.ndarray) -> np.ndarray:
+    """Visibilities (nchan, nrow) of a 1 Jy point source at ``lmn`` seen through ``beam_rows``
+    (nrow, nchan): the sign and frame of ``ft`` (see :func:`write_model`)."""
+    l_, m_, n_ = lmn
+    path = uvw[0] * l_ + uvw[1] * m_ + uvw[2] * (n_ - 1.0)  # metres, (nrow,)
+    k = 2.0 * np.pi * np.asarray(freqs_hz) / C_M_S  # rad per metre, per channel
+    return beam_rows.T * np.exp(1j * k[:, None] * path[None, :])
+
+
+def rows_to_integrations(times_mjd: np.ndarray, row_time_s: np.ndarray) -> np.ndarray:
+    """Index into ``times_mjd`` (unique integration centres) of each row's TIME (seconds)."""
+    it = np.searchsorted(times_mjd, row_time_s / MJD_S - 1e-9)
+    return np.clip(it, 0, len(times_mjd) - 1)
 
 
 def make_componentlist(cal: Calibrator, path: Path) -> Path:
@@ -205,19 +228,17 @@ def write_model(ms: Path, cal: Calibrator, pointing_dec_deg: float,
     freqs = info.freqs_hz
     spectrum = np.array([cal.flux_at(f) for f in freqs])
     beam = beam_response(cal, info, pointing_dec_deg)  # (ntime, nchan)
-    l_, m_, n_ = direction_cosines(cal.ra_deg, cal.dec_deg, *info.phase_centre_deg)
-    k = 2.0 * np.pi * freqs / C_M_S  # rad per metre, per channel
+    lmn = direction_cosines(cal.ra_deg, cal.dec_deg, *info.phase_centre_deg)
+    n_ = lmn[2]
     with open_table(ms, readonly=False) as tb:
         npol = int(tb.getcell("DATA", 0).shape[0])
         _ensure_model_column(tb, npol, len(freqs))
         n = int(tb.nrows())
         for start in range(0, n, _ROWS_PER_CHUNK):
             nrow = min(_ROWS_PER_CHUNK, n - start)
-            t = tb.getcol("TIME", start, nrow) / MJD_S
+            it = rows_to_integrations(info.times_mjd, tb.getcol("TIME", start, nrow))
             uvw = tb.getcol("UVW", start, nrow)  # (3, nrow)
-            it = np.clip(np.searchsorted(info.times_mjd, t - 1e-9), 0, len(info.times_mjd) - 1)
-            path = uvw[0] * l_ + uvw[1] * m_ + uvw[2] * (n_ - 1.0)  # metres, (nrow,)
-            vis = (spectrum[:, None] * beam[it].T) * np.exp(1j * k[:, None] * path[None, :])
+            vis = spectrum[:, None] * unit_point_vis(uvw, lmn, freqs, beam[it])
             tb.putcol("MODEL_DATA", np.broadcast_to(vis.astype(np.complex64), (npol,) + vis.shape),
                       start, nrow)
     facts = {"calibrator": cal.name, "flux_jy": cal.flux_jy, "spectral_index": cal.spectral_index,

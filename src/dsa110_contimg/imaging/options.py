@@ -18,5 +18,6 @@ class ImagingOptions:
     threshold_sigma: float = setting("CONTIMG_IMG_THRESHOLD_SIGMA", 5.0, "Clean down to this multiple of the estimated noise", minimum=0.5)
     wproj_max_phase_rad: float = setting("CONTIMG_IMG_WPROJ_MAX_PHASE_RAD", 0.5, "Use w-projection when the w-term phase pi*w_max*theta^2 at the field edge exceeds this (radians); also the per-plane error bound", minimum=0.01)
     max_smearing_loss: float = setting("CONTIMG_IMG_MAX_SMEARING_LOSS", 0.01, "Image from a copy with channels averaged as far as this extra bandwidth-smearing loss of peak flux at the image edge allows (0: native channels); the copy also drops fully flagged rows", minimum=0, maximum=0.1)
+    peel_min_apparent_jy: float = setting("CONTIMG_IMG_PEEL_MIN_APPARENT_JY", 0.5, "Catalogue sources at least this bright through the drift-averaged beam (Jy) are fitted with their per-integration beam, subtracted before cleaning and restored after (0: off)", minimum=0)
     keep_residual: bool = setting("CONTIMG_IMG_KEEP_RESIDUAL", True, "Publish the residual image as FITS beside the image (the QA gate reads its mean)")
     quicklook: bool = setting("CONTIMG_IMG_QUICKLOOK", True, "Write a quick-look PNG beside the FITS")

@@ -38,6 +38,7 @@ from .msinfo import count_unflagged_nonfinite, pointing_icrs, summarize_ms
 from .options import ImagingOptions
 from .params import params_from_plan, plan_imaging
 from .pbcor import write_beam_and_pbcor
+from .peel import PeeledSource, peel_sources, restore_sources, select_bright
 from .tclean_runner import ZERO_MASK, NonFiniteImage, clear_image_products, run_tclean
 
 log = structlog.get_logger(__name__)
@@ -84,6 +85,7 @@ class ImagingResult:
     stopreason: str = ""
     plan: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    peeled: list[dict[str, Any]] = field(default_factory=list)  # see imaging.peel
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -192,11 +194,26 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
     imagename = str(staging / stem)
     params = params_from_plan(summary, plan, options, imagename)
     lap("summarize_and_plan")
-    if options.max_smearing_loss > 0:
+    times = np.asarray(summary.times_mjd_s)
+    track_ra, track_dec = pointing_icrs(summary.pointing_az_deg, summary.pointing_alt_deg,
+                                        np.asarray(summary.array_itrf_m), times)
+    tweights = np.asarray(summary.time_weights)
+    bright = []
+    if inputs.datacolumn == "corrected":  # fitting fluxes to uncalibrated data means nothing
+        bright = select_bright(track_ra, track_dec, tweights, plan.ref_freq_hz,
+                               summary.dish_diameter_m, options.peel_min_apparent_jy)
+    peeled: list[PeeledSource] = []
+    if options.max_smearing_loss > 0 or bright:
+        chanbin = plan.chanbin if options.max_smearing_loss > 0 else 1
         copy = make_imaging_copy(ms_path, staging / f"{stem}.img.ms", inputs.datacolumn,
-                                 plan.chanbin, summary.n_channels // plan.chanbin)
+                                 chanbin, summary.n_channels // chanbin)
         params.update(vis=str(copy), datacolumn="data")
         lap("imaging_copy")
+        if bright:
+            peeled = peel_sources(copy, bright, summary.pointing_az_deg, summary.pointing_alt_deg,
+                                  plan.ref_freq_hz, summary.dish_diameter_m, track_ra, track_dec,
+                                  tweights)
+            lap("peel")
     try:
         out = run_tclean(params)
     except NonFiniteImage as exc:
@@ -232,12 +249,13 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
     clear_image_products(imagename)  # CASA images are large and no longer needed
     shutil.rmtree(staging / f"{stem}.img.ms", ignore_errors=True)
     lap("export")
+    if peeled:
+        peeled = restore_sources(staged["image"], peeled, out.bmaj_arcsec, out.bmin_arcsec,
+                                 out.bpa_deg)
+        lap("restore")
 
-    times = np.asarray(summary.times_mjd_s)
-    track_ra, track_dec = pointing_icrs(summary.pointing_az_deg, summary.pointing_alt_deg,
-                                        np.asarray(summary.array_itrf_m), times)
     pb = write_beam_and_pbcor(staged["image"], staged["pb"], staged["pbcor"], track_ra,
-                              track_dec, np.asarray(summary.time_weights), plan.ref_freq_hz,
+                              track_dec, tweights, plan.ref_freq_hz,
                               summary.dish_diameter_m, options.pb_level)
     from astropy.io import fits
 
@@ -279,7 +297,8 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         centre_dec_deg=centre[1], tclean_params=params, duration_s=time.monotonic() - t0,
         skipped=False, tier=plan.tier, noise_expected_jy=plan.noise_expected_jy,
         tclean_s=out.duration_s, iterdone=out.iterdone, nmajordone=out.nmajordone,
-        stopreason=out.stopreason, plan=plan.as_dict(), timings_s=timings)
+        stopreason=out.stopreason, plan=plan.as_dict(), timings_s=timings,
+        peeled=[p.as_dict() for p in peeled])
     record = {"version": RECORD_VERSION, "fingerprint": options_fingerprint(options, inputs.datacolumn),
               "ms_mtime": mtime, "ms_path": str(ms_path), "pointing_source": summary.pointing_source,
               "result": result.as_dict()}
