@@ -263,6 +263,44 @@ def test_qa_gate_passes_and_can_fail(solved, tmp_path):
     assert not check_calibration_quality(None, raw, QA).passed
 
 
+def test_gate_in_the_stage_task_reads_only_the_middle_integration(solved, monkeypatch):
+    """The daemon's calibration task (stage + gate in one process) on a calibrated group, and
+    the row-range read of the gate agreeing with the TaQL query it replaces."""
+    from dsa110_contimg.daemon.tasks import calibrate_and_check
+    from dsa110_contimg.qa import calibration as qa_cal
+
+    inp, res, _ = solved
+    again, qa = calibrate_and_check(inp, OPTIONS, QA)
+    assert again.skipped and again.new_set == res.new_set
+    assert qa.passed, qa.failures
+    fast = qa_cal.corrected_metrics(inp.ms_path)
+    assert fast["sampled_channel_stride"] == 1, "a narrow band is read whole"
+    assert fast["sampled_visibilities"] > 0
+    assert all(qa.metrics[k] == v for k, v in fast.items()), (fast, qa.metrics)
+    # rows not in time order: the gate falls back to the query and finds the same samples
+    middle = qa_cal._middle_integration
+    monkeypatch.setattr(qa_cal, "_middle_integration", lambda t: (middle(t)[0], None))
+    assert qa_cal.corrected_metrics(inp.ms_path) == fast
+    # a wide band is subsampled: same verdict from every n-th channel
+    monkeypatch.setattr(qa_cal, "_SAMPLED_CHANNELS", 8)
+    strided = qa_cal.corrected_metrics(inp.ms_path)
+    assert strided["sampled_channel_stride"] == 8
+    assert abs(8 * strided["sampled_visibilities"] / fast["sampled_visibilities"] - 1) < 0.1
+    assert strided["corrected_finite_fraction"] == 1.0
+    assert abs(strided["corrected_ratio_median"] - fast["corrected_ratio_median"]) < 0.05
+
+
+def test_middle_integration_rows():
+    from dsa110_contimg.qa.calibration import _middle_integration
+
+    times = np.repeat([10.0, 20.0, 30.0, 40.0], 3)
+    assert _middle_integration(times) == (30.0, slice(6, 9))
+    assert _middle_integration(times[::-1]) == (30.0, slice(3, 6)), "only contiguity matters"
+    shuffled = np.tile([10.0, 20.0, 30.0, 40.0], 3)
+    assert _middle_integration(shuffled) == (30.0, None)
+    assert _middle_integration(np.array([5.0])) == (5.0, slice(0, 1))
+
+
 def test_rerun_is_skipped_unless_options_change(solved, tmp_path):
     inp, res, _ = solved
     again = calibrate_group(inp, OPTIONS)

@@ -3,7 +3,9 @@
 import asyncio
 import json
 import os
+import pickle
 import socket
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +15,7 @@ from dsa110_contimg.daemon.api import StatusAPI
 from dsa110_contimg.daemon.executor import LocalExecutor, TaskUsage
 from dsa110_contimg.daemon.metrics import Metrics, render_prometheus
 from dsa110_contimg.daemon.sdnotify import Notifier, watchdog_loop
-from dsa110_contimg.errors import StageError
+from dsa110_contimg.errors import BadInputError, CalibrationUnavailable, StageError
 
 
 async def test_local_executor_fresh_process_per_task_survives_worker_death():
@@ -50,44 +52,221 @@ async def test_local_executor_reports_the_workers_cpu_and_peak_rss():
 
 
 class _CannedExecutor:
-    """Answers each stage function by name with a canned value and the usage it 'cost'."""
+    """Answers each task function by name with a canned (value, usage), or raises a canned
+    exception, as a worker would; records which functions were sent."""
 
     def __init__(self, answers):
         self.answers = answers
+        self.calls = []
 
     async def run_measured(self, fn, *args, group_id=None):
-        return self.answers[fn.__name__]
+        self.calls.append(fn.__name__)
+        answer = self.answers[fn.__name__]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
 
-async def test_scheduler_records_stage_usage_summed_over_stage_and_gate(tmp_path):
+class _FakeRegistry:
+    def __init__(self, in_force=None):
+        self.in_force = in_force
+        self.failed, self.registered = [], []
+
+    async def find_valid(self, mid_mjd, dec_deg, options):
+        return self.in_force
+
+    async def mark_failed(self, name, reason):
+        self.failed.append((name, reason))
+        return True
+
+    async def register(self, calset, status="active"):
+        self.registered.append(calset)
+
+
+GID = "2026-06-01T04:46:06"
+
+
+def _settings(tmp_path):
     from dsa110_contimg.config import load_settings
+
+    return load_settings({f"CONTIMG_{k.upper()}_DIR": str(tmp_path / k)
+                          for k in ("input", "output", "state", "scratch")})
+
+
+def _conversion_answer(tmp_path):
     from dsa110_contimg.conversion.convert import ConversionResult
+    from dsa110_contimg.qa.result import QAResult
+
+    conv = ConversionResult(GID, tmp_path / "x.ms", 16, 136, 6, 64, 1.3e9, 1.5e9, 30.7, 202.0,
+                            30.7, 61192.2, "tmpfs", 5_800_000, 2.0)
+    return conv, QAResult("ms_after_conversion", True, {}, duration_s=0.25)
+
+
+async def _queue_with_group(q, tmp_path):
+    await q.create_group(GID)
+    await q.record_file(GID, 0, tmp_path / f"{GID}_sb00.hdf5", 10, 1.0)
+    await q.mark_ready(GID)
+
+
+async def test_scheduler_runs_stage_and_gate_as_one_task_and_records_its_usage(tmp_path):
     from dsa110_contimg.daemon.options import QueueOptions
     from dsa110_contimg.daemon.queue import GroupQueue
     from dsa110_contimg.daemon.scheduler import Scheduler
-    from dsa110_contimg.qa.result import QAResult
 
-    gid = "2026-06-01T04:46:06"
-    s = load_settings({f"CONTIMG_{k.upper()}_DIR": str(tmp_path / k)
-                       for k in ("input", "output", "state", "scratch")})
-    conv = ConversionResult(gid, tmp_path / "x.ms", 16, 136, 6, 64, 1.3e9, 1.5e9, 30.7, 202.0,
-                            30.7, 61192.2, "tmpfs", 5_800_000, 2.0)
-    ex = _CannedExecutor({
-        "convert_group": (conv, TaskUsage(3.0, 400.0)),
-        "check_ms_after_conversion": (QAResult("conversion", True, {}, duration_s=0.25),
-                                      TaskUsage(0.5, 150.0)),
-    })
+    ex = _CannedExecutor({"convert_and_check": (_conversion_answer(tmp_path),
+                                                TaskUsage(3.5, 400.0))})
     async with await GroupQueue.open(tmp_path / "q.sqlite", QueueOptions()) as q:
-        await q.create_group(gid)
-        await q.record_file(gid, 0, tmp_path / f"{gid}_sb00.hdf5", 10, 1.0)
-        await q.mark_ready(gid)
-        sched = Scheduler(s, q, ex, lambda alert: None, None, None, Metrics(), worker_id="w")
+        await _queue_with_group(q, tmp_path)
+        sched = Scheduler(_settings(tmp_path), q, ex, lambda alert: None, None, None, Metrics(),
+                          worker_id="w")
         await sched._process(await q.claim("w"))
-        group = await q.get_group(gid)
+        group = await q.get_group(GID)
+    assert ex.calls == ["convert_and_check"], "one worker task per stage, gate included"
     assert group["state"] == "converted"
+    assert group["flags"]["conversion"]["ms_path"] == str(tmp_path / "x.ms")
     (run,) = group["stage_runs"]
     assert (run["cpu_s"], run["peak_rss_mb"], run["qa_s"]) == (3.5, 400.0, 0.25)
     assert not sched._usage, "nothing kept after the stage"
+
+
+def _calset(name="2026-06-01T044606_3C286"):
+    from dsa110_contimg.calibration.calset import CalSet
+
+    return CalSet(name, (), "24", "3C286", 61192.2, 30.7)
+
+
+def _cal_result(mode="solved", new_set=None, applied=None):
+    from dsa110_contimg.calibration.stage import CalibrationResult
+
+    return CalibrationResult(GID, Path("x.ms"), mode, "3C286" if mode == "solved" else None,
+                             new_set, applied, "24" if mode != "uncalibrated" else None)
+
+
+async def _calibrate(tmp_path, answer, registry):
+    """Convert (canned), then run the calibration claim with ``answer`` from its task."""
+    from dsa110_contimg.daemon.options import QueueOptions
+    from dsa110_contimg.daemon.queue import GroupQueue
+    from dsa110_contimg.daemon.scheduler import Scheduler
+
+    alerts, metrics = [], Metrics()
+    ex = _CannedExecutor({"convert_and_check": (_conversion_answer(tmp_path), TaskUsage(1, 1)),
+                          "calibrate_and_check": answer})
+    async with await GroupQueue.open(tmp_path / "q.sqlite", QueueOptions()) as q:
+        await _queue_with_group(q, tmp_path)
+        s = _settings(tmp_path)
+        sched = Scheduler(s, q, ex, alerts.append, registry, None, metrics, worker_id="w")
+        await sched._process(await q.claim("w"))
+        claim = await q.claim("w")
+        assert claim.stage == "calibration"
+        await sched._process(claim)
+        group = await q.get_group(GID)
+    qa_json = s.paths.output_dir / GID[:10] / GID / "qa.json"
+    qa = json.loads(qa_json.read_text()) if qa_json.exists() else None
+    return group, qa, alerts, metrics, ex
+
+
+async def test_calibration_qa_failure_marks_the_new_set_failed_and_quarantines(tmp_path):
+    from dsa110_contimg.qa.result import QAResult
+
+    new = _calset()
+    verdict = QAResult("calibration", False, {"antenna_coverage": 0.2},
+                       failures=("only 3/16 antennas have solutions",))
+    reg = _FakeRegistry()
+    group, qa, alerts, metrics, ex = await _calibrate(
+        tmp_path, ((_cal_result("solved", new, new.name), verdict), TaskUsage(2, 2)), reg)
+    assert ex.calls == ["convert_and_check", "calibrate_and_check"]
+    assert group["state"] == "quarantined" and "QA failed" in group["last_error"]
+    assert "antennas have solutions" in group["last_error"]
+    assert reg.failed == [(new.name, "calibration QA failed")] and not reg.registered
+    assert qa["stages"]["calibration"]["passed"] is False and qa["passed"] is False
+    assert metrics.qa_failures["calibration"] == 1
+    assert any(a.category == "calibration.quarantined" for a in alerts)
+    assert "calibration" not in group["flags"], "a failed group is not marked calibrated"
+
+
+async def test_calibration_qa_pass_registers_the_new_set_with_its_metrics(tmp_path):
+    from dsa110_contimg.qa.result import QAResult
+
+    new = _calset()
+    verdict = QAResult("calibration", True, {"antenna_coverage": 1.0}, duration_s=0.1)
+    reg = _FakeRegistry()
+    group, qa, alerts, _, _ = await _calibrate(
+        tmp_path, ((_cal_result("solved", new, new.name), verdict), TaskUsage(7.0, 900.0)), reg)
+    assert group["state"] == "calibrated" and not reg.failed
+    assert [c.qa for c in reg.registered] == [{"antenna_coverage": 1.0}]
+    assert group["flags"]["calibration"]["new_set"] == new.name
+    assert qa["stages"]["calibration"]["passed"] is True
+    assert any(a.category == "calibration.new" for a in alerts)
+    run = group["stage_runs"][-1]
+    assert (run["stage"], run["cpu_s"], run["peak_rss_mb"], run["qa_s"]) == \
+        ("calibration", 7.0, 900.0, 0.1)
+
+
+async def test_applied_set_failing_qa_quarantines_without_touching_the_registry(tmp_path):
+    from dsa110_contimg.qa.result import QAResult
+
+    in_force = _calset("2026-06-01T040000_3C286")
+    verdict = QAResult("calibration", False, {}, failures=("CORRECTED_DATA is all zero",))
+    reg = _FakeRegistry(in_force)
+    group, _, _, _, _ = await _calibrate(
+        tmp_path, ((_cal_result("applied", None, in_force.name), verdict), TaskUsage(1, 1)), reg)
+    assert group["state"] == "quarantined" and not reg.failed and not reg.registered
+
+
+async def test_uncalibrated_result_passes_without_a_gate_verdict(tmp_path):
+    group, qa, alerts, _, _ = await _calibrate(
+        tmp_path, ((_cal_result("uncalibrated"), None), TaskUsage(1, 1)), _FakeRegistry())
+    assert group["state"] == "calibrated"
+    assert qa["stages"]["calibration"]["metrics"] == {"mode": "uncalibrated"}
+    assert any(a.category == "calibration.stale" for a in alerts)
+
+
+@pytest.mark.parametrize("exc, state", [
+    (CalibrationUnavailable("no set"), "converted"),
+    (BadInputError("everything flagged"), "quarantined"),
+    (StageError("gaincal failed"), "converted"),
+])
+async def test_stage_exceptions_from_the_combined_task_keep_their_meaning(tmp_path, exc, state):
+    reg = _FakeRegistry()
+    group, qa, alerts, metrics, _ = await _calibrate(tmp_path, exc, reg)
+    assert group["state"] == state
+    assert not reg.failed and not reg.registered and not metrics.qa_failures
+    assert qa is None or "calibration" not in qa["stages"], "no gate verdict without a stage"
+    if isinstance(exc, CalibrationUnavailable):
+        assert group["flags"]["held"] == "no set" and group["attempts"] == 0
+    elif isinstance(exc, StageError):
+        assert group["attempts"] == 1 and "gaincal failed" in group["last_error"]
+
+
+def test_task_functions_skip_the_gate_when_the_stage_raises_or_is_uncalibrated(monkeypatch):
+    from dsa110_contimg.calibration import stage
+    from dsa110_contimg.daemon import tasks
+    from dsa110_contimg.qa import calibration as qa_cal
+    from dsa110_contimg.qa.options import CalQAThresholds
+
+    gated = []
+    monkeypatch.setattr(qa_cal, "check_calibration_quality",
+                        lambda calset, ms, th: gated.append((calset, ms)) or "verdict")
+    in_force = _calset("in-force")
+    inputs = stage.CalibrationInputs(GID, Path("x.ms"), Path("c"), 30.7, 61192.2, in_force)
+
+    def raises(inputs, options):
+        raise CalibrationUnavailable("no set")
+
+    monkeypatch.setattr(stage, "calibrate_group", raises)
+    with pytest.raises(CalibrationUnavailable):
+        tasks.calibrate_and_check(inputs, None, CalQAThresholds())
+    monkeypatch.setattr(stage, "calibrate_group", lambda i, o: _cal_result("uncalibrated"))
+    assert tasks.calibrate_and_check(inputs, None, CalQAThresholds())[1] is None
+    assert not gated
+    monkeypatch.setattr(stage, "calibrate_group", lambda i, o: _cal_result("applied"))
+    assert tasks.calibrate_and_check(inputs, None, CalQAThresholds())[1] == "verdict"
+    new = _calset()
+    monkeypatch.setattr(stage, "calibrate_group", lambda i, o: _cal_result("solved", new))
+    tasks.calibrate_and_check(inputs, None, CalQAThresholds())
+    assert gated == [(in_force, Path("x.ms")), (new, Path("x.ms"))], "new set first, else in force"
+    for fn in (tasks.convert_and_check, tasks.calibrate_and_check, tasks.image_and_check):
+        assert pickle.loads(pickle.dumps(fn)) is fn, "sent to workers by reference"
 
 
 async def test_shutdown_kill_abandons_running_stage():

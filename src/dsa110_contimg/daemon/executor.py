@@ -45,7 +45,7 @@ class TaskUsage:
                    peak_rss_mb=max(me.ru_maxrss, kids.ru_maxrss) / 1024.0)  # Linux: KiB
 
     def __add__(self, other: TaskUsage) -> TaskUsage:
-        """Two tasks of one stage (the stage, then its QA gate): CPU adds up, peaks do not."""
+        """Two tasks of one stage, one after the other: CPU adds up, peaks do not."""
         return TaskUsage(self.cpu_s + other.cpu_s, max(self.peak_rss_mb, other.peak_rss_mb))
 
 

@@ -1,6 +1,7 @@
-"""The scheduler: claims groups, runs each stage and its QA gate in the executor, decides.
+"""The scheduler: claims groups, runs each stage with its QA gate as one executor task, decides.
 
-Stages never touch the queue or alerting; this module does. Outcomes:
+Stages and gates never touch the queue, the registry or alerting; this module does, from
+the (result, verdict) pair the task returns (see ``tasks``). Outcomes:
 pass -> next state; BadInputError or a failed QA gate -> quarantined (re-running cannot help,
 an operator can `contimg requeue`); StageError or anything unexpected -> retry with backoff,
 then failed; CalibrationUnavailable -> held (no attempt used) under the stale policy.
@@ -29,6 +30,7 @@ from ..qa.result import QAResult, jsonable
 from .executor import StageExecutor, TaskUsage
 from .metrics import Metrics
 from .queue import Claim, GroupQueue
+from .tasks import calibrate_and_check, convert_and_check, image_and_check
 
 log = structlog.get_logger(__name__)
 
@@ -235,14 +237,14 @@ class Scheduler:
             log.warning("stale_staging_removed", paths=[str(p) for p in cleaned])
 
     async def _run(self, claim: Claim, fn: Any, *args: Any) -> Any:
-        """Run one task of the claimed stage in the executor, adding up what it cost."""
+        """Run a task of the claimed stage in the executor, adding up what it cost."""
         value, usage = await self.executor.run_measured(fn, *args, group_id=claim.group_id)
         so_far = self._usage.get(claim.group_id, _NO_USAGE)
         self._usage[claim.group_id] = None if usage is None or so_far is None else so_far + usage
         return value
 
-    async def _gate(self, stage: str, claim: Claim, fn: Any, *args: Any) -> QAResult:
-        qa: QAResult = await self._run(claim, fn, *args)
+    async def _judge(self, stage: str, claim: Claim, qa: QAResult) -> QAResult:
+        """Record a gate's verdict in qa.json; a failed gate stops the group (QAFailure)."""
         await asyncio.to_thread(write_qa_json, product_dir(self.s.paths.output_dir, claim.group_id),
                                 claim.group_id, stage, qa)
         if not qa.passed:
@@ -251,26 +253,22 @@ class Scheduler:
 
     # ------------------------------------------------------------------ stages
     async def _conversion(self, claim: Claim) -> tuple[dict, QAResult]:
-        from ..conversion.convert import ConversionInputs, convert_group
-        from ..qa.ms import check_ms_after_conversion
+        from ..conversion.convert import ConversionInputs
 
         p = self.s.paths
         inputs = ConversionInputs(group_id=claim.group_id,
                                   files=tuple(claim.files[k] for k in sorted(claim.files)),
                                   output_dir=p.output_dir, scratch_dir=p.scratch_dir,
                                   tmpfs_path=p.tmpfs_path)
-        res = await self._run(claim, convert_group, inputs, self.s.conversion)
-        expected = {"n_antennas": res.n_antennas, "phase_centre_ra_deg": res.phase_centre_ra_deg,
-                    "phase_centre_dec_deg": res.phase_centre_dec_deg}
-        qa = await self._gate("conversion", claim, check_ms_after_conversion, res.ms_path,
-                              self.s.qa_ms, expected)
+        res, qa = await self._run(claim, convert_and_check, inputs, self.s.conversion,
+                                  self.s.qa_ms)
+        qa = await self._judge("conversion", claim, qa)
         info = _asdict(res)
         await self.queue.set_flag(claim.group_id, "conversion", info)
         return info, qa
 
     async def _calibration(self, claim: Claim) -> tuple[dict, QAResult]:
-        from ..calibration.stage import CalibrationInputs, calibrate_group
-        from ..qa.calibration import check_calibration_quality
+        from ..calibration.stage import CalibrationInputs
 
         conv = claim.flags["conversion"]
         gid = claim.group_id
@@ -280,7 +278,8 @@ class Scheduler:
                                    caltable_dir=product_dir(self.s.paths.output_dir, gid) / "caltables",
                                    pointing_dec_deg=conv["pointing_dec_deg"],
                                    mid_mjd=conv["mid_mjd"], apply_set=apply_set)
-        res = await self._run(claim, calibrate_group, inputs, self.s.calibration)
+        res, qa = await self._run(claim, calibrate_and_check, inputs, self.s.calibration,
+                                  self.s.qa_cal)
         if res.mode == "uncalibrated":
             qa = QAResult("calibration", True, {"mode": "uncalibrated"},
                           warnings=("no valid calibration: imaged uncalibrated",))
@@ -290,10 +289,8 @@ class Scheduler:
                             f"Calibration stale: {gid} imaged uncalibrated",
                             "no valid calibration set; policy 'uncalibrated'", {"group_id": gid}))
         else:
-            calset = res.new_set or apply_set
             try:
-                qa = await self._gate("calibration", claim, check_calibration_quality, calset,
-                                      Path(conv["ms_path"]), self.s.qa_cal)
+                qa = await self._judge("calibration", claim, qa)
             except QAFailure:
                 if res.new_set is not None:
                     await self.registry.mark_failed(res.new_set.name, "calibration QA failed")
@@ -317,8 +314,7 @@ class Scheduler:
         return jsonable(info), qa
 
     async def _imaging(self, claim: Claim) -> tuple[dict, QAResult]:
-        from ..imaging.stage import ImagingInputs, image_group
-        from ..qa.image import check_image_quality
+        from ..imaging.stage import ImagingInputs
 
         conv = claim.flags["conversion"]
         cal = claim.flags.get("calibration", {})
@@ -328,7 +324,8 @@ class Scheduler:
         inputs = ImagingInputs(group_id=gid, ms_path=Path(conv["ms_path"]),
                                product_dir=product_dir(self.s.paths.output_dir, gid),
                                datacolumn=datacolumn, calibrator=calibrator)
-        res = await self._run(claim, image_group, inputs, self.s.imaging)
-        qa = await self._gate("imaging", claim, check_image_quality, res, self.s.qa_img, calibrator)
+        res, qa = await self._run(claim, image_and_check, inputs, self.s.imaging, self.s.qa_img,
+                                  calibrator)
+        qa = await self._judge("imaging", claim, qa)
         await self.catalog.record(res, qa)
         return _asdict(res), qa

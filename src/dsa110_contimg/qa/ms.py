@@ -1,8 +1,8 @@
 """QA gate after conversion: is this Measurement Set fit to calibrate and image?
 
-Uses python-casacore (``casacore.tables``), not casatools: the gate runs in its own worker
-process, reads columns straight into numpy with row ranges, and needs none of CASA's
-measures machinery. Cheap by construction: the per-row metadata (antennas, times, UVW:
+Uses python-casacore (``casacore.tables``), not casatools: the gate runs in the conversion's
+worker process (``daemon.tasks``), which already uses python-casacore, reads columns
+straight into numpy with row ranges, and needs none of CASA's measures machinery. Cheap by construction: the per-row metadata (antennas, times, UVW:
 a few MB even for a full group) and FLAG (stored as bits) are read whole; visibilities only
 for a few whole integrations spread over the group (``CONTIMG_QA_MS_SAMPLE_INTEGRATIONS``),
 one at a time, which is enough to see dead antennas, zeroed subbands and NaNs.
