@@ -187,7 +187,7 @@ def test_peeling_subtracts_the_fitted_source_from_the_visibilities(tiny_calibrat
     assert select_bright(tra, tdec, w, ref, s.dish_diameter_m, 0.0) == []  # 0: off
     with open_table(copy) as tb:
         before = tb.getcol("DATA")
-    (p,) = peel_sources(copy, bright, s.pointing_az_deg, s.pointing_alt_deg, ref,
+    (p,), _ = peel_sources(copy, bright, s.pointing_az_deg, s.pointing_alt_deg, ref,
                         s.dish_diameter_m, tra, tdec, w)
     cal = next(x for x in truth["sources"] if x["name"] == "3C286")
     assert p.flux_jy == pytest.approx(cal["flux_at_band_centre_jy"], rel=0.01)
@@ -197,9 +197,71 @@ def test_peeling_subtracts_the_fitted_source_from_the_visibilities(tiny_calibrat
     # the calibrator dominated the visibilities; what is left is the faint field and noise
     assert np.abs(after).mean() < 0.25 * np.abs(before).mean()
     # fitting again finds (almost) nothing more of it
-    (again,) = peel_sources(copy, bright, s.pointing_az_deg, s.pointing_alt_deg, ref,
+    (again,), _ = peel_sources(copy, bright, s.pointing_az_deg, s.pointing_alt_deg, ref,
                             s.dish_diameter_m, tra, tdec, w)
     assert abs(again.flux_jy) < 0.01 * p.flux_jy
+
+
+def _peel_setup(ms: Path, tmp_path: Path, name: str):
+    import casatasks
+
+    from dsa110_contimg.imaging.msinfo import pointing_icrs, summarize_ms
+    from dsa110_contimg.imaging.peel import select_bright
+
+    copy = tmp_path / name
+    casatasks.mstransform(vis=str(ms), outputvis=str(copy), datacolumn="corrected",
+                          keepflags=False)
+    s = summarize_ms(ms, "corrected")
+    tra, tdec = pointing_icrs(s.pointing_az_deg, s.pointing_alt_deg, np.asarray(s.array_itrf_m),
+                              np.asarray(s.times_mjd_s))
+    w = np.asarray(s.time_weights)
+    ref = (s.freq_min_hz + s.freq_max_hz) / 2
+    bright = select_bright(tra, tdec, w, ref, s.dish_diameter_m, 0.5)
+    args = (bright, s.pointing_az_deg, s.pointing_alt_deg, ref, s.dish_diameter_m, tra, tdec, w)
+    return copy, args
+
+
+def test_phase_selfcal_on_the_peeled_source_removes_antenna_phase_errors(tiny_calibrated_ms,
+                                                                           tmp_path):
+    """Phase errors injected per antenna and integration (15 deg rms) are measured on 3C286
+    and taken out: the fit and the residual match those of the clean copy."""
+    from dsa110_contimg.calibration.casarun import open_table
+    from dsa110_contimg.imaging.peel import peel_sources
+
+    ms, _ = tiny_calibrated_ms
+    clean, args = _peel_setup(ms, tmp_path, "clean.ms")
+    corrupt, _ = _peel_setup(ms, tmp_path, "corrupt.ms")
+    plain, _ = _peel_setup(ms, tmp_path, "plain.ms")
+    phi = np.radians(np.random.default_rng(7).normal(0, 15, (100, 128)))
+    for path in (corrupt, plain):
+        with open_table(path, readonly=False) as tb:
+            t, a1, a2 = tb.getcol("TIME"), tb.getcol("ANTENNA1"), tb.getcol("ANTENNA2")
+            it = np.unique(t, return_inverse=True)[1]
+            turn = np.exp(1j * (phi[it, a1] - phi[it, a2]))
+            tb.putcol("DATA", tb.getcol("DATA") * turn[None, None])
+    (ref,), sc_ref = peel_sources(clean, *args)
+    (fixed,), sc = peel_sources(corrupt, *args, selfcal_min_jy=1.0)
+    (unfixed,), sc_off = peel_sources(plain, *args)
+    assert not sc_ref["applied"] and not sc_off["applied"] and sc["applied"]
+    assert sc["phase_rms_deg"] == pytest.approx(15, rel=0.3)
+    assert fixed.flux_jy == pytest.approx(ref.flux_jy, rel=0.003)
+    assert unfixed.flux_jy < 0.98 * ref.flux_jy  # what the errors cost without self-calibration
+    with open_table(clean) as ta, open_table(corrupt) as tb_:
+        r_ref, r_fix = np.abs(ta.getcol("DATA")).mean(), np.abs(tb_.getcol("DATA")).mean()
+    assert r_fix == pytest.approx(r_ref, rel=0.03)
+
+
+def test_phase_gains_and_integration_chunks():
+    from dsa110_contimg.imaging.peel import integration_chunks, phase_gains
+
+    rng = np.random.default_rng(1)
+    g = np.exp(1j * rng.uniform(-np.pi, np.pi, 20))
+    a1, a2 = np.triu_indices(20, 1)
+    est = phase_gains(g[a1] * np.conj(g[a2]) * rng.uniform(0.5, 2, len(a1)), a1, a2, 20)
+    r = est * np.conj(g)
+    assert np.abs(np.angle(r / r[0])).max() < 1e-5
+    assert integration_chunks(np.repeat([1.0, 2, 3, 4], 5), 12) == [(0, 10), (10, 20)]
+    assert integration_chunks(np.array([1.0, 2, 1]), 8) is None  # not time-ordered
 
 
 def test_rerun_is_skipped_and_a_new_tier_reimages(imaged):

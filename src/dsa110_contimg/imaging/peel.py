@@ -13,8 +13,11 @@ flux through the drift-averaged beam exceeds ``CONTIMG_IMG_PEEL_MIN_APPARENT_JY`
 1. its flux density is fitted to the calibrated visibilities in ~16 frequency blocks (weighted
    linear least squares, jointly for all such sources), with the beam applied per integration
    and channel;
-2. the fitted model is subtracted from the copy, which tclean then images;
-3. after export, each source inside the image is added back to the restored image as a
+2. in a group calibrated with gains carried over from an earlier group, the copy is first
+   phase-self-calibrated on that model (per integration and polarisation; carried-over gains
+   drift by degrees in five minutes) and the fluxes are fitted again;
+3. the fitted model is subtracted from the copy, which tclean then images;
+4. after export, each source inside the image is added back to the restored image as a
    restoring-beam Gaussian whose peak is its fitted flux at the reference frequency times the
    drift-averaged beam at its position, exactly what the primary-beam correction divides by.
 
@@ -104,12 +107,55 @@ def _spectrum(freqs: np.ndarray, fluxes: np.ndarray, weight: np.ndarray, ref_hz:
     return 0.0, fallback_index
 
 
+def integration_chunks(times: np.ndarray, max_rows: int) -> list[tuple[int, int]] | None:
+    """Row ranges [start, stop) made of whole integrations, about ``max_rows`` each; None when
+    an integration's rows are not contiguous (the MS is not time-ordered)."""
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(times) != 0) + 1, [len(times)]])
+    if len(np.unique(times)) != len(bounds) - 1:
+        return None
+    out, start = [], 0
+    for b0, b1 in zip(bounds[:-1], bounds[1:], strict=True):
+        if b1 - start > max_rows and b0 > start:
+            out.append((start, int(b0)))
+            start = int(b0)
+    out.append((start, len(times)))
+    return out
+
+
+def phase_gains(x: np.ndarray, a1: np.ndarray, a2: np.ndarray, nant: int,
+                iterations: int = 100, tol: float = 1e-7) -> np.ndarray:
+    """Unit-modulus antenna gains g with x_ab ~ g_a conj(g_b) |x_ab| (alternating least squares).
+
+    ``x`` is, per baseline, sum over channels of w conj(model) data; antennas without data keep
+    g = 1. The overall phase is arbitrary and cancels in g_a conj(g_b)."""
+    g = np.ones(nant, dtype=complex)
+    for _ in range(iterations):
+        s = (np.bincount(a1, weights=(x * g[a2]).real, minlength=nant)
+             + 1j * np.bincount(a1, weights=(x * g[a2]).imag, minlength=nant)
+             + np.bincount(a2, weights=(np.conj(x) * g[a1]).real, minlength=nant)
+             + 1j * np.bincount(a2, weights=(np.conj(x) * g[a1]).imag, minlength=nant))
+        mag = np.abs(s)
+        new = np.where(mag > 0, s / np.where(mag > 0, mag, 1.0), g)
+        new = g + new  # damped: the midpoint, back onto the unit circle
+        new /= np.where(np.abs(new) > 0, np.abs(new), 1.0)
+        if np.max(np.abs(new - g)) < tol:
+            return new
+        g = new
+    return g
+
+
 def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: float,
                  ref_freq_hz: float, diameter_m: float, track_ra_deg: np.ndarray,
-                 track_dec_deg: np.ndarray, weights: np.ndarray) -> list[PeeledSource]:
-    """Fit ``sources`` to DATA of ``ms`` and subtract them in place (see the module docstring)."""
+                 track_dec_deg: np.ndarray, weights: np.ndarray,
+                 selfcal_min_jy: float = float("inf")) -> tuple[list[PeeledSource], dict[str, Any]]:
+    """Fit ``sources`` to DATA of ``ms`` and subtract them in place (see the module docstring).
+
+    When their apparent flux adds up to ``selfcal_min_jy`` or more, the data are first
+    phase-self-calibrated on them, per integration and polarisation (gains carried over from
+    an earlier group drift by degrees in five minutes; a source of several Jy measures that
+    to a fraction of a degree, and the correction helps every source in the field)."""
     if not sources:
-        return []
+        return [], {"applied": False}
     t0 = time.perf_counter()
     info = read_ms_info(ms)
     freqs = info.freqs_hz
@@ -118,6 +164,9 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
     beams = [beam_along_drift(s.ra_deg, s.dec_deg, info, az_deg, alt_deg, diameter_m)
              for s in sources]
     lmns = [direction_cosines(s.ra_deg, s.dec_deg, *info.phase_centre_deg) for s in sources]
+    drift = drift_averaged_beam(np.array([s.ra_deg for s in sources]),
+                                np.array([s.dec_deg for s in sources]), track_ra_deg,
+                                track_dec_deg, weights, ref_freq_hz, diameter_m)
 
     def models(tb: Any, start: int, nrow: int) -> np.ndarray:
         it = rows_to_integrations(info.times_mjd, tb.getcol("TIME", start, nrow))
@@ -125,43 +174,82 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         return np.stack([unit_point_vis(uvw, lmn, freqs, b[it]) for lmn, b in zip(lmns, beams,
                                                                                   strict=True)])
 
-    normal = np.zeros((nblk, nsrc, nsrc))
-    rhs = np.zeros((nblk, nsrc))
-    with open_table(ms, readonly=False) as tb:
-        n = int(tb.nrows())
-        for start in range(0, n, _ROWS_PER_CHUNK):
-            nrow = min(_ROWS_PER_CHUNK, n - start)
-            data = tb.getcol("DATA", start, nrow)  # (npol, nchan, nrow)
-            ok = ~tb.getcol("FLAG", start, nrow) & np.isfinite(data)
-            wt = np.where(ok, tb.getcol("WEIGHT", start, nrow)[:, None, :], 0.0)
-            m = models(tb, start, nrow)  # (nsrc, nchan, nrow)
-            wsum = wt.sum(axis=0)  # the model is the same in both polarisations
-            z = (wt * np.where(ok, data, 0)).sum(axis=0)
-            for k in range(nsrc):
-                rhs[:, k] += np.add.reduceat((np.conj(m[k]) * z).real.sum(axis=1), starts)
-                for j in range(k, nsrc):
-                    v = np.add.reduceat((wsum * (np.conj(m[k]) * m[j]).real).sum(axis=1), starts)
-                    normal[:, k, j] += v
-                    if j != k:
-                        normal[:, j, k] += v
+    def read(tb: Any, start: int, nrow: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        data = tb.getcol("DATA", start, nrow)  # (npol, nchan, nrow)
+        ok = ~tb.getcol("FLAG", start, nrow) & np.isfinite(data)
+        wt = np.where(ok, tb.getcol("WEIGHT", start, nrow)[:, None, :], 0.0)
+        return data, np.where(ok, data, 0), wt
+
+    def accumulate(m: np.ndarray, clean: np.ndarray, wt: np.ndarray,
+                   normal: np.ndarray, rhs: np.ndarray) -> None:
+        wsum = wt.sum(axis=0)  # the model is the same in both polarisations
+        z = (wt * clean).sum(axis=0)
+        for k in range(nsrc):
+            rhs[:, k] += np.add.reduceat((np.conj(m[k]) * z).real.sum(axis=1), starts)
+            for j in range(k, nsrc):
+                v = np.add.reduceat((wsum * (np.conj(m[k]) * m[j]).real).sum(axis=1), starts)
+                normal[:, k, j] += v
+                if j != k:
+                    normal[:, j, k] += v
+
+    def solve(normal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         flux = np.zeros((nblk, nsrc))
         for b in range(nblk):
-            diag = np.diag(normal[b])
-            if np.all(diag > 0):
+            if np.all(np.diag(normal[b]) > 0):
                 flux[b] = np.linalg.lstsq(normal[b], rhs[b], rcond=None)[0]
-        per_chan = flux[np.searchsorted(starts, np.arange(len(freqs)), side="right") - 1]
-        for start in range(0, n, _ROWS_PER_CHUNK):
-            nrow = min(_ROWS_PER_CHUNK, n - start)
-            m = models(tb, start, nrow)
+        return flux
+
+    chan_block = np.searchsorted(starts, np.arange(len(freqs)), side="right") - 1
+    selfcal: dict[str, Any] = {"applied": False}
+    with open_table(ms, readonly=False) as tb:
+        n = int(tb.nrows())
+        chunks = integration_chunks(tb.getcol("TIME"), _ROWS_PER_CHUNK) or [
+            (s0, min(n, s0 + _ROWS_PER_CHUNK)) for s0 in range(0, n, _ROWS_PER_CHUNK)]
+        normal, rhs = np.zeros((nblk, nsrc, nsrc)), np.zeros((nblk, nsrc))
+        for s0, s1 in chunks:
+            data, clean, wt = read(tb, s0, s1 - s0)
+            accumulate(models(tb, s0, s1 - s0), clean, wt, normal, rhs)
+        flux = solve(normal, rhs)
+        apparent = float(np.sum(np.maximum(flux.mean(axis=0), 0.0) * drift))
+        contiguous = integration_chunks(tb.getcol("TIME"), _ROWS_PER_CHUNK) is not None
+        if apparent >= selfcal_min_jy and contiguous:
+            nant = len(info.antenna_names)
+            normal, rhs = np.zeros((nblk, nsrc, nsrc)), np.zeros((nblk, nsrc))
+            phases = []
+            for s0, s1 in chunks:
+                nrow = s1 - s0
+                data, clean, wt = read(tb, s0, nrow)
+                m = models(tb, s0, nrow)
+                model = np.einsum("ck,kcr->cr", flux[chan_block], m)
+                times = tb.getcol("TIME", s0, nrow)
+                a1, a2 = tb.getcol("ANTENNA1", s0, nrow), tb.getcol("ANTENNA2", s0, nrow)
+                x = (wt * np.conj(model)[None] * clean).sum(axis=1)  # (npol, nrow)
+                corr = np.ones((data.shape[0], nrow), dtype=complex)
+                for t in np.unique(times):
+                    rows = np.flatnonzero(times == t)
+                    for p in range(data.shape[0]):
+                        g = phase_gains(x[p, rows], a1[rows], a2[rows], nant)
+                        corr[p, rows] = np.conj(g[a1[rows]]) * g[a2[rows]]
+                        live = g[np.unique(np.concatenate([a1[rows], a2[rows]]))]
+                        phases.append(np.angle(live * np.exp(-1j * np.angle(live.mean()))))
+                data = (data * corr[:, None, :]).astype(data.dtype)
+                tb.putcol("DATA", data, s0, nrow)
+                accumulate(m, np.where(wt > 0, data, 0), wt, normal, rhs)
+            flux = solve(normal, rhs)
+            spread = np.concatenate(phases) if phases else np.zeros(1)
+            selfcal = {"applied": True, "apparent_jy": round(apparent, 3),
+                       "phase_rms_deg": round(float(np.degrees(np.sqrt(np.mean(spread ** 2)))), 3)}
+        elif apparent >= selfcal_min_jy:
+            log.warning("imaging.selfcal_skipped", ms=str(ms), reason="rows not time-ordered")
+        per_chan = flux[chan_block]
+        for s0, s1 in chunks:
+            m = models(tb, s0, s1 - s0)
             model = np.einsum("ck,kcr->cr", per_chan, m)
-            data = tb.getcol("DATA", start, nrow)
-            tb.putcol("DATA", (data - model[None]).astype(data.dtype), start, nrow)
+            data = tb.getcol("DATA", s0, s1 - s0)
+            tb.putcol("DATA", (data - model[None]).astype(data.dtype), s0, s1 - s0)
     if not np.isfinite(flux).all():
         raise StageError(f"bright-source fit on {ms} gave non-finite fluxes")
     block_freqs = np.add.reduceat(freqs, starts) / np.diff(np.append(starts, len(freqs)))
-    drift = drift_averaged_beam(np.array([s.ra_deg for s in sources]),
-                                np.array([s.dec_deg for s in sources]), track_ra_deg,
-                                track_dec_deg, weights, ref_freq_hz, diameter_m)
     out = []
     for k, s in enumerate(sources):
         s_ref, alpha = _spectrum(block_freqs, flux[:, k], np.array([normal[b, k, k] for b in range(nblk)]),
@@ -169,8 +257,8 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         out.append(PeeledSource(s.name, s.ra_deg, s.dec_deg, s.flux_at(ref_freq_hz), s_ref, alpha,
                                 float(drift[k]), tuple(float(v) for v in flux[:, k])))
     log.info("imaging.peeled", ms=str(ms), duration_s=round(time.perf_counter() - t0, 2),
-             sources={p.name: round(p.flux_jy, 3) for p in out})
-    return out
+             sources={p.name: round(p.flux_jy, 3) for p in out}, selfcal=selfcal)
+    return out, selfcal
 
 
 def restore_sources(image_fits: Path, peeled: list[PeeledSource], bmaj_arcsec: float,

@@ -86,6 +86,7 @@ class ImagingResult:
     plan: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     peeled: list[dict[str, Any]] = field(default_factory=list)  # see imaging.peel
+    selfcal: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -177,6 +178,16 @@ def image_group(inputs: ImagingInputs, options: ImagingOptions) -> ImagingResult
     return result
 
 
+def _selfcal_threshold(inputs: ImagingInputs, options: ImagingOptions) -> float:
+    """Self-calibrate only groups whose gains came from an earlier group (they drift by
+    degrees in minutes). A group that solved on its own calibrator has nothing to gain, and
+    phase solutions against a model that lacks the field would only absorb part of the field
+    (flux suppression)."""
+    if inputs.calibrator is not None or options.selfcal_min_apparent_jy <= 0:
+        return float("inf")
+    return options.selfcal_min_apparent_jy
+
+
 def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, staging: Path,
            stem: str, names: dict[str, Path], t0: float) -> ImagingResult:
     timings: dict[str, float] = {}
@@ -203,6 +214,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         bright = select_bright(track_ra, track_dec, tweights, plan.ref_freq_hz,
                                summary.dish_diameter_m, options.peel_min_apparent_jy)
     peeled: list[PeeledSource] = []
+    selfcal: dict[str, Any] = {"applied": False}
     if options.max_smearing_loss > 0 or bright:
         chanbin = plan.chanbin if options.max_smearing_loss > 0 else 1
         copy = make_imaging_copy(ms_path, staging / f"{stem}.img.ms", inputs.datacolumn,
@@ -210,9 +222,10 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         params.update(vis=str(copy), datacolumn="data")
         lap("imaging_copy")
         if bright:
-            peeled = peel_sources(copy, bright, summary.pointing_az_deg, summary.pointing_alt_deg,
-                                  plan.ref_freq_hz, summary.dish_diameter_m, track_ra, track_dec,
-                                  tweights)
+            peeled, selfcal = peel_sources(copy, bright, summary.pointing_az_deg,
+                                           summary.pointing_alt_deg, plan.ref_freq_hz,
+                                           summary.dish_diameter_m, track_ra, track_dec, tweights,
+                                           _selfcal_threshold(inputs, options))
             lap("peel")
     try:
         out = run_tclean(params)
@@ -298,7 +311,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         skipped=False, tier=plan.tier, noise_expected_jy=plan.noise_expected_jy,
         tclean_s=out.duration_s, iterdone=out.iterdone, nmajordone=out.nmajordone,
         stopreason=out.stopreason, plan=plan.as_dict(), timings_s=timings,
-        peeled=[p.as_dict() for p in peeled])
+        peeled=[p.as_dict() for p in peeled], selfcal=selfcal)
     record = {"version": RECORD_VERSION, "fingerprint": options_fingerprint(options, inputs.datacolumn),
               "ms_mtime": mtime, "ms_path": str(ms_path), "pointing_source": summary.pointing_source,
               "result": result.as_dict()}
