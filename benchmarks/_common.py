@@ -39,7 +39,12 @@ def simulate(group_dir: Path, preset: str, groups: int, fresh: bool = False) -> 
         truths = sorted(group_dir.glob("*_truth.json"))
     else:
         print(f"reusing the simulated groups in {group_dir}", flush=True)
-    return [json.loads(p.read_text()) for p in truths[:groups]]
+    from dsa110_contimg.simulate.survey import CATALOGUE_NAME, write_survey_catalogue
+
+    out = [json.loads(p.read_text()) for p in truths[:groups]]
+    if not (group_dir / CATALOGUE_NAME).exists():  # simulated before the simulator wrote one
+        write_survey_catalogue(group_dir / CATALOGUE_NAME, out[0]["sources"], seed=out[0]["seed"])
+    return out
 
 
 def group_seconds(truth: dict) -> float:
@@ -60,9 +65,12 @@ def daemon_dirs(work: Path) -> dict[str, Path]:
     return dirs
 
 
-def daemon_env(dirs: dict[str, Path], max_workers: int) -> dict[str, str]:
-    """The daemon's settings for a benchmark: fast file stability, no API, JSON logs."""
-    return {**os.environ, "CONTIMG_INPUT_DIR": str(dirs["incoming"]),
+def daemon_env(dirs: dict[str, Path], max_workers: int,
+               catalogue: Path | None = None) -> dict[str, str]:
+    """The daemon's settings for a benchmark: fast file stability, no API, JSON logs, and the
+    simulated sky's survey catalogue as the calibration field model when there is one."""
+    extra = {"CONTIMG_CAL_FIELD_CATALOGUE": str(catalogue)} if catalogue and catalogue.exists() else {}
+    return {**os.environ, **extra, "CONTIMG_INPUT_DIR": str(dirs["incoming"]),
             "CONTIMG_OUTPUT_DIR": str(dirs["products"]), "CONTIMG_STATE_DIR": str(dirs["state"]),
             "CONTIMG_SCRATCH_DIR": str(dirs["scratch"]), "CONTIMG_FILE_STABLE_S": "1",
             "CONTIMG_API_ENABLED": "false", "CONTIMG_CAL_HOLD_RETRY_S": "5",
@@ -99,7 +107,7 @@ def run_daemon(group_dir: Path, truths: list[dict], work: Path, arrival: str,
     ``realtime`` drops group k at k x ``spacing_s`` and stops the daemon (SIGTERM) once every
     group has reached a final state."""
     dirs = daemon_dirs(work)
-    env = daemon_env(dirs, max_workers)
+    env = daemon_env(dirs, max_workers, group_dir / "sky_catalogue.csv")
     arrivals: dict[str, float] = {}
     if arrival == "burst":
         for t in truths:

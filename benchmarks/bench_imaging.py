@@ -37,6 +37,7 @@ def main() -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--ms", type=Path, help="an MS to image (left untouched)")
     src.add_argument("--preset", choices=("tiny", "small", "full"))
+    ap.add_argument("--field-catalogue", help="survey catalogue CSV whose sources are peeled too")
     ap.add_argument("--tier", default="standard", choices=("quick", "standard", "deep"))
     ap.add_argument("--datacolumn", default="corrected", choices=("corrected", "data"))
     ap.add_argument("--calibrator", default="3C286", help="catalogue name for the QA flux check")
@@ -91,7 +92,7 @@ def main() -> int:
         if args.wproj_max_phase:
             options = replace(options, wproj_max_phase_rad=args.wproj_max_phase)
         inputs = ImagingInputs(gid, ms, product_dir(work / "images", gid), args.datacolumn,
-                               args.calibrator)
+                               args.calibrator, args.field_catalogue)
         t0 = time.perf_counter()
         result = image_group(inputs, options)
         report["image_group_s"] = round(time.perf_counter() - t0, 1)

@@ -32,6 +32,8 @@ def main() -> int:
     print("== 1. simulate two tiny groups (the first with 3C286 transiting)")
     subprocess.run([contimg, "simulate", str(incoming), "--preset", "tiny", "--groups", "2"],
                    check=True, env=env)
+    # the simulated sky's survey catalogue models the field in the calibration solve
+    env["CONTIMG_CAL_FIELD_CATALOGUE"] = str(incoming / "sky_catalogue.csv")
     print("== 2. CASA offline check")
     subprocess.run([contimg, "casa-check"], check=True, env=env)
     if importlib.util.find_spec("dsa110_contimg.daemon.service") is None:

@@ -101,6 +101,10 @@ def _cross_check(s: Settings) -> None:
         raise ConfigError("CONTIMG_DISK_CRIT_GB: must not exceed CONTIMG_DISK_WARN_GB")
     if s.ingest.min_subbands > s.ingest.expected_subbands:
         raise ConfigError("CONTIMG_MIN_SUBBANDS: must not exceed CONTIMG_EXPECTED_SUBBANDS")
+    if s.calibration.field_catalogue:
+        from .calibration.catalog import load_sky_catalogue
+
+        load_sky_catalogue(s.calibration.field_catalogue)  # ConfigError now, not per group later
     ex = s.executor.executor
     if ex != "local" and not ex.startswith("dask://") and not ex.startswith("tcp://"):
         raise ConfigError(f"CONTIMG_EXECUTOR: {ex!r} is neither 'local' nor 'dask://host:port'")

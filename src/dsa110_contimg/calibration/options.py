@@ -15,6 +15,8 @@ class CalibrationOptions:
     uvrange: str = setting("CONTIMG_CAL_UVRANGE", ">100m", "uv-range used for solves (CASA syntax; empty for all)")
     gain_solint: str = setting("CONTIMG_CAL_GAIN_SOLINT", "int", "Solution interval of the gain (G) solves")
     solve_max_chan_width_hz: float = setting("CONTIMG_CAL_SOLVE_MAX_CHAN_WIDTH_HZ", 1.0e6, "Solve on a copy with channels averaged up to this width (Hz; 0: native): the bandpass keeps this resolution and is interpolated onto the native channels when applied", minimum=0)
+    field_catalogue: str = setting("CONTIMG_CAL_FIELD_CATALOGUE", "", "Survey catalogue (CSV: name, ra_deg, dec_deg, flux_jy[, spectral_index, ref_freq_hz]; e.g. an NVSS extract) whose sources join the calibrator in the solve model, so the gains do not absorb the field (empty: calibrator only)")
+    field_min_apparent_jy: float = setting("CONTIMG_CAL_FIELD_MIN_APPARENT_JY", 0.02, "Catalogue sources at least this bright through the beam (Jy) join the solve model", minimum=0)
     flag_tfcrop_timecutoff: float = setting("CONTIMG_FLAG_TFCROP_TIMECUTOFF", 4.0, "tfcrop time cut-off (sigma)", minimum=0)
     flag_tfcrop_freqcutoff: float = setting("CONTIMG_FLAG_TFCROP_FREQCUTOFF", 4.0, "tfcrop frequency cut-off (sigma)", minimum=0)
     flag_rflag_timedevscale: float = setting("CONTIMG_FLAG_RFLAG_TIMEDEVSCALE", 5.0, "rflag timedevscale", minimum=0)

@@ -15,6 +15,7 @@ no separate rephasing pass is needed to solve on it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ import structlog
 from ..simulate.array import DISH_DIAMETER_M, OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG
 from ..simulate.sky import C_M_S, airy_power, enu_unit, pointing_altaz
 from .casarun import MJD_S, MSInfo, open_table, read_ms_info
-from .catalog import Calibrator, load_calibrators
+from .catalog import Calibrator, angular_separation_deg, load_calibrators
 from .options import CalibrationOptions
 
 log = structlog.get_logger(__name__)
@@ -153,13 +154,33 @@ def beam_along_drift(ra_deg: float, dec_deg: float, info: MSInfo, az_deg: float,
 
 
 def unit_point_vis(uvw: np.ndarray, lmn: tuple[float, float, float], freqs_hz: np.ndarray,
-                   beam_rows: np.ndarray) -> np.ndarray:
+                   beam_rows: np.ndarray, dtype: type = complex) -> np.ndarray:
     """Visibilities (nchan, nrow) of a 1 Jy point source at ``lmn`` seen through ``beam_rows``
     (nrow, nchan): the sign and frame of ``ft`` (see :func:`write_model`)."""
     l_, m_, n_ = lmn
     path = uvw[0] * l_ + uvw[1] * m_ + uvw[2] * (n_ - 1.0)  # metres, (nrow,)
-    k = 2.0 * np.pi * np.asarray(freqs_hz) / C_M_S  # rad per metre, per channel
-    return beam_rows.T * np.exp(1j * k[:, None] * path[None, :])
+    out = phasors(path, np.asarray(freqs_hz, dtype=float), dtype)
+    out *= beam_rows.T
+    return out
+
+
+def phasors(path_m: np.ndarray, freqs_hz: np.ndarray, dtype: type = complex,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """exp(2 pi i nu path / c), shape (nchan, nrow). Evenly spaced channels (every MS this
+    pipeline writes) are stepped by one complex multiply per channel instead of an exp per
+    value, ~5x cheaper; the rounding after 768 steps is ~1e-13 rad."""
+    k = 2.0 * np.pi * freqs_hz / C_M_S  # rad per metre, per channel
+    d = np.diff(freqs_hz)
+    if out is None:
+        out = np.empty((len(freqs_hz), len(path_m)), dtype=dtype)
+    if len(freqs_hz) < 3 or not np.allclose(d, d[0], rtol=1e-9, atol=1e-3):
+        out[:] = np.exp(1j * k[:, None] * path_m[None, :])
+        return out
+    out[0] = np.exp(1j * k[0] * path_m)
+    step = np.exp(1j * (k[1] - k[0]) * path_m).astype(dtype)
+    for c in range(1, len(freqs_hz)):
+        np.multiply(out[c - 1], step, out=out[c])
+    return out
 
 
 def rows_to_integrations(times_mjd: np.ndarray, row_time_s: np.ndarray) -> np.ndarray:
@@ -225,10 +246,11 @@ def averaging_factor(path_m: np.ndarray, n_avg: int, native_width_hz: float) -> 
 
 def write_model(ms: Path, cal: Calibrator, pointing_dec_deg: float,
                 info: MSInfo | None = None, n_avg: int = 1,
-                native_width_hz: float = 0.0) -> dict[str, Any]:
-    """MODEL_DATA = S(nu) B(t, nu) exp(+2 pi i (u l + v m + w (n - 1)) nu / c) for ``cal``.
+                native_width_hz: float = 0.0, field: Sequence[Calibrator] = ()) -> dict[str, Any]:
+    """MODEL_DATA = sum over ``cal`` and ``field`` of
+    S(nu) B(t, nu) exp(+2 pi i (u l + v m + w (n - 1)) nu / c).
 
-    This is exactly what ``ft`` of a one-component list (point source, catalogue flux and
+    This is exactly what ``ft`` of a component list (point sources, catalogue flux and
     spectral index) writes - the sign and frame were checked against ft (tests) - times the
     primary beam per integration and channel, computed in one pass: ft + a rescaling pass
     would write MODEL_DATA, read it back and write it again (52 s instead of ~15 s at full size).
@@ -238,10 +260,10 @@ def write_model(ms: Path, cal: Calibrator, pointing_dec_deg: float,
     t0 = time.perf_counter()
     info = info or read_ms_info(ms)
     freqs = info.freqs_hz
-    spectrum = np.array([cal.flux_at(f) for f in freqs])
-    beam = beam_response(cal, info, pointing_dec_deg)  # (ntime, nchan)
-    lmn = direction_cosines(cal.ra_deg, cal.dec_deg, *info.phase_centre_deg)
-    n_ = lmn[2]
+    sources = [cal, *field]
+    spectra = [np.array([s.flux_at(f) for f in freqs]) for s in sources]
+    beams = [beam_response(s, info, pointing_dec_deg) for s in sources]  # (ntime, nchan) each
+    lmns = [direction_cosines(s.ra_deg, s.dec_deg, *info.phase_centre_deg) for s in sources]
     with open_table(ms, readonly=False) as tb:
         npol = int(tb.getcell("DATA", 0).shape[0])
         _ensure_model_column(tb, npol, len(freqs))
@@ -250,16 +272,42 @@ def write_model(ms: Path, cal: Calibrator, pointing_dec_deg: float,
             nrow = min(_ROWS_PER_CHUNK, n - start)
             it = rows_to_integrations(info.times_mjd, tb.getcol("TIME", start, nrow))
             uvw = tb.getcol("UVW", start, nrow)  # (3, nrow)
-            vis = spectrum[:, None] * unit_point_vis(uvw, lmn, freqs, beam[it])
-            if n_avg > 1:
-                path = uvw[0] * lmn[0] + uvw[1] * lmn[1] + uvw[2] * (n_ - 1.0)
-                vis *= averaging_factor(path, n_avg, native_width_hz)[None, :]
+            vis = np.zeros((len(freqs), nrow), dtype=complex)
+            for spectrum, beam, lmn in zip(spectra, beams, lmns, strict=True):
+                one = spectrum[:, None] * unit_point_vis(uvw, lmn, freqs, beam[it])
+                if n_avg > 1:
+                    path = uvw[0] * lmn[0] + uvw[1] * lmn[1] + uvw[2] * (lmn[2] - 1.0)
+                    one *= averaging_factor(path, n_avg, native_width_hz)[None, :]
+                vis += one
             tb.putcol("MODEL_DATA", np.broadcast_to(vis.astype(np.complex64), (npol,) + vis.shape),
                       start, nrow)
+    beam = beams[0]
     facts = {"calibrator": cal.name, "flux_jy": cal.flux_jy, "spectral_index": cal.spectral_index,
              "ref_freq_hz": cal.ref_freq_hz, "offset_from_phase_centre_deg":
-             float(np.degrees(np.arccos(np.clip(n_, -1, 1)))), "beam_min": float(beam.min()),
-             "beam_max": float(beam.max()), "duration_s": time.perf_counter() - t0}
+             float(np.degrees(np.arccos(np.clip(lmns[0][2], -1, 1)))), "beam_min": float(beam.min()),
+             "beam_max": float(beam.max()), "field_sources": len(field),
+             "field_apparent_jy": float(sum(sp.mean() * b.mean() for sp, b in
+                                            zip(spectra[1:], beams[1:], strict=True))),
+             "duration_s": time.perf_counter() - t0}
     log.info("model_written", ms=str(ms), **{k_: (round(v, 4) if isinstance(v, float) else v)
                                             for k_, v in facts.items()})
     return facts
+
+
+def field_sources(catalogue: Sequence[Calibrator], cal: Calibrator, info: MSInfo,
+                  pointing_dec_deg: float, min_apparent_jy: float,
+                  radius_deg: float = 6.0) -> list[Calibrator]:
+    """Catalogue sources other than ``cal`` whose mean apparent flux over the group (beam per
+    integration, band centre) is at least ``min_apparent_jy``, brightest first."""
+    centre = info.phase_centre_deg
+    near = [s for s in catalogue
+            if angular_separation_deg(s.ra_deg, s.dec_deg, *centre) < radius_deg
+            and angular_separation_deg(s.ra_deg, s.dec_deg, cal.ra_deg, cal.dec_deg) > 1 / 60]
+    fc = float(np.median(info.freqs_hz))
+    probe = dataclasses.replace(info, freqs_hz=np.array([fc]))
+    out = []
+    for s in near:
+        apparent = s.flux_at(fc) * float(beam_response(s, probe, pointing_dec_deg).mean())
+        if apparent >= min_apparent_jy:
+            out.append((apparent, s))
+    return [s for _, s in sorted(out, key=lambda x: -x[0])]

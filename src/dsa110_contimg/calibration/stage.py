@@ -38,10 +38,10 @@ from ..products import safe_stem
 from .apply import apply_calset
 from .calset import BANDPASS_KINDS, CalSet, CalTable
 from .casarun import MSInfo, open_table, read_ms_info, run_task
-from .catalog import Calibrator
+from .catalog import Calibrator, load_sky_catalogue
 from .flagging import FlagReport, flag_ms
 from .options import CalibrationOptions
-from .skymodel import find_transiting_calibrator, write_model
+from .skymodel import field_sources, find_transiting_calibrator, write_model
 from .solve import choose_refant, solve_tables
 
 log = structlog.get_logger(__name__)
@@ -188,7 +188,11 @@ def _solve(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
         if len(sinfo.freqs_hz) * n_avg != len(info.freqs_hz):
             raise StageError(f"the solve copy has {len(sinfo.freqs_hz)} channels, expected "
                              f"{len(info.freqs_hz)} / {n_avg}")
-        model = write_model(scratch, cal, inputs.pointing_dec_deg, sinfo, n_avg, native)
+        field = []
+        if options.field_catalogue:
+            field = field_sources(load_sky_catalogue(options.field_catalogue), cal, sinfo,
+                                  inputs.pointing_dec_deg, options.field_min_apparent_jy)
+        model = write_model(scratch, cal, inputs.pointing_dec_deg, sinfo, n_avg, native, field)
         durations["model"] = time.perf_counter() - t0
         solved = solve_tables(scratch, caldir, stem, refant, options, live)
         durations.update(solved.durations)

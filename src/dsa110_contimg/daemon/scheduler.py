@@ -323,7 +323,8 @@ class Scheduler:
         calibrator = cal.get("calibrator") if cal.get("mode") == "solved" else None
         inputs = ImagingInputs(group_id=gid, ms_path=Path(conv["ms_path"]),
                                product_dir=product_dir(self.s.paths.output_dir, gid),
-                               datacolumn=datacolumn, calibrator=calibrator)
+                               datacolumn=datacolumn, calibrator=calibrator,
+                               field_catalogue=self.s.calibration.field_catalogue or None)
         res, qa = await self._run(claim, image_and_check, inputs, self.s.imaging, self.s.qa_img,
                                   calibrator)
         qa = await self._judge("imaging", claim, qa)

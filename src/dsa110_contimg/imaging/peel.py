@@ -7,8 +7,10 @@ Jy that mismatch leaves an east-west stripe at ~1 % of its flux, which biased ne
 sets the number of major cycles. The beam along the drift is known: it is the Airy model that
 the calibration sky model and the primary-beam correction already use.
 
-So, on the imaging copy (never on the group's MS), for every catalogue source whose apparent
-flux through the drift-averaged beam exceeds ``CONTIMG_IMG_PEEL_MIN_APPARENT_JY``:
+So, on the imaging copy (never on the group's MS), for every known source whose apparent
+flux through the drift-averaged beam exceeds ``CONTIMG_IMG_PEEL_MIN_APPARENT_JY`` (the
+bundled calibrators and, when configured, the survey catalogue ``CONTIMG_CAL_FIELD_CATALOGUE``;
+at most ``MAX_SOURCES``):
 
 1. its flux density is fitted to the calibrated visibilities in ~16 frequency blocks (weighted
    linear least squares, jointly for all such sources), with the beam applied per integration
@@ -36,12 +38,17 @@ import numpy as np
 import structlog
 
 from ..calibration.casarun import open_table, read_ms_info
-from ..calibration.catalog import Calibrator, load_calibrators
+from ..calibration.catalog import (
+    Calibrator,
+    angular_separation_deg,
+    load_calibrators,
+    load_sky_catalogue,
+)
 from ..calibration.skymodel import (
     beam_along_drift,
     direction_cosines,
+    phasors,
     rows_to_integrations,
-    unit_point_vis,
 )
 from ..errors import StageError
 from .pbcor import drift_averaged_beam, quiet_wcs
@@ -49,7 +56,8 @@ from .pbcor import drift_averaged_beam, quiet_wcs
 log = structlog.get_logger(__name__)
 
 N_BLOCKS = 16            # frequency blocks fitted independently (a subband each at full size)
-_ROWS_PER_CHUNK = 8192
+MAX_SOURCES = 40         # fitted jointly; cost grows with the square in the normal equations
+_MODEL_SAMPLES = 20_000_000  # source x channel x row model values held at once (160 MB)
 
 
 @dataclass(frozen=True)
@@ -72,17 +80,32 @@ class PeeledSource:
                 "block_flux_jy": [round(v, 4) for v in self.block_flux_jy]}
 
 
+def peel_candidates(field_catalogue: str | None = None) -> tuple[Calibrator, ...]:
+    """The bundled calibrators plus a survey catalogue's sources (those within 1 arcmin of a
+    calibrator are the calibrator)."""
+    cals = load_calibrators()
+    if not field_catalogue:
+        return cals
+    field = [s for s in load_sky_catalogue(field_catalogue)
+             if all(angular_separation_deg(s.ra_deg, s.dec_deg, c.ra_deg, c.dec_deg) > 1 / 60
+                    for c in cals)]
+    return (*cals, *field)
+
+
 def select_bright(track_ra_deg: np.ndarray, track_dec_deg: np.ndarray, weights: np.ndarray,
                   freq_hz: float, diameter_m: float, min_apparent_jy: float,
                   catalogue: tuple[Calibrator, ...] | None = None) -> list[Calibrator]:
-    """Catalogue sources at least ``min_apparent_jy`` through the drift-averaged beam."""
+    """Catalogue sources at least ``min_apparent_jy`` through the drift-averaged beam, the
+    brightest ``MAX_SOURCES`` of them, brightest first."""
     if min_apparent_jy <= 0:
         return []
     cands = catalogue if catalogue is not None else load_calibrators()
     ra = np.array([c.ra_deg for c in cands])
     dec = np.array([c.dec_deg for c in cands])
     beam = drift_averaged_beam(ra, dec, track_ra_deg, track_dec_deg, weights, freq_hz, diameter_m)
-    return [c for c, b in zip(cands, beam, strict=True) if c.flux_at(freq_hz) * b >= min_apparent_jy]
+    apparent = np.array([c.flux_at(freq_hz) for c in cands]) * beam
+    order = [i for i in np.argsort(-apparent) if apparent[i] >= min_apparent_jy]
+    return [cands[i] for i in order[:MAX_SOURCES]]
 
 
 def _blocks(nchan: int) -> np.ndarray:
@@ -169,10 +192,17 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
                                 track_dec_deg, weights, ref_freq_hz, diameter_m)
 
     def models(tb: Any, start: int, nrow: int) -> np.ndarray:
+        """Unit-flux visibilities of every source, (nsrc, nchan, nrow), single precision."""
         it = rows_to_integrations(info.times_mjd, tb.getcol("TIME", start, nrow))
         uvw = tb.getcol("UVW", start, nrow)
-        return np.stack([unit_point_vis(uvw, lmn, freqs, b[it]) for lmn, b in zip(lmns, beams,
-                                                                                  strict=True)])
+        m = np.empty((nsrc, len(freqs), nrow), dtype=np.complex64)
+        steps = np.flatnonzero(np.diff(it)) + 1  # rows of one integration share a beam
+        spans = list(zip(np.r_[0, steps], np.r_[steps, nrow], strict=True))
+        for k, ((l_, m_, n_), b) in enumerate(zip(lmns, beams, strict=True)):
+            phasors(uvw[0] * l_ + uvw[1] * m_ + uvw[2] * (n_ - 1.0), freqs, out=m[k])
+            for r0, r1 in spans:
+                m[k, :, r0:r1] *= b[it[r0]][:, None].astype(np.float32)
+        return m
 
     def read(tb: Any, start: int, nrow: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         data = tb.getcol("DATA", start, nrow)  # (npol, nchan, nrow)
@@ -180,17 +210,19 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         wt = np.where(ok, tb.getcol("WEIGHT", start, nrow)[:, None, :], 0.0)
         return data, np.where(ok, data, 0), wt
 
+    block_ranges = list(zip(starts, np.append(starts[1:], len(freqs)), strict=True))
+
     def accumulate(m: np.ndarray, clean: np.ndarray, wt: np.ndarray,
-                   normal: np.ndarray, rhs: np.ndarray) -> None:
-        wsum = wt.sum(axis=0)  # the model is the same in both polarisations
-        z = (wt * clean).sum(axis=0)
-        for k in range(nsrc):
-            rhs[:, k] += np.add.reduceat((np.conj(m[k]) * z).real.sum(axis=1), starts)
-            for j in range(k, nsrc):
-                v = np.add.reduceat((wsum * (np.conj(m[k]) * m[j]).real).sum(axis=1), starts)
-                normal[:, k, j] += v
-                if j != k:
-                    normal[:, j, k] += v
+                   normal: np.ndarray | None, rhs: np.ndarray) -> None:
+        """Add a chunk's weighted normal equations, one (nsrc x nsrc) system per block (the
+        matrix only depends on the model and the weights: None skips it)."""
+        wsum = wt.sum(axis=0).astype(np.float32)  # the model is the same in both polarisations
+        z = (wt * clean).sum(axis=0).astype(np.complex64)
+        for b, (c0, c1) in enumerate(block_ranges):
+            mb = m[:, c0:c1, :].reshape(nsrc, -1)
+            rhs[b] += (np.conj(mb) @ z[c0:c1].reshape(-1)).real
+            if normal is not None:
+                normal[b] += (np.conj(mb) @ (mb * wsum[c0:c1].reshape(-1)).T).real
 
     def solve(normal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         flux = np.zeros((nblk, nsrc))
@@ -203,18 +235,19 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
     selfcal: dict[str, Any] = {"applied": False}
     with open_table(ms, readonly=False) as tb:
         n = int(tb.nrows())
-        chunks = integration_chunks(tb.getcol("TIME"), _ROWS_PER_CHUNK) or [
-            (s0, min(n, s0 + _ROWS_PER_CHUNK)) for s0 in range(0, n, _ROWS_PER_CHUNK)]
+        rows_per_chunk = max(256, _MODEL_SAMPLES // (nsrc * len(freqs)))
+        chunks = integration_chunks(tb.getcol("TIME"), rows_per_chunk) or [
+            (s0, min(n, s0 + rows_per_chunk)) for s0 in range(0, n, rows_per_chunk)]
         normal, rhs = np.zeros((nblk, nsrc, nsrc)), np.zeros((nblk, nsrc))
         for s0, s1 in chunks:
             data, clean, wt = read(tb, s0, s1 - s0)
             accumulate(models(tb, s0, s1 - s0), clean, wt, normal, rhs)
         flux = solve(normal, rhs)
         apparent = float(np.sum(np.maximum(flux.mean(axis=0), 0.0) * drift))
-        contiguous = integration_chunks(tb.getcol("TIME"), _ROWS_PER_CHUNK) is not None
+        contiguous = integration_chunks(tb.getcol("TIME"), rows_per_chunk) is not None
         if apparent >= selfcal_min_jy and contiguous:
             nant = len(info.antenna_names)
-            normal, rhs = np.zeros((nblk, nsrc, nsrc)), np.zeros((nblk, nsrc))
+            rhs = np.zeros((nblk, nsrc))  # same model and weights: the matrix stands
             phases = []
             for s0, s1 in chunks:
                 nrow = s1 - s0
@@ -234,7 +267,7 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
                         phases.append(np.angle(live * np.exp(-1j * np.angle(live.mean()))))
                 data = (data * corr[:, None, :]).astype(data.dtype)
                 tb.putcol("DATA", data, s0, nrow)
-                accumulate(m, np.where(wt > 0, data, 0), wt, normal, rhs)
+                accumulate(m, np.where(wt > 0, data, 0), wt, None, rhs)
             flux = solve(normal, rhs)
             spread = np.concatenate(phases) if phases else np.zeros(1)
             selfcal = {"applied": True, "apparent_jy": round(apparent, 3),

@@ -38,7 +38,7 @@ from .msinfo import count_unflagged_nonfinite, pointing_icrs, summarize_ms
 from .options import ImagingOptions
 from .params import params_from_plan, plan_imaging
 from .pbcor import write_beam_and_pbcor
-from .peel import PeeledSource, peel_sources, restore_sources, select_bright
+from .peel import PeeledSource, peel_candidates, peel_sources, restore_sources, select_bright
 from .tclean_runner import ZERO_MASK, NonFiniteImage, clear_image_products, run_tclean
 
 log = structlog.get_logger(__name__)
@@ -53,6 +53,7 @@ class ImagingInputs:
     product_dir: Path
     datacolumn: str = "corrected"   # 'corrected' | 'data'
     calibrator: str | None = None   # catalogue name, for the QA flux check
+    field_catalogue: str | None = None  # survey catalogue: its bright sources are peeled too
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,8 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
     bright = []
     if inputs.datacolumn == "corrected":  # fitting fluxes to uncalibrated data means nothing
         bright = select_bright(track_ra, track_dec, tweights, plan.ref_freq_hz,
-                               summary.dish_diameter_m, options.peel_min_apparent_jy)
+                               summary.dish_diameter_m, options.peel_min_apparent_jy,
+                               peel_candidates(inputs.field_catalogue))
     peeled: list[PeeledSource] = []
     selfcal: dict[str, Any] = {"applied": False}
     if options.max_smearing_loss > 0 or bright:

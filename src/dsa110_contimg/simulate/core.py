@@ -22,6 +22,7 @@ from ..calibration.catalog import angular_separation_deg, get_calibrator, load_c
 from .array import OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG, preset_stations, station_enu
 from .gains import draw_gain_params, evaluate_gains
 from .sky import C_M_S, airy_power, enu_unit, pointing_altaz
+from .survey import CATALOGUE_NAME, write_survey_catalogue
 
 N_SUBBANDS = 16
 INTEGRATION_S = 12.884902
@@ -184,6 +185,7 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
                              point_dec, sky, rng, jitter_s, write_delay_s, chunks,
                              faults if k == fault_group else {}, descending_channels, seed, log)
         truths.append(truth)
+    write_survey_catalogue(outdir / CATALOGUE_NAME, sky, seed=seed)
     return truths
 
 
