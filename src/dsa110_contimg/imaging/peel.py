@@ -326,9 +326,9 @@ def restore_sources(image_fits: Path, peeled: list[PeeledSource], bmaj_arcsec: f
                 minor = east * np.cos(pa) - north * np.sin(pa)
                 g = np.exp(-4 * np.log(2) * ((major / bmaj_arcsec) ** 2 + (minor / bmin_arcsec) ** 2))
                 plane[y0:y1, x0:x1] += (p.flux_jy * p.drift_beam * g).astype(plane.dtype)
-            hdu.header[f"PEEL{i + 1}"] = (f"{p.name} {p.flux_jy:.4f} Jy",
-                                          "uv-fitted, subtracted before clean" +
-                                          (", restored" if inside else ", outside image"))
+            hdu.header[f"PEEL{i + 1}"] = (f"{p.name[:30]} {p.flux_jy:.4f} Jy",
+                                          "peeled, uv fit; " +
+                                          ("restored" if inside else "outside image"))
             out.append(replace(p, restored=inside))
         hdul.flush()
     return out
