@@ -153,15 +153,11 @@ def beam_along_drift(ra_deg: float, dec_deg: float, info: MSInfo, az_deg: float,
     return airy_power(theta[:, None], info.freqs_hz[None, :], diameter_m)
 
 
-def unit_point_vis(uvw: np.ndarray, lmn: tuple[float, float, float], freqs_hz: np.ndarray,
-                   beam_rows: np.ndarray, dtype: type = complex) -> np.ndarray:
-    """Visibilities (nchan, nrow) of a 1 Jy point source at ``lmn`` seen through ``beam_rows``
-    (nrow, nchan): the sign and frame of ``ft`` (see :func:`write_model`)."""
+def delay_path_m(uvw: np.ndarray, lmn: tuple[float, float, float]) -> np.ndarray:
+    """u l + v m + w (n - 1) per row (metres): the path whose phase ``ft`` writes for a point
+    source at ``lmn`` (sign and frame checked against ft, see :func:`write_model`)."""
     l_, m_, n_ = lmn
-    path = uvw[0] * l_ + uvw[1] * m_ + uvw[2] * (n_ - 1.0)  # metres, (nrow,)
-    out = phasors(path, np.asarray(freqs_hz, dtype=float), dtype)
-    out *= beam_rows.T
-    return out
+    return uvw[0] * l_ + uvw[1] * m_ + uvw[2] * (n_ - 1.0)
 
 
 def phasors(path_m: np.ndarray, freqs_hz: np.ndarray, dtype: type = complex,
@@ -274,9 +270,10 @@ def write_model(ms: Path, cal: Calibrator, pointing_dec_deg: float,
             uvw = tb.getcol("UVW", start, nrow)  # (3, nrow)
             vis = np.zeros((len(freqs), nrow), dtype=complex)
             for spectrum, beam, lmn in zip(spectra, beams, lmns, strict=True):
-                one = spectrum[:, None] * unit_point_vis(uvw, lmn, freqs, beam[it])
+                path = delay_path_m(uvw, lmn)
+                one = phasors(path, freqs)
+                one *= spectrum[:, None] * beam[it].T
                 if n_avg > 1:
-                    path = uvw[0] * lmn[0] + uvw[1] * lmn[1] + uvw[2] * (lmn[2] - 1.0)
                     one *= averaging_factor(path, n_avg, native_width_hz)[None, :]
                 vis += one
             tb.putcol("MODEL_DATA", np.broadcast_to(vis.astype(np.complex64), (npol,) + vis.shape),

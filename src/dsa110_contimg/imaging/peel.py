@@ -46,6 +46,7 @@ from ..calibration.catalog import (
 )
 from ..calibration.skymodel import (
     beam_along_drift,
+    delay_path_m,
     direction_cosines,
     phasors,
     rows_to_integrations,
@@ -153,10 +154,11 @@ def phase_gains(x: np.ndarray, a1: np.ndarray, a2: np.ndarray, nant: int,
     g = 1. The overall phase is arbitrary and cancels in g_a conj(g_b)."""
     g = np.ones(nant, dtype=complex)
     for _ in range(iterations):
-        s = (np.bincount(a1, weights=(x * g[a2]).real, minlength=nant)
-             + 1j * np.bincount(a1, weights=(x * g[a2]).imag, minlength=nant)
-             + np.bincount(a2, weights=(np.conj(x) * g[a1]).real, minlength=nant)
-             + 1j * np.bincount(a2, weights=(np.conj(x) * g[a1]).imag, minlength=nant))
+        to_a1, to_a2 = x * g[a2], np.conj(x) * g[a1]
+        s = (np.bincount(a1, weights=to_a1.real, minlength=nant)
+             + 1j * np.bincount(a1, weights=to_a1.imag, minlength=nant)
+             + np.bincount(a2, weights=to_a2.real, minlength=nant)
+             + 1j * np.bincount(a2, weights=to_a2.imag, minlength=nant))
         mag = np.abs(s)
         new = np.where(mag > 0, s / np.where(mag > 0, mag, 1.0), g)
         new = g + new  # damped: the midpoint, back onto the unit circle
@@ -183,6 +185,7 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
     info = read_ms_info(ms)
     freqs = info.freqs_hz
     starts = _blocks(len(freqs))
+    ends = np.append(starts[1:], len(freqs))
     nsrc, nblk = len(sources), len(starts)
     beams = [beam_along_drift(s.ra_deg, s.dec_deg, info, az_deg, alt_deg, diameter_m)
              for s in sources]
@@ -198,8 +201,8 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         m = np.empty((nsrc, len(freqs), nrow), dtype=np.complex64)
         steps = np.flatnonzero(np.diff(it)) + 1  # rows of one integration share a beam
         spans = list(zip(np.r_[0, steps], np.r_[steps, nrow], strict=True))
-        for k, ((l_, m_, n_), b) in enumerate(zip(lmns, beams, strict=True)):
-            phasors(uvw[0] * l_ + uvw[1] * m_ + uvw[2] * (n_ - 1.0), freqs, out=m[k])
+        for k, (lmn, b) in enumerate(zip(lmns, beams, strict=True)):
+            phasors(delay_path_m(uvw, lmn), freqs, out=m[k])
             for r0, r1 in spans:
                 m[k, :, r0:r1] *= b[it[r0]][:, None].astype(np.float32)
         return m
@@ -210,15 +213,13 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         wt = np.where(ok, tb.getcol("WEIGHT", start, nrow)[:, None, :], 0.0)
         return data, np.where(ok, data, 0), wt
 
-    block_ranges = list(zip(starts, np.append(starts[1:], len(freqs)), strict=True))
-
     def accumulate(m: np.ndarray, clean: np.ndarray, wt: np.ndarray,
                    normal: np.ndarray | None, rhs: np.ndarray) -> None:
         """Add a chunk's weighted normal equations, one (nsrc x nsrc) system per block (the
         matrix only depends on the model and the weights: None skips it)."""
         wsum = wt.sum(axis=0).astype(np.float32)  # the model is the same in both polarisations
         z = (wt * clean).sum(axis=0).astype(np.complex64)
-        for b, (c0, c1) in enumerate(block_ranges):
+        for b, (c0, c1) in enumerate(zip(starts, ends, strict=True)):
             mb = m[:, c0:c1, :].reshape(nsrc, -1)
             rhs[b] += (np.conj(mb) @ z[c0:c1].reshape(-1)).real
             if normal is not None:
@@ -236,16 +237,15 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
     with open_table(ms, readonly=False) as tb:
         n = int(tb.nrows())
         rows_per_chunk = max(256, _MODEL_SAMPLES // (nsrc * len(freqs)))
-        chunks = integration_chunks(tb.getcol("TIME"), rows_per_chunk) or [
-            (s0, min(n, s0 + rows_per_chunk)) for s0 in range(0, n, rows_per_chunk)]
+        by_time = integration_chunks(tb.getcol("TIME"), rows_per_chunk)
+        chunks = by_time or [(s0, min(n, s0 + rows_per_chunk)) for s0 in range(0, n, rows_per_chunk)]
         normal, rhs = np.zeros((nblk, nsrc, nsrc)), np.zeros((nblk, nsrc))
         for s0, s1 in chunks:
             data, clean, wt = read(tb, s0, s1 - s0)
             accumulate(models(tb, s0, s1 - s0), clean, wt, normal, rhs)
         flux = solve(normal, rhs)
         apparent = float(np.sum(np.maximum(flux.mean(axis=0), 0.0) * drift))
-        contiguous = integration_chunks(tb.getcol("TIME"), rows_per_chunk) is not None
-        if apparent >= selfcal_min_jy and contiguous:
+        if apparent >= selfcal_min_jy and by_time is not None:
             nant = len(info.antenna_names)
             rhs = np.zeros((nblk, nsrc))  # same model and weights: the matrix stands
             phases = []
@@ -282,11 +282,11 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
             tb.putcol("DATA", (data - model[None]).astype(data.dtype), s0, s1 - s0)
     if not np.isfinite(flux).all():
         raise StageError(f"bright-source fit on {ms} gave non-finite fluxes")
-    block_freqs = np.add.reduceat(freqs, starts) / np.diff(np.append(starts, len(freqs)))
+    block_freqs = np.add.reduceat(freqs, starts) / (ends - starts)
     out = []
     for k, s in enumerate(sources):
-        s_ref, alpha = _spectrum(block_freqs, flux[:, k], np.array([normal[b, k, k] for b in range(nblk)]),
-                                 ref_freq_hz, s.spectral_index)
+        s_ref, alpha = _spectrum(block_freqs, flux[:, k], normal[:, k, k], ref_freq_hz,
+                                 s.spectral_index)
         out.append(PeeledSource(s.name, s.ra_deg, s.dec_deg, s.flux_at(ref_freq_hz), s_ref, alpha,
                                 float(drift[k]), tuple(float(v) for v in flux[:, k])))
     log.info("imaging.peeled", ms=str(ms), duration_s=round(time.perf_counter() - t0, 2),
