@@ -40,7 +40,9 @@ def main() -> int:
     ap.add_argument("--field-catalogue", help="survey catalogue CSV whose sources are peeled too")
     ap.add_argument("--tier", default="standard", choices=("quick", "standard", "deep"))
     ap.add_argument("--datacolumn", default="corrected", choices=("corrected", "data"))
-    ap.add_argument("--calibrator", default="3C286", help="catalogue name for the QA flux check")
+    ap.add_argument("--calibrator", default="3C286",
+                    help="the group's own calibrator (QA flux check); '' for a group imaged "
+                    "with carried-over gains (the daemon then phase-self-calibrates it)")
     ap.add_argument("--max-imsize", type=int, help="override CONTIMG_IMG_MAX_IMSIZE")
     ap.add_argument("--deconvolver", choices=("hogbom", "multiscale", "clark"),
                     help="override CONTIMG_IMG_DECONVOLVER (used by the standard tier)")
@@ -92,11 +94,11 @@ def main() -> int:
         if args.wproj_max_phase:
             options = replace(options, wproj_max_phase_rad=args.wproj_max_phase)
         inputs = ImagingInputs(gid, ms, product_dir(work / "images", gid), args.datacolumn,
-                               args.calibrator, args.field_catalogue)
+                               args.calibrator or None, args.field_catalogue)
         t0 = time.perf_counter()
         result = image_group(inputs, options)
         report["image_group_s"] = round(time.perf_counter() - t0, 1)
-        qa = check_image_quality(result, ImageQAThresholds(), args.calibrator)
+        qa = check_image_quality(result, ImageQAThresholds(), args.calibrator or None)
         report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         _print(result, qa, report, truth, Beam, fit_point_source)
     finally:

@@ -225,7 +225,7 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
             zero = (data == 0) & finite
             r1, r2 = a1[r], a2[r]
             cross = r1 != r2
-            zrow = zero.all(axis=2)  # (nrow, nchan): both/all pols zero
+            zrow = _all_pols(zero)  # (nrow, nchan): both/all pols zero
             zcount = zrow.sum(axis=1)
             nch = zrow.shape[1]
             for side in (r1, r2):
@@ -311,6 +311,15 @@ def _flagged_fraction(t: Any, ddid: np.ndarray, chunk_cells: int = 32 << 20) -> 
             n_true += int(np.count_nonzero(f))
             n_all += f.size
     return n_true / max(n_all, 1)
+
+
+def _all_pols(a: np.ndarray) -> np.ndarray:
+    """``a.all(axis=2)`` for (row, chan, pol) booleans, ~10x faster: numpy reduces a short
+    last axis element by element; combining the polarisation planes stays vectorised."""
+    out = a[..., 0].copy()
+    for p in range(1, a.shape[2]):
+        out &= a[..., p]
+    return out
 
 
 def _ddids_of(batches: list[np.ndarray], ddid: np.ndarray) -> list[int]:
