@@ -26,12 +26,15 @@ with each image:
   sidelobe (0.26) x the residual peak, so each major cycle can lower the mask by that factor
   only. Its guard is against masking a bright source's sidelobes; once ``imaging.peel`` has
   removed every catalogued source above 10 mJy the residual peak is itself faint, and the stage
-  lowers it from 2.0 to ``SIDELOBETHRESHOLD_AFTER_PEEL`` (1.0): a full-size group reached the
-  noise in 3 cycles instead of 7. ``minpercentchange`` stops re-masking once the mask has
-  settled at the clean threshold: each re-mask (labelling and pruning ~270 candidate regions
-  of a 3240^2 image) cost 40-60 s, two to three times the major cycle's gridding, and the
-  cycles it fed only chased the 0.5 % peeling residuals around 300 mJy sources. Same fluxes
-  to 0.1 %, tclean 376 s -> 230 s (``benchmarks/bench_imaging.py``).
+  lowers it from 2.0 to ``SIDELOBETHRESHOLD_AFTER_PEEL`` (1.0). The residual then peaks below
+  the peel limit (~10 mJy): the first minor cycle cleans the masked sources to half the PSF
+  sidelobe times that peak, the second cleans everything above 4.25 sigma to the threshold, so
+  the stage caps the major cycles at ``NMAJOR_AFTER_PEEL`` (2). Further cycles only chased
+  0.5 % peeling residuals around 300 mJy sources (3-8 iterations each) and each cost a re-mask:
+  labelling and pruning ~270 candidate regions of a 3240^2 image takes 40-90 s, two to four
+  times the major cycle's gridding. ``minpercentchange`` stops re-masking once the mask has
+  settled at the clean threshold. On a full-size group: the same fluxes to 0.1 %, tclean
+  376 s (8 cycles) -> 230 s (``benchmarks/bench_imaging.py``).
 - **imaging copy**: ``chanbin`` channels are averaged (``imaging.average``) as far as the extra
   bandwidth smearing at the image edge stays below ``max_smearing_loss``; gridding, the cost of
   every major cycle, scales with the channel count.
@@ -134,6 +137,7 @@ AUTOMASK: dict[str, Any] = {"usemask": "auto-multithresh", "sidelobethreshold": 
                             "minpercentchange": 1.0}
 # with the bright catalogued sources peeled before tclean (module docstring)
 SIDELOBETHRESHOLD_AFTER_PEEL = 1.0
+NMAJOR_AFTER_PEEL = 2
 
 
 @dataclass(frozen=True)

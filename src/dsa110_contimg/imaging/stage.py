@@ -36,7 +36,12 @@ from .average import make_imaging_copy
 from .export import export_fits, standard_keywords
 from .msinfo import count_unflagged_nonfinite, pointing_icrs, summarize_ms
 from .options import ImagingOptions
-from .params import SIDELOBETHRESHOLD_AFTER_PEEL, params_from_plan, plan_imaging
+from .params import (
+    NMAJOR_AFTER_PEEL,
+    SIDELOBETHRESHOLD_AFTER_PEEL,
+    params_from_plan,
+    plan_imaging,
+)
 from .pbcor import write_beam_and_pbcor
 from .peel import PeeledSource, peel_candidates, peel_sources, restore_sources, select_bright
 from .tclean_runner import ZERO_MASK, NonFiniteImage, clear_image_products, run_tclean
@@ -229,7 +234,10 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
                                            summary.dish_diameter_m, track_ra, track_dec, tweights,
                                            _selfcal_threshold(inputs, options))
             if peeled and params.get("usemask") == "auto-multithresh":
+                # only faint emission is left for clean (see imaging.params)
                 params["sidelobethreshold"] = SIDELOBETHRESHOLD_AFTER_PEEL
+                cap = int(params["nmajor"])
+                params["nmajor"] = NMAJOR_AFTER_PEEL if cap < 0 else min(cap, NMAJOR_AFTER_PEEL)
             lap("peel")
     try:
         out = run_tclean(params)
