@@ -533,3 +533,27 @@ def test_direct_model_matches_ft(tiny_source, tmp_path):
     assert np.abs(mine - ref).max() < 1e-3 * np.abs(ref).max()
     assert 0.1 < facts["offset_from_phase_centre_deg"] < 0.5  # 3C286 sits 0.2-0.35 deg off
     assert 0.9 < facts["beam_min"] < facts["beam_max"] < 1.0
+
+
+def test_total_gains_reads_a_bandpass_whose_channels_descend(monkeypatch):
+    """np.interp silently returns garbage for descending abscissae; a window listed high to
+    low must give the gains of the same table listed low to high."""
+    from dsa110_contimg.calibration import solve
+
+    freqs = np.linspace(1.30e9, 1.50e9, 9)
+    bp = (1 + 0.1 * np.arange(9)) * np.exp(1j * np.linspace(0.0, 1.0, 9))
+
+    def table(order: np.ndarray) -> solve.CalSolutions:
+        values = np.stack([bp[order], 2 * bp[order]])[:, :, None]  # (npol, nchan, nrow)
+        return solve.CalSolutions("B Jones", np.array([0]), np.array([60000.0]), values,
+                                  np.zeros(values.shape, bool), np.ones(values.shape), ("0",),
+                                  freqs[order], 1.4e9)
+
+    want = np.linspace(1.31e9, 1.49e9, 5)
+    out = {}
+    for name, order in (("up", np.arange(9)), ("down", np.arange(9)[::-1])):
+        monkeypatch.setattr(solve, "read_caltable", lambda _path, o=order: table(o))
+        out[name] = total_gains({"BP": Path("bp")}, [0], np.array([60000.0]), want)
+    expected = np.interp(want, freqs, bp.real) + 1j * np.interp(want, freqs, bp.imag)
+    np.testing.assert_allclose(out["up"][0, 0, :, 0], expected)
+    np.testing.assert_allclose(out["down"], out["up"])

@@ -388,3 +388,17 @@ def test_nan_missed_by_the_sample_is_found_after_tclean(tiny_calibrated_ms, tmp_
     with pytest.raises(BadInputError, match="1 unflagged NaN/Inf"):
         image_group(ImagingInputs(gid, broken, product_dir(tmp_path / "out", gid)),
                     ImagingOptions(tier="quick"))
+
+
+def test_fingerprint_follows_the_field_catalogue_content(tmp_path):
+    """A new survey catalogue peels other sources: a finished group must be imaged again."""
+    from dsa110_contimg.imaging.stage import options_fingerprint
+
+    cat = tmp_path / "cat.csv"
+    cat.write_text("name,ra_deg,dec_deg,flux_jy\nA,10.0,30.0,0.5\n")
+    o = ImagingOptions()
+    first = options_fingerprint(o, "corrected", str(cat))
+    assert first == options_fingerprint(o, "corrected", str(cat))
+    assert first != options_fingerprint(o, "corrected", None)
+    cat.write_text("name,ra_deg,dec_deg,flux_jy\nA,10.0,30.0,0.6\n")
+    assert first != options_fingerprint(o, "corrected", str(cat))

@@ -264,12 +264,15 @@ def total_gains(tables: dict[str, Path], antenna_indices: list[int], times_mjd: 
                 tau = v[:, 0, :].T[it] * 1e-9  # (nt, npol)
                 g = np.exp(2j * np.pi * (freqs_hz[None, :, None] - nu0) * tau[:, None, :])
             elif kind == "BP":
-                per_t = v.transpose(2, 1, 0)[it]  # (nt, nchan_table, npol)
+                # np.interp needs ascending abscissae: a window may list its channels descending
+                order = np.argsort(sol.freqs_hz, kind="stable")
+                nu = np.asarray(sol.freqs_hz)[order]
+                per_t = v.transpose(2, 1, 0)[it][:, order, :]  # (nt, nchan_table, npol)
                 g = np.empty((nt, nf, 2), dtype=complex)
                 for p in range(per_t.shape[2]):
                     for k in range(nt):
-                        re = np.interp(freqs_hz, sol.freqs_hz, per_t[k, :, p].real)
-                        im = np.interp(freqs_hz, sol.freqs_hz, per_t[k, :, p].imag)
+                        re = np.interp(freqs_hz, nu, per_t[k, :, p].real)
+                        im = np.interp(freqs_hz, nu, per_t[k, :, p].imag)
                         g[k, :, p] = re + 1j * im
             else:
                 g = v[:, 0, :].T[it][:, None, :]  # (nt, 1, npol)

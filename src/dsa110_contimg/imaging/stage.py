@@ -115,8 +115,18 @@ def product_names(product_dir: Path, group_id: str) -> dict[str, Path]:
             "quicklook": d / "quicklook.png", "record": d / f"{stem}.imaging.json"}
 
 
-def options_fingerprint(options: ImagingOptions, datacolumn: str) -> str:
-    blob = json.dumps({**dataclasses.asdict(options), "datacolumn": datacolumn}, sort_keys=True)
+def options_fingerprint(options: ImagingOptions, datacolumn: str,
+                        field_catalogue: str | None = None) -> str:
+    """What decides the image besides the MS: a different survey catalogue peels other
+    sources, so its content (not its name) is part of it."""
+    cat = None
+    if field_catalogue:
+        try:
+            cat = hashlib.sha256(Path(field_catalogue).read_bytes()).hexdigest()
+        except OSError:
+            cat = f"unreadable:{field_catalogue}"
+    blob = json.dumps({**dataclasses.asdict(options), "datacolumn": datacolumn,
+                       "field_catalogue": cat}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -139,8 +149,10 @@ def _finished(inputs: ImagingInputs, options: ImagingOptions) -> ImagingResult |
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("imaging.record_unreadable", path=str(names["record"]), error=str(exc))
         return None
-    if rec.get("fingerprint") != options_fingerprint(options, inputs.datacolumn):
-        log.info("imaging.redo", group_id=inputs.group_id, reason="imaging options changed")
+    if rec.get("fingerprint") != options_fingerprint(options, inputs.datacolumn,
+                                                     inputs.field_catalogue):
+        log.info("imaging.redo", group_id=inputs.group_id,
+                 reason="imaging options or field catalogue changed")
         return None
     if Path(inputs.ms_path).exists() and ms_mtime(inputs.ms_path) > rec.get("ms_mtime", 0) + 1:
         log.info("imaging.redo", group_id=inputs.group_id, reason="MS rewritten since imaging")
@@ -324,7 +336,8 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         tclean_s=out.duration_s, iterdone=out.iterdone, nmajordone=out.nmajordone,
         stopreason=out.stopreason, plan=plan.as_dict(), timings_s=timings,
         peeled=[p.as_dict() for p in peeled], selfcal=selfcal)
-    record = {"version": RECORD_VERSION, "fingerprint": options_fingerprint(options, inputs.datacolumn),
+    record = {"version": RECORD_VERSION, "fingerprint": options_fingerprint(options, inputs.datacolumn,
+                                                                   inputs.field_catalogue),
               "ms_mtime": mtime, "ms_path": str(ms_path), "pointing_source": summary.pointing_source,
               "result": result.as_dict()}
     staged["record"].write_text(json.dumps(record, indent=1, default=_json_default))
