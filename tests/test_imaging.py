@@ -156,6 +156,12 @@ def test_bright_calibrator_is_peeled_with_its_drift_beam_and_restored(imaged):
     assert peeled["flux_jy"] == pytest.approx(cal["flux_at_band_centre_jy"], rel=0.01)
     assert peeled["spectral_index"] == pytest.approx(cal["spectral_index"], abs=0.1)
     assert "peel" in result.timings_s and "restore" in result.timings_s
+    # only faint emission is left for clean: the mask may go deeper per cycle, two cycles
+    from dsa110_contimg.imaging.params import NMAJOR_AFTER_PEEL, SIDELOBETHRESHOLD_AFTER_PEEL
+
+    assert result.tclean_params["sidelobethreshold"] == SIDELOBETHRESHOLD_AFTER_PEEL
+    assert result.tclean_params["nmajor"] == NMAJOR_AFTER_PEEL
+    assert result.nmajordone <= NMAJOR_AFTER_PEEL + 1  # + the initial residual
     _, header = _fits2d(result.image_fits)
     assert header["PEEL1"].startswith("3C286 ") and "restored" in header.comments["PEEL1"]
     # the residual no longer holds it: nothing of 15 Jy x beam is left at its position
