@@ -46,6 +46,8 @@ def main() -> int:
     ap.add_argument("--max-imsize", type=int, help="override CONTIMG_IMG_MAX_IMSIZE")
     ap.add_argument("--deconvolver", choices=("hogbom", "multiscale", "clark"),
                     help="override CONTIMG_IMG_DECONVOLVER (used by the standard tier)")
+    ap.add_argument("--masker", choices=("scipy", "casa"),
+                    help="override CONTIMG_IMG_MASKER (who builds the clean mask after peeling)")
     ap.add_argument("--wproj-max-phase", type=float,
                     help="override CONTIMG_IMG_WPROJ_MAX_PHASE_RAD (large: no w-projection)")
     ap.add_argument("--truth", type=Path, help="with --ms: the simulator's truth JSON, to "
@@ -91,6 +93,8 @@ def main() -> int:
             options = replace(options, max_imsize=args.max_imsize)
         if args.deconvolver:
             options = replace(options, deconvolver=args.deconvolver)
+        if args.masker:
+            options = replace(options, masker=args.masker)
         if args.wproj_max_phase:
             options = replace(options, wproj_max_phase_rad=args.wproj_max_phase)
         inputs = ImagingInputs(gid, ms, product_dir(work / "images", gid), args.datacolumn,

@@ -531,6 +531,7 @@ def test_full_disk_is_a_stage_error_naming_the_path(worker, tiny_group, tmp_path
     opts = {"stage_to_tmpfs": False}
     if where == "staging":  # the input copy does not fit on the scratch disk
         inputs = _inputs(files, tmp_path, truth["group_id"], scratch=small_mount)
+        opts["stage_inputs"] = True
     elif where == "ms":  # inputs read in place; the MS does not fit
         inputs = _inputs(files, tmp_path, truth["group_id"], scratch=small_mount)
         opts["stage_inputs"] = False

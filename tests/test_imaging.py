@@ -162,6 +162,9 @@ def test_bright_calibrator_is_peeled_with_its_drift_beam_and_restored(imaged):
     assert result.tclean_params["sidelobethreshold"] == SIDELOBETHRESHOLD_AFTER_PEEL
     assert result.tclean_params["nmajor"] == NMAJOR_AFTER_PEEL
     assert result.nmajordone <= NMAJOR_AFTER_PEEL + 1  # + the initial residual
+    # the masks came from imaging.cleanmask, never below auto-multithresh's noise threshold
+    assert result.masks and result.masks[0]["pixels"] > 0
+    assert all(m["threshold_jy"] >= 4.25 * m["rms_jy"] * (1 - 1e-9) for m in result.masks)
     _, header = _fits2d(result.image_fits)
     assert header["PEEL1"].startswith("3C286 ") and "restored" in header.comments["PEEL1"]
     # the residual no longer holds it: nothing of 15 Jy x beam is left at its position

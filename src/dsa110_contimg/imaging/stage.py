@@ -33,6 +33,7 @@ from ..errors import BadInputError, ContimgError, StageError
 from ..products import safe_stem
 from ..qa.image import image_statistics
 from .average import make_imaging_copy
+from .cleanmask import MaskRules, run_masked_clean
 from .export import export_fits, standard_keywords
 from .msinfo import count_unflagged_nonfinite, pointing_icrs, summarize_ms
 from .options import ImagingOptions
@@ -93,6 +94,7 @@ class ImagingResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     peeled: list[dict[str, Any]] = field(default_factory=list)  # see imaging.peel
     selfcal: dict[str, Any] = field(default_factory=dict)
+    masks: list[dict[str, Any]] = field(default_factory=list)  # imaging.cleanmask rounds
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -251,8 +253,17 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
                 cap = int(params["nmajor"])
                 params["nmajor"] = NMAJOR_AFTER_PEEL if cap < 0 else min(cap, NMAJOR_AFTER_PEEL)
             lap("peel")
+    masks: list[dict[str, Any]] = []
     try:
-        out = run_tclean(params)
+        if peeled and params.get("usemask") == "auto-multithresh" and options.masker == "scipy":
+            out, rounds = run_masked_clean(params, MaskRules(
+                noisethreshold=float(params["noisethreshold"]),
+                sidelobethreshold=float(params["sidelobethreshold"]),
+                lownoisethreshold=float(params["lownoisethreshold"]),
+                minbeamfrac=float(params["minbeamfrac"])))
+            masks = [r.as_dict() for r in rounds]
+        else:
+            out = run_tclean(params)
     except NonFiniteImage as exc:
         # the sampled pre-check missed them: look at every row before blaming CASA
         bad = count_unflagged_nonfinite(ms_path, inputs.datacolumn)
@@ -335,7 +346,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         skipped=False, tier=plan.tier, noise_expected_jy=plan.noise_expected_jy,
         tclean_s=out.duration_s, iterdone=out.iterdone, nmajordone=out.nmajordone,
         stopreason=out.stopreason, plan=plan.as_dict(), timings_s=timings,
-        peeled=[p.as_dict() for p in peeled], selfcal=selfcal)
+        peeled=[p.as_dict() for p in peeled], selfcal=selfcal, masks=masks)
     record = {"version": RECORD_VERSION, "fingerprint": options_fingerprint(options, inputs.datacolumn,
                                                                    inputs.field_catalogue),
               "ms_mtime": mtime, "ms_path": str(ms_path), "pointing_source": summary.pointing_source,

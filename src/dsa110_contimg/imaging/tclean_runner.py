@@ -67,12 +67,17 @@ def clear_image_products(imagename: str) -> None:
             p.unlink()
 
 
-def run_tclean(params: dict[str, Any]) -> TcleanOutputs:
-    """Call ``casatasks.tclean(**params)`` and validate what it wrote."""
+def run_tclean(params: dict[str, Any], clear: bool = True) -> TcleanOutputs:
+    """Call ``casatasks.tclean(**params)`` and validate what it wrote.
+
+    ``clear`` removes an earlier run's images first; a restart (``calcres``/``calcpsf`` off,
+    continuing the model) keeps them.
+    """
     import casatasks
 
     imagename = params["imagename"]
-    clear_image_products(imagename)
+    if clear:
+        clear_image_products(imagename)
     log.info("imaging.tclean.start", imagename=imagename, imsize=params["imsize"],
              cell=params["cell"], gridder=params["gridder"], threshold=params["threshold"],
              niter=params["niter"], nmajor=params.get("nmajor"))
