@@ -172,13 +172,15 @@ def test_solved_group_registers_shape_and_flags(solved):
     assert bp.valid_end_mjd - bp.valid_start_mjd == pytest.approx(2 * OPTIONS.bp_validity_h / 24)
     assert g.valid_end_mjd - g.valid_start_mjd == pytest.approx(2 * OPTIONS.g_validity_h / 24)
     assert res.new_set.dec_deg == pytest.approx(truth["pointing"]["dec_deg"])
-    # Flagging: one report per step, cumulative, zeros = dead station 97, autos next.
+    # Flagging: one report per step, cumulative, zeros = dead station 97 (flagged already by
+    # the conversion, so present from the start), autos next.
     assert list(res.flag_fractions) == list(STEPS)
     f = list(res.flag_fractions.values())
-    assert f == sorted(f) and f[0] == 0.0
+    assert f == sorted(f)
     n = len(truth["antennas"]["stations"])
     nbl = n * (n + 1) // 2
-    assert res.flag_fractions["zeros"] == pytest.approx(n / nbl, abs=1e-3)  # 97's baselines
+    assert res.flag_fractions["start"] == pytest.approx(n / nbl, abs=1e-3)  # 97's baselines
+    assert res.flag_fractions["zeros"] == pytest.approx(n / nbl, abs=1e-3)
     assert res.flag_fractions["autocorr"] == pytest.approx((2 * n - 1) / nbl, abs=1e-3)
     assert res.flag_fractions["rflag"] < res.flag_fractions["autocorr"] + 0.02
     for step in ("flagging", "copy", "model", "K", "BP", "G", "applycal"):
@@ -513,6 +515,11 @@ def test_flag_calls_follow_options():
                    if "mode='tfcrop'" in c or "mode='rflag'" in c)
     cmds = [c for call in flag_calls(replace(o, flag_rflag=False)) for c in call]
     assert not any("mode='rflag'" in c for c in cmds) and cmds[-1] == "mode='summary' name='rflag'"
+    assert "mode='clip' clipzeros=True" in cmds
+    # an MS whose conversion flagged the zeros: no clip pass, the same report
+    cmds = [c for call in flag_calls(o, clip_zeros=False) for c in call]
+    assert not any("clip" in c for c in cmds)
+    assert [c.split("name='")[1][:-1] for c in cmds if "summary" in c] == list(STEPS)
 
 
 def test_direct_model_matches_ft(tiny_source, tmp_path):

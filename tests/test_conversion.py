@@ -89,8 +89,11 @@ def _reference_compare(files: list[str], ms: str, tmp: str) -> dict:
         for c in ("DATA", "UVW", "WEIGHT", "SIGMA", "TIME", "INTERVAL"):
             x, y = a.getcol(c), b.getcol(c)
             diffs[c] = (float(np.max(np.abs(x - y))), float(np.max(np.abs(y))))
-        for c in ("FLAG", "ANTENNA1", "ANTENNA2", "FIELD_ID", "SCAN_NUMBER", "DATA_DESC_ID"):
+        for c in ("ANTENNA1", "ANTENNA2", "FIELD_ID", "SCAN_NUMBER", "DATA_DESC_ID"):
             diffs[c] = bool(np.array_equal(a.getcol(c), b.getcol(c)))
+        # ours also flags exact zeros (dead inputs); write_ms leaves them unflagged
+        diffs["FLAG"] = bool(np.array_equal(a.getcol("FLAG"),
+                                            b.getcol("FLAG") | (b.getcol("DATA") == 0)))
     for sub, cols in (("SPECTRAL_WINDOW", ("CHAN_FREQ", "REF_FREQUENCY")),
                       ("FIELD", ("PHASE_DIR",)), ("POLARIZATION", ("CORR_TYPE",))):
         with tables.table(f"{ms}::{sub}", ack=False) as a, tables.table(f"{ref}::{sub}", ack=False) as b:
@@ -183,6 +186,13 @@ def test_tiny_ms_shape_frequencies_and_uvw_match_truth(tiny_inspected, tiny_grou
     assert d["ANT_FLAG_ROW"][0] and not d["ANT_FLAG_ROW"][stations[0]]
     assert any("channels descend" in m for m in d["HISTORY"])
     assert d["record"]["n_rows"] == d["nrows"]
+    # the dead station's all-zero baselines are flagged here (calibration skips its clip)
+    dead = truth["antennas"]["dead"]
+    rows = np.isin(d["ANTENNA1"], dead) | np.isin(d["ANTENNA2"], dead)
+    assert rows.any() and np.all(d["DATA"][rows] == 0) and d["FLAG"][rows].all()
+    assert not (d["DATA"][~d["FLAG"]] == 0).any()
+    assert bool(d["record"]["zeros_flagged"])
+    assert any("exactly zero (dead inputs): flagged" in m for m in d["HISTORY"])
 
 
 def test_tiny_ms_phase_centre_is_meridian_at_mid_time(tiny_inspected, tiny_group):
@@ -331,7 +341,7 @@ def test_invalid_existing_ms_is_moved_aside_not_deleted(worker, tiny_group, tmp_
 
 def test_missing_and_zero_subbands_still_convert(worker, tiny_group, tmp_path):
     """A missing subband becomes flagged zero channels (same grid for every group); an
-    all-zero subband is not a conversion error (QA reports it)."""
+    all-zero subband is not a conversion error (QA reports it): its zeros are flagged."""
     root, truth = tiny_group
     src = tmp_path / "in"
     src.mkdir()
@@ -348,13 +358,12 @@ def test_missing_and_zero_subbands_still_convert(worker, tiny_group, tmp_path):
     assert r.n_channels == 64 and any("zero-filled and flagged" in n for n in r.notes)
     d = worker.submit(_inspect, str(r.ms_path)).result()
     f = d["CHAN_FREQ"][0]
-    gap = d["FLAG"].all(axis=(0, 2))
-    assert gap.sum() == 4 and np.all(d["DATA"][:, gap] == 0)
+    flagged = d["FLAG"].all(axis=(0, 2))
     assert np.allclose(np.diff(f), np.diff(f)[0])  # still one regular grid
-    # sb07 is the 9th subband from the bottom: channels 32-35
-    assert np.flatnonzero(gap).tolist() == [32, 33, 34, 35]
-    sb03 = slice(48, 52)
-    assert np.all(d["DATA"][:, sb03] == 0) and not d["FLAG"][:, sb03].any()
+    # sb07 is the 9th subband from the bottom (channels 32-35), sb03 the 13th (48-51)
+    assert np.flatnonzero(flagged).tolist() == [32, 33, 34, 35, 48, 49, 50, 51]
+    assert np.all(d["DATA"][:, flagged] == 0)
+    assert any("exactly zero (dead inputs): flagged" in n for n in r.notes)
 
 
 def test_a_few_nan_visibilities_are_flagged_not_fatal(worker, tiny_group, tmp_path):
@@ -376,7 +385,17 @@ def test_a_few_nan_visibilities_are_flagged_not_fatal(worker, tiny_group, tmp_pa
                for n in res["result"].notes)
     d = worker.submit(_inspect, str(res["result"].ms_path)).result()
     assert np.isfinite(d["DATA"]).all()
-    assert d["FLAG"].sum() == 5 and d["FLAG"][100, 63, 0] and d["FLAG"][200:204, 62, 1].all()
+    dead = np.isin(d["ANTENNA1"], truth["antennas"]["dead"]) | np.isin(d["ANTENNA2"],
+                                                                      truth["antennas"]["dead"])
+    assert d["FLAG"][dead].all()  # the dead station's zeros
+    assert d["FLAG"][100, 63, 0] and d["FLAG"][200:204, 62, 1].all()
+    nan_cells = np.zeros(d["FLAG"].shape, dtype=bool)
+    nan_cells[100, 63, 0] = True
+    nan_cells[200:204, 62, 1] = True
+    nan_cells[dead] = False  # already flagged as zeros
+    live = d["FLAG"].copy()
+    live[dead] = False
+    assert np.array_equal(live, nan_cells)  # nothing else flagged
 
 
 def test_helper_processes_give_the_same_ms(worker, tiny_group, tiny_inspected, tmp_path):

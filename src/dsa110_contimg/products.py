@@ -7,6 +7,9 @@ from pathlib import Path
 
 from .errors import BadInputError
 
+#: MS table keyword holding the conversion stage's completion record (read by later stages)
+CONVERSION_RECORD = "contimg_conversion"
+
 _GROUP_ID = re.compile(r"^(\d{4}-\d{2}-\d{2})T\d{2}:\d{2}:\d{2}$")
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import structlog
 
 from ..errors import BadInputError
-from .casarun import run_task
+from ..products import CONVERSION_RECORD
+from .casarun import open_table, run_task
 from .options import CalibrationOptions
 
 log = structlog.get_logger(__name__)
@@ -55,8 +56,12 @@ def _summary(name: str) -> str:
     return f"mode='summary' name='{name}'"
 
 
-def flag_calls(options: CalibrationOptions) -> list[list[str]]:
-    """The flagdata command lists, one per call (built apart from running them, for tests)."""
+def flag_calls(options: CalibrationOptions, clip_zeros: bool = True) -> list[list[str]]:
+    """The flagdata command lists, one per call (built apart from running them, for tests).
+
+    ``clip_zeros`` False leaves out the clip agent (a pass over DATA) when the conversion
+    stage has flagged exact zeros already; the 'zeros' summary stays, for the same report.
+    """
     o = options
     avg = f" channelavg=True chanbin={o.flag_chanbin}" if o.flag_chanbin > 1 else ""
     rfi = {
@@ -67,7 +72,8 @@ def flag_calls(options: CalibrationOptions) -> list[list[str]]:
     }
     if not o.flag_rflag:
         rfi["rflag"] = ""
-    first = [_summary("start"), "mode='clip' clipzeros=True", _summary("zeros"),
+    first = [_summary("start")] + (["mode='clip' clipzeros=True"] if clip_zeros else []) + [
+             _summary("zeros"),
              "mode='manual' autocorr=True", _summary("autocorr"),
              "mode='shadow' tolerance=0.0", _summary("shadow")]
     if not avg:
@@ -94,6 +100,17 @@ def _reports(out: object) -> dict[str, dict]:
     if "flagged" in out and "total" in out:
         return {str(out.get("name", "")): out}
     return {str(r.get("name")): r for r in out.values() if isinstance(r, dict) and "total" in r}
+
+
+def _zeros_flagged_at_conversion(ms: Path) -> bool:
+    """True when the conversion stage's record says it flagged every exact zero."""
+    try:
+        with open_table(ms) as tb:
+            if CONVERSION_RECORD not in tb.keywordnames():
+                return False
+            return bool(tb.getkeyword(CONVERSION_RECORD).get("zeros_flagged", False))
+    except Exception:  # an unreadable record: clip, as for any foreign MS
+        return False
 
 
 def _restore_or_save_preflag(ms: Path) -> bool:
@@ -137,8 +154,9 @@ def flag_ms(ms: Path, options: CalibrationOptions) -> FlagReport:
         return earlier
     (ms / MARKER).unlink(missing_ok=True)
     restored = _restore_or_save_preflag(ms)
+    clip = not _zeros_flagged_at_conversion(ms)
     reports: dict[str, dict] = {}
-    for cmds in flag_calls(options):
+    for cmds in flag_calls(options, clip_zeros=clip):
         out = run_task("flagdata", vis=str(ms), mode="list", inpfile=cmds, flagbackup=False)
         reports.update(_reports(out))
     missing = [s for s in STEPS if s not in reports]
@@ -149,6 +167,7 @@ def flag_ms(ms: Path, options: CalibrationOptions) -> FlagReport:
     ants = {str(a): _fraction(v) for a, v in reports[STEPS[-1]].get("antenna", {}).items()}
     report = FlagReport(fractions, ants, time.perf_counter() - t0)
     log.info("flagged", ms=str(ms), fractions=fractions, restored_preflag=restored,
+             zeros_flagged_at_conversion=not clip,
              chanbin=options.flag_chanbin, duration_s=round(report.duration_s, 2))
     if report.final >= 1.0 - 1e-9:
         raise BadInputError(f"all data flagged after flagging ({fractions})", path=str(ms))

@@ -20,6 +20,7 @@ import numpy as np
 import structlog
 
 from ..errors import BadInputError
+from ..products import CONVERSION_RECORD
 from ..simulate.sky import pointing_altaz
 from .params import MSSummary
 
@@ -271,7 +272,7 @@ def _pointing_altaz(keywords: dict, pc: tuple[float, float], centre_itrf: np.nda
     """
     loc = _location(centre_itrf)
     lat = float(loc.lat.deg)
-    record = keywords.get("contimg_conversion")
+    record = keywords.get(CONVERSION_RECORD)
     if isinstance(record, dict) and "pointing_dec_deg" in record:
         az, alt = pointing_altaz(float(record["pointing_dec_deg"]), lat)
         return float(az), float(alt), "contimg_conversion.pointing_dec_deg"

@@ -260,7 +260,10 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     zero_all = float(cross_zero.sum() / max(cross_all.sum(), 1))
     zero_live = float(z_live / max(n_live, 1)) if n_live else 1.0
     nonfinite = n_nonfinite / max(n_vis, 1)
-    flagged = _flagged_fraction(t, ddid)
+    live_rows = None
+    if dead_set and len(dead_set) < ants.size:
+        live_rows = ~(np.isin(a1, list(dead_set)) | np.isin(a2, list(dead_set)))
+    flagged = _flagged_fraction(t, ddid, live_rows)
     zero_chans = int(sum(int(np.sum((chan_all[d] > 0) & (chan_zero[d] == chan_all[d])))
                          for d in chan_all))
     alive = int(ants.size - len(dead))
@@ -294,8 +297,11 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     g.warn_if(bool(weak), f"antennas with autocorrelations < 10% of the array median: {weak}")
 
 
-def _flagged_fraction(t: Any, ddid: np.ndarray, chunk_cells: int = 32 << 20) -> float:
-    """FLAG over every row (it is stored as bits: a full group's is ~32 MB), in chunks."""
+def _flagged_fraction(t: Any, ddid: np.ndarray, live: np.ndarray | None = None,
+                      chunk_cells: int = 32 << 20) -> float:
+    """FLAG over every row (it is stored as bits: a full group's is ~32 MB), in chunks;
+    only over the ``live`` rows when given (dead antennas' zeros are flagged at conversion:
+    they must not make every group look heavily flagged, as they must not look zero)."""
     n_true = n_all = 0
     for d in np.unique(ddid):
         rows = np.flatnonzero(ddid == d)
@@ -308,6 +314,10 @@ def _flagged_fraction(t: Any, ddid: np.ndarray, chunk_cells: int = 32 << 20) -> 
                 f = t.getcol("FLAG", startrow=int(part[0]), nrow=int(part.size))
             else:
                 f = _read_rows(t, "FLAG", part)
+            if live is not None:
+                keep = live[part]
+                if not keep.all():
+                    f = f[keep]
             n_true += int(np.count_nonzero(f))
             n_all += f.size
     return n_true / max(n_all, 1)
