@@ -1,11 +1,12 @@
 """The conversion stage: one group of UVH5 subband files → one Measurement Set.
 
 Steps: skip if a valid MS is already published → validate headers (cheap, :mod:`.validate`)
-→ choose staging (tmpfs when it has room) → copy the inputs there in a background thread
-while the group's metadata is built with pyuvdata and phased to the meridian at mid-time
-(:mod:`.phasing`) → create the MS with pyuvdata's schema and stream the visibilities into it
-block by block (:mod:`.reader`, :mod:`.mswrite`, optionally :mod:`.parallel`) → mark it
-complete → publish atomically (:mod:`.staging`). Memory stays near one block (a couple of
+→ choose staging (tmpfs when it has room; with ``CONTIMG_STAGE_INPUTS`` the inputs are copied
+there in a background thread) → build the group's metadata with pyuvdata and phase it to the
+meridian at mid-time (:mod:`.phasing`) → create the MS with pyuvdata's schema and stream the
+visibilities into it block by block (:mod:`.reader`, :mod:`.mswrite`, optionally
+:mod:`.parallel`), flagging NaN/Inf and exact zeros on the way → mark it complete → publish
+atomically (:mod:`.staging`). Memory stays near one block (a couple of
 integrations of the whole band) whatever the group size: ~0.8 GB peak for a full group.
 
 The MS follows ``UVData.write_ms`` conventions (checked against it in the tests), which
