@@ -314,12 +314,14 @@ def _flagged_fraction(t: Any, ddid: np.ndarray, live: np.ndarray | None = None,
                 f = t.getcol("FLAG", startrow=int(part[0]), nrow=int(part.size))
             else:
                 f = _read_rows(t, "FLAG", part)
-            if live is not None:
-                keep = live[part]
-                if not keep.all():
-                    f = f[keep]
             n_true += int(np.count_nonzero(f))
             n_all += f.size
+            if live is not None:  # take the (few) dead rows out again: cheaper than a copy
+                drop = ~live[part]
+                if drop.any():
+                    dead = f[drop]
+                    n_true -= int(np.count_nonzero(dead))
+                    n_all -= dead.size
     return n_true / max(n_all, 1)
 
 
