@@ -147,6 +147,24 @@ def test_image_qa_passes_and_calibrator_flux_matches_catalogue(imaged):
     assert again.passed and again.metrics["calibrator"]["ratio"] == pytest.approx(cal["ratio"])
 
 
+def test_scipy_masks_clean_as_tclean_automask_does(imaged, tmp_path):
+    """The same group imaged with tclean's own auto-multithresh: the scipy masker follows its
+    rules, so clean finds the same components and the images agree."""
+    inputs, result, _ = imaged
+    assert ImagingOptions().masker == "scipy" and result.masks
+    casa = image_group(replace(inputs, product_dir=product_dir(tmp_path, inputs.group_id)),
+                       replace(ImagingOptions(), masker="casa"))
+    assert not casa.masks
+    print(f"\nscipy {result.iterdone} it, rms {result.rms_jy:.6g}, peak {result.peak_jy:.6g}; "
+          f"casa {casa.iterdone} it, rms {casa.rms_jy:.6g}, peak {casa.peak_jy:.6g}")
+    assert casa.iterdone == pytest.approx(result.iterdone, rel=0.02, abs=2)
+    assert casa.rms_jy == pytest.approx(result.rms_jy, rel=0.005)
+    assert casa.peak_jy == pytest.approx(result.peak_jy, rel=0.005)
+    a, _ = _fits2d(result.image_fits)
+    b, _ = _fits2d(casa.image_fits)
+    assert np.abs(a - b).max() < 0.5 * result.rms_jy
+
+
 def test_bright_calibrator_is_peeled_with_its_drift_beam_and_restored(imaged):
     """3C286 (15 Jy) is fitted along the drift, subtracted before clean, restored after."""
     _, result, truth = imaged
