@@ -1,4 +1,4 @@
-"""Clean masks built with scipy between tclean calls, instead of tclean's auto-multithresh.
+"""Clean masks built with scipy between tclean's major cycles, instead of its auto-multithresh.
 
 Why: once the bright catalogued sources are peeled (``imaging.peel``), tclean's own
 auto-multithresh costs more than the cleaning it guides. On a full-size group CASA spent
@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,7 @@ class MaskRound:
     pixels: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rms_jy": self.rms_jy, "peak_jy": self.peak_jy, "sidelobe": self.sidelobe,
-                "threshold_jy": self.threshold_jy, "regions": self.regions,
-                "pruned": self.pruned, "pixels": self.pixels}
+        return asdict(self)
 
 
 def robust_rms(image: np.ndarray, stride: int = 3) -> float:
@@ -169,13 +167,11 @@ def _read_plane(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 def _beam_px(beam: dict[str, Any], cell_rad: float) -> tuple[float, float, float]:
     """(major, minor FWHM in pixels, PA in degrees) from an image's restoring-beam record."""
-    from .tclean_runner import _arcsec, _deg
+    from .tclean_runner import beam_axes
 
-    if "major" not in beam:
-        beam = beam.get("beams", {}).get("*0", {}).get("*0", beam)
+    bmaj, bmin, bpa = beam_axes(beam)
     cell_arcsec = cell_rad * 206264.80624709636
-    return (_arcsec(beam["major"]) / cell_arcsec, _arcsec(beam["minor"]) / cell_arcsec,
-            _deg(beam["positionangle"]))
+    return bmaj / cell_arcsec, bmin / cell_arcsec, bpa
 
 
 def _write_mask(template: Path, mask_path: Path, mask: np.ndarray) -> None:
@@ -206,7 +202,9 @@ class _Masker:
         self.imagename, self.rules = imagename, rules
         self.rounds: list[MaskRound] = []
         self.previous: np.ndarray | None = None
+        # from the PSF, at the first round
         self.kernel: np.ndarray | None = None
+        self.area = self.sidelobe = 0.0
         self.seconds = 0.0
 
     def update(self, major_done: int, nmajor: int) -> None:
@@ -242,6 +240,7 @@ def run_masked_clean(params: dict[str, Any], rules: MaskRules) -> tuple[Any, lis
     ``usemask='user'`` and no mask file just loads it. Splitting tclean into one call per
     cycle instead cost ~15 s a call: w-projection's convolution functions are rebuilt.
     """
+    from .params import AUTOMASK
     from .tclean_runner import run_tclean
 
     try:
@@ -252,9 +251,7 @@ def run_masked_clean(params: dict[str, Any], rules: MaskRules) -> tuple[Any, lis
         log.warning("imaging.masker_unavailable", error=repr(exc), action="auto-multithresh")
         return run_tclean(params), []
 
-    base = {k: v for k, v in params.items() if k not in {
-        "sidelobethreshold", "noisethreshold", "lownoisethreshold", "minbeamfrac",
-        "negativethreshold", "minpercentchange", "growiterations", "mask"}}
+    base = {k: v for k, v in params.items() if k not in AUTOMASK}
     base.update(usemask="user", mask="")
     masker = _Masker(params["imagename"], rules)
     original = PySynthesisImager.updateMask

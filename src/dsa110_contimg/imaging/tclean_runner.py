@@ -67,17 +67,12 @@ def clear_image_products(imagename: str) -> None:
             p.unlink()
 
 
-def run_tclean(params: dict[str, Any], clear: bool = True) -> TcleanOutputs:
-    """Call ``casatasks.tclean(**params)`` and validate what it wrote.
-
-    ``clear`` removes an earlier run's images first; a restart (``calcres``/``calcpsf`` off,
-    continuing the model) keeps them.
-    """
+def run_tclean(params: dict[str, Any]) -> TcleanOutputs:
+    """Call ``casatasks.tclean(**params)`` and validate what it wrote."""
     import casatasks
 
     imagename = params["imagename"]
-    if clear:
-        clear_image_products(imagename)
+    clear_image_products(imagename)
     log.info("imaging.tclean.start", imagename=imagename, imsize=params["imsize"],
              cell=params["cell"], gridder=params["gridder"], threshold=params["threshold"],
              niter=params["niter"], nmajor=params.get("nmajor"))
@@ -117,12 +112,8 @@ def validate_outputs(imagename: str, summary: dict, duration_s: float,
     if not finite.all():
         raise NonFiniteImage(f"tclean wrote {100 * (1 - finite.mean()):.3g} % non-finite "
                              f"pixels in {paths['image']}")
-    if "major" not in beam:  # per-plane beams: one plane here, take it
-        beam = beam.get("beams", {}).get("*0", {}).get("*0", beam)
     try:
-        bmaj = _arcsec(beam["major"])
-        bmin = _arcsec(beam["minor"])
-        bpa = _deg(beam["positionangle"])
+        bmaj, bmin, bpa = beam_axes(beam)
     except (KeyError, TypeError):
         raise StageError(f"{paths['image']} has no restoring beam (PSF fit failed?)") from None
     if not (bmaj > 0 and bmin > 0 and np.isfinite(bmaj) and np.isfinite(bmin)):
@@ -133,6 +124,14 @@ def validate_outputs(imagename: str, summary: dict, duration_s: float,
         bmaj_arcsec=bmaj, bmin_arcsec=bmin, bpa_deg=bpa, peak_jy=float(pixels.max()),
         iterdone=int(summary.get("iterdone", 0)), nmajordone=int(summary.get("nmajordone", 0)),
         stopcode=code, stopreason=STOPCODES.get(code, f"stop code {code}"), duration_s=duration_s)
+
+
+def beam_axes(beam: dict) -> tuple[float, float, float]:
+    """(major, minor in arcsec, PA in degrees) of a CASA restoring-beam record; raises
+    KeyError/TypeError when it holds no beam."""
+    if "major" not in beam:  # per-plane beams: one plane here, take it
+        beam = beam.get("beams", {}).get("*0", {}).get("*0", beam)
+    return _arcsec(beam["major"]), _arcsec(beam["minor"]), _deg(beam["positionangle"])
 
 
 def _arcsec(q: dict) -> float:
