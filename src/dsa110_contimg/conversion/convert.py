@@ -373,7 +373,7 @@ def write_group_ms(layout: GroupLayout, meta: GroupMeta, ms_path: Path, group_id
     tel = uv.telescope
     uniform_ns = probe.uniform_nsamples
     # with helper processes the reading happens there
-    handles = ([reader.open_uvh5(f.path) for f in layout.files]
+    handles = ([reader.SubbandReader(f.path) for f in layout.files]
                if options.parallel_subbands <= 1 else [])
     try:
         tick = time.perf_counter()
@@ -480,33 +480,31 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
     zeros = 0
     limit = options.max_nonfinite_fraction * layout.n_blts * layout.files[0].nchan * npol
     flip = ~conj_rows[order]  # rows conjugated for CASA's convention (all but reversed ones)
-    acc = dict.fromkeys(("read", "phase", "write"), 0.0)
-    phasor_all = np.empty((nchan, nmax), dtype=np.complex64)
+    perm = np.arange(npol) if pol_perm is None else pol_perm
+    acc = dict.fromkeys(("fill_wait", "write"), 0.0)
+
+    def geometry(plan: reader.RowPlan) -> reader.BlockGeometry:
+        return reader.BlockGeometry(dw=dw_file[order[plan.r0:plan.r1]],
+                                    flip=flip[plan.r0:plan.r1], freqs_hz=freqs, pol_perm=perm)
 
     helpers = min(options.parallel_subbands - 1, len(specs))
-    filler = (parallel.ParallelFiller(specs, helpers, workdir, nmax, nchan, npol,
-                                      not uniform_ns, gaps) if helpers > 0 else None)
-    if filler is None:
-        # one set of block buffers, reused: fresh 100 MB arrays per block cost page faults
-        data_all = np.zeros((nmax, nchan, npol), dtype=np.complex64)
-        flags_all = np.zeros((nmax, nchan, npol), dtype=bool)
-        flags_all[:, gaps, :] = True  # channels no subband fills stay flagged and zero
-        nsam_all = None if uniform_ns else np.zeros((nmax, nchan, npol), dtype=np.float32)
-        buf = np.empty((nmax, max(f.nchan for f in layout.files), npol), dtype=np.complex64)
+    filler: parallel.ParallelFiller | parallel.ThreadFiller = (
+        parallel.ParallelFiller(specs, helpers, workdir, nmax, nchan, npol, not uniform_ns, gaps)
+        if helpers > 0 else
+        parallel.ThreadFiller(specs, handles, options.fill_threads, nmax, nchan, npol,
+                              not uniform_ns, gaps))
     try:
-        pending = filler.submit(plans[0], 0) if filler else None
+        # exact zeros are dead inputs, never sky: the fill flags them, where every visibility
+        # passes anyway, instead of a flagdata clip pass over the MS (16 s at full size)
+        pending = filler.submit(plans[0], geometry(plans[0]), 0)
         for i, plan in enumerate(plans):
             t_a = time.perf_counter()
             n = plan.r1 - plan.r0
-            if filler is not None:
-                counts = filler.wait(pending)
-                if i + 1 < len(plans):
-                    pending = filler.submit(plans[i + 1], (i + 1) % 2)
-                data, flags, nsam = filler.buffers(i % 2, n)
-            else:
-                data, flags = data_all[:n], flags_all[:n]
-                nsam = None if nsam_all is None else nsam_all[:n]
-                counts = reader.fill_block(specs, handles, plan, data, flags, nsam, buf[:n])
+            counts, nz = filler.wait(pending)
+            if i + 1 < len(plans):
+                pending = filler.submit(plans[i + 1], geometry(plans[i + 1]), (i + 1) % 2)
+            data, flags, nsam = filler.buffers(i % 2, n)
+            zeros += nz
             for source, count, size in counts:
                 if not count:
                     continue
@@ -516,28 +514,7 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
                         f"{'all' if count == size else count} visibilities in a block are "
                         "NaN/Inf (more than CONTIMG_CONVERT_MAX_NONFINITE_FRACTION="
                         f"{options.max_nonfinite_fraction:g} of the file)", path=source)
-            # exact zeros are dead inputs, never sky: flag them here, where every visibility
-            # passes anyway, instead of in a flagdata clip pass over the MS (16 s at full size)
-            zero = data == 0
-            zero &= ~flags
-            nz = int(np.count_nonzero(zero))
-            if nz:
-                flags |= zero
-                zeros += nz
             t_b = time.perf_counter()
-            phasor = phasing.w_phasor(dw_file[order[plan.r0:plan.r1]], freqs,
-                                      out=phasor_all[:, :n])
-            for p in range(npol):
-                np.multiply(data[:, :, p], phasor, out=data[:, :, p])
-            if flip.all():
-                np.conjugate(data, out=data)
-            else:
-                rows = np.flatnonzero(flip[plan.r0:plan.r1])
-                data[rows] = np.conjugate(data[rows])
-            if pol_perm is not None:
-                data, flags = data[:, :, pol_perm], flags[:, :, pol_perm]
-                nsam = None if nsam is None else nsam[:, :, pol_perm]
-            t_c = time.perf_counter()
             ms.putcol("DATA", np.asarray(data), startrow=plan.r0, nrow=n)
             ms.putcol("FLAG", np.asarray(flags), startrow=plan.r0, nrow=n)
             if nsam is not None:
@@ -549,13 +526,10 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
             np.power(weight, -0.5, where=weight != 0, out=sigma)
             ms.putcol("WEIGHT", weight, startrow=plan.r0, nrow=n)
             ms.putcol("SIGMA", sigma, startrow=plan.r0, nrow=n)
-            t_d = time.perf_counter()
-            acc["read"] += t_b - t_a
-            acc["phase"] += t_c - t_b
-            acc["write"] += t_d - t_c
+            acc["fill_wait"] += t_b - t_a
+            acc["write"] += time.perf_counter() - t_b
     finally:
-        if filler is not None:
-            filler.close()
+        filler.close()
     tick = time.perf_counter()
     ms.flush()
     acc["write"] += time.perf_counter() - tick

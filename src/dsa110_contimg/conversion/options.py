@@ -13,6 +13,7 @@ class ConversionOptions:
     stage_to_tmpfs: bool = setting("CONTIMG_STAGE_TO_TMPFS", True, "Stage inputs and the MS through tmpfs when it has room")
     tmpfs_headroom: float = setting("CONTIMG_TMPFS_HEADROOM", 2.0, "tmpfs must hold this multiple of the group's input size", minimum=1)
     parallel_subbands: int = setting("CONTIMG_CONVERT_PROCESSES", 1, "Processes writing subbands in parallel inside one conversion", minimum=1, maximum=32)
+    fill_threads: int = setting("CONTIMG_CONVERT_THREADS", 2, "Threads reading and phasing subbands inside one conversion (they run without Python's lock, and the next block fills while one is written)", minimum=1, maximum=32)
     stage_inputs: bool = setting("CONTIMG_STAGE_INPUTS", False, "Copy the subband files into the staging area before reading them: a snapshot for input directories that are slow or may change under us; costs one copy of the group (3.5 s and 2.3 GB of tmpfs at full size) and is pure overhead when the files were just written and sit in the page cache")
     publish_fsync: bool = setting("CONTIMG_CONVERT_FSYNC", True, "fsync the MS before publishing it, so a crash never leaves a published MS with holes (waits for the disk)")
     max_nonfinite_fraction: float = setting("CONTIMG_CONVERT_MAX_NONFINITE_FRACTION", 0.001, "A subband with more than this fraction of NaN/Inf visibilities is bad input; fewer are zeroed and flagged", minimum=0, maximum=1)

@@ -1,8 +1,8 @@
 """Read subbands in helper processes while the main process phases and writes.
 
 With ``CONTIMG_CONVERT_PROCESSES`` = P > 1, P - 1 spawned helpers read the subband files
-(each a share of them) for block k+1 into one of two shared buffers while the conversion
-process phases and writes block k from the other: reading (h5py) and writing (casacore)
+(each a share of them) and phase them for block k+1 into one of two shared buffers while
+the conversion process writes block k from the other: reading (h5py) and writing (casacore)
 both hold the GIL, so overlapping them needs processes. The buffers are ``np.memmap``
 files in the staging directory, so they live on tmpfs when staging does and are removed
 with it (also by ``clean_stale_staging`` after a crash). Default P = 1: on two cores
@@ -12,16 +12,17 @@ shared with calibration and imaging of other groups the extra process competes w
 from __future__ import annotations
 
 import multiprocessing as mp
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from .reader import FillSpec, RowPlan, fill_block, open_uvh5
+from .reader import BlockGeometry, FillSpec, RowPlan, SubbandReader, fill_block
 
-_HANDLES: dict[str, h5py.File] = {}  # per helper process: files stay open between blocks
+Counts = tuple[list[tuple[str, int, int]], int]
+
+_HANDLES: dict[str, SubbandReader] = {}  # per helper process: files stay open between blocks
 
 
 def buffer_bytes(nmax: int, nchan: int, npol: int, want_nsam: bool) -> int:
@@ -36,22 +37,21 @@ def _buffers(paths: dict[str, str], nmax: int, nchan: int, npol: int, mode: str
             for k, p in paths.items()}
 
 
-def _helper_fill(specs: list[FillSpec], plan: RowPlan, paths: dict[str, str], nmax: int,
-                 nchan: int, npol: int) -> list[tuple[str, int, int]]:
+def _helper_fill(specs: list[FillSpec], plan: RowPlan, geom: BlockGeometry,
+                 paths: dict[str, str], nmax: int, nchan: int, npol: int
+                 ) -> tuple[list[tuple[str, int, int]], int]:
     """Runs in a helper: fill this share of the files into the shared buffers."""
     bufs = _buffers(paths, nmax, nchan, npol, "r+")
-    handles = []
+    readers = []
     for s in specs:
         if s.path not in _HANDLES:
-            _HANDLES[s.path] = open_uvh5(Path(s.path))
-        handles.append(_HANDLES[s.path])
-    n = plan.r1 - plan.r0
-    buf = np.empty((n, max(s.nchan for s in specs), npol), dtype=np.complex64)
-    nsam = bufs["nsam"][:n] if "nsam" in bufs else None
-    counts = fill_block(specs, handles, plan, bufs["data"][:n], bufs["flags"][:n], nsam, buf)
+            _HANDLES[s.path] = SubbandReader(Path(s.path))
+        readers.append(_HANDLES[s.path])
+    nsam = bufs["nsam"] if "nsam" in bufs else None
+    out = fill_block(specs, readers, plan, geom, bufs["data"], bufs["flags"], nsam)
     for b in bufs.values():
         b.flush()
-    return counts
+    return out
 
 
 class ParallelFiller:
@@ -73,16 +73,18 @@ class ParallelFiller:
             self.views.append(views)
         self.pool = ProcessPoolExecutor(max_workers=helpers, mp_context=mp.get_context("spawn"))
 
-    def submit(self, plan: RowPlan, slot: int) -> list[Future]:
-        return [self.pool.submit(_helper_fill, share, plan, self.paths[slot], self.nmax,
+    def submit(self, plan: RowPlan, geom: BlockGeometry, slot: int) -> list[Future]:
+        return [self.pool.submit(_helper_fill, share, plan, geom, self.paths[slot], self.nmax,
                                  self.nchan, self.npol) for share in self.shares]
 
     @staticmethod
-    def wait(futures: list[Future]) -> list[tuple[str, int, int]]:
-        out = []
+    def wait(futures: list[Future]) -> Counts:
+        counts, zeros = [], 0
         for f in futures:
-            out.extend(f.result())
-        return out
+            c, z = f.result()
+            counts.extend(c)
+            zeros += z
+        return counts, zeros
 
     def buffers(self, slot: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         v = self.views[slot]
@@ -96,6 +98,50 @@ class ParallelFiller:
                 Path(p).unlink(missing_ok=True)
 
     def __enter__(self) -> ParallelFiller:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ThreadFiller:
+    """Double-buffered block filling by threads of the conversion process.
+
+    The fill is pread (no GIL) and the compiled kernel (no GIL), so with two threads it
+    uses both cores, and block k+1 fills while the main thread writes block k to the MS.
+    Each thread takes a fixed share of the files: disjoint channels of the same buffers.
+    """
+
+    def __init__(self, specs: list[FillSpec], readers: list[SubbandReader], threads: int,
+                 nmax: int, nchan: int, npol: int, want_nsam: bool, gaps: np.ndarray) -> None:
+        threads = max(1, min(threads, len(specs)))
+        self.shares = [(specs[i::threads], readers[i::threads]) for i in range(threads)]
+        self.sets: list[dict[str, np.ndarray | None]] = []
+        for _ in (0, 1):  # fresh 100 MB arrays per block would cost page faults: reuse two
+            flags = np.zeros((nmax, nchan, npol), dtype=bool)
+            flags[:, gaps, :] = True  # channels no subband fills stay flagged and zero
+            self.sets.append({
+                "data": np.zeros((nmax, nchan, npol), dtype=np.complex64), "flags": flags,
+                "nsam": np.zeros((nmax, nchan, npol), dtype=np.float32) if want_nsam else None})
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="contimg-fill")
+
+    def submit(self, plan: RowPlan, geom: BlockGeometry, slot: int) -> list[Future]:
+        b = self.sets[slot]
+        return [self.pool.submit(fill_block, sp, rd, plan, geom, b["data"], b["flags"], b["nsam"])
+                for sp, rd in self.shares]
+
+    wait = staticmethod(ParallelFiller.wait)
+
+    def buffers(self, slot: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        b = self.sets[slot]
+        nsam = b["nsam"]
+        return b["data"][:n], b["flags"][:n], None if nsam is None else nsam[:n]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.sets.clear()
+
+    def __enter__(self) -> ThreadFiller:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -11,6 +11,8 @@ visibilities, so :func:`constant_value` proves them constant from the raw chunk 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,40 +179,201 @@ class FillSpec:
     nsam_const: Any  # None: read the nsamples
 
 
-def fill_block(specs: list[FillSpec], handles: list[h5py.File], plan: RowPlan,
-               data: np.ndarray, flags: np.ndarray, nsam: np.ndarray | None,
-               buf: np.ndarray) -> list[tuple[str, int, int]]:
+@dataclass(frozen=True, eq=False)
+class BlockGeometry:
+    """What turns a block's file rows into MS rows (plain data: crosses process boundaries)."""
+
+    dw: np.ndarray  # per block row: w(new) - w(old), metres, in the file's orientation
+    flip: np.ndarray  # per block row: conjugate for CASA's convention
+    freqs_hz: np.ndarray  # output channels, ascending
+    pol_perm: np.ndarray  # output pol j holds file pol pol_perm[j]
+
+
+class RawVis:
+    """Rows of an uncompressed complex64 visdata read straight from the file with pread.
+
+    h5py copies a chunked data set into a row block element by element (8-byte pieces for
+    the usual one-polarisation chunks): ~3 s for a full group. Here whole chunks come into
+    a reusable buffer at copy speed and the fused :func:`.kernel.place` scatters them. A
+    row of chunks that straddles two blocks is read once and kept for the next block.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...], chunks: tuple[int, ...] | None,
+                 offsets: dict[int, list[tuple[int, int, int]]]) -> None:
+        self.path, self.shape, self.chunks = path, shape, chunks
+        self.offsets = offsets  # first row of a chunk row -> [(chan0, pol0, byte offset)]
+        self.fd = os.open(path, os.O_RDONLY)
+        self._row: int | None = None  # chunk row held in _buf
+        self._buf: np.ndarray | None = None
+        self._elements: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def open(cls, dset: h5py.Dataset) -> RawVis | None:
+        """A raw reader when the bytes on disk are exactly complex64 values, else None."""
+        if dset.ndim != 3 or dset.size == 0 or not _raw_complex64(dset.dtype):
+            return None
+        try:
+            if dset.id.get_create_plist().get_nfilters():
+                return None
+            path = dset.file.filename
+            if dset.chunks is None:
+                offset = dset.id.get_offset()
+                return None if offset is None else cls(path, dset.shape, None, {0: [(0, 0, offset)]})
+            infos: list[tuple[tuple[int, ...], int, int]] = []
+            dset.id.chunk_iter(lambda i: infos.append((i.chunk_offset, i.byte_offset, i.size)))
+        except Exception:
+            return None
+        nbytes = int(np.prod(dset.chunks)) * 8
+        n_expected = int(np.prod([-(-s // c) for s, c in zip(dset.shape, dset.chunks,
+                                                                 strict=True)]))
+        if len(infos) != n_expected or any(size != nbytes for _, _, size in infos):
+            return None  # unallocated (fill-value) chunks: leave them to h5py
+        offsets: dict[int, list[tuple[int, int, int]]] = {}
+        for (r, c, p), byte_offset, _ in sorted(infos):
+            offsets.setdefault(r, []).append((c, p, byte_offset))
+        return cls(path, dset.shape, dset.chunks, offsets)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _pread(self, buf: np.ndarray, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        got = os.preadv(self.fd, [view], offset)
+        if got != view.nbytes:
+            raise BadInputError(f"file ends inside the visibilities (wanted {view.nbytes} "
+                                f"bytes at {offset}, got {got})", path=self.path)
+
+    def pieces(self, a: int, b: int) -> Iterator[Piece]:
+        """The chunk rows covering file rows ``[a, b)``."""
+        nrow, nchan, npol = self.shape
+        if self.chunks is None:
+            n = b - a
+            if self._buf is None or self._buf.size < n * nchan * npol:
+                self._buf = np.empty(n * nchan * npol, dtype=np.complex64)
+            self._pread(self._buf[:n * nchan * npol], self.offsets[0][0][2] + a * nchan * npol * 8)
+            yield dense_piece(self._buf, nchan, npol, 0, n, a)
+            return
+        cr, cc, cp = self.chunks
+        per_chunk = cr * cc * cp
+        for r in range(a - a % cr, b, cr):
+            parts = self.offsets[r]
+            if self._row != r:
+                if self._buf is None:
+                    self._buf = np.empty(len(parts) * per_chunk, dtype=np.complex64)
+                for m, (_, _, byte_offset) in enumerate(parts):
+                    self._pread(self._buf[m * per_chunk:(m + 1) * per_chunk], byte_offset)
+                self._row = r
+            if self._elements is None:  # every chunk row lists its chunks in the same order
+                soff, chans, pols = [], [], []
+                for m, (c0, p0, _) in enumerate(parts):
+                    for j in range(min(cc, nchan - c0)):
+                        for q in range(min(cp, npol - p0)):
+                            soff.append(m * per_chunk + j * cp + q)
+                            chans.append(c0 + j)
+                            pols.append(p0 + q)
+                self._elements = (np.asarray(soff, dtype=np.int64),
+                                  np.asarray(chans, dtype=np.int64),
+                                  np.asarray(pols, dtype=np.int64))
+            lo = max(a, r) - r
+            yield Piece(self._buf, *self._elements, cc * cp, lo, min(b, r + cr, nrow) - r, r + lo)
+
+
+@dataclass(frozen=True, eq=False)
+class Piece:
+    """Rows ``lo..hi`` of some visibilities in a flat buffer, for :func:`.kernel.place`:
+    element e (file channel ``chans[e]``, pol ``pols[e]``) of row t sits at
+    ``soff[e] + t * stride``; row ``lo`` is file row ``first``."""
+
+    buf: np.ndarray
+    soff: np.ndarray
+    chans: np.ndarray
+    pols: np.ndarray
+    stride: int
+    lo: int
+    hi: int
+    first: int
+
+
+def dense_piece(buf: np.ndarray, nchan: int, npol: int, lo: int, hi: int, first: int) -> Piece:
+    """A piece over a C-ordered (rows, nchan, npol) buffer (flat)."""
+    chans, pols = np.divmod(np.arange(nchan * npol, dtype=np.int64), npol)
+    return Piece(buf, np.arange(nchan * npol, dtype=np.int64), chans, pols, nchan * npol,
+                 lo, hi, first)
+
+
+def _raw_complex64(dtype: np.dtype) -> bool:
+    """Native little-endian complex64, or a compound {r, i} of float32 laid out the same."""
+    native = np.dtype("<c8")
+    if dtype.names is None:
+        return dtype == native and native.isnative
+    if dtype.names != ("r", "i") or dtype.itemsize != 8:
+        return False
+    fields = dtype.fields
+    return (native.isnative and fields["r"][0] == np.dtype("<f4") and fields["r"][1] == 0
+            and fields["i"][0] == np.dtype("<f4") and fields["i"][1] == 4)
+
+
+class SubbandReader:
+    """An open subband file: h5py for everything, plus :class:`RawVis` when possible."""
+
+    def __init__(self, path: Path) -> None:
+        self.h5 = open_uvh5(path)
+        self.raw = RawVis.open(self.h5["Data/visdata"])
+
+    def close(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+        self.h5.close()
+
+
+def fill_block(specs: list[FillSpec], readers: list[SubbandReader], plan: RowPlan,
+               geom: BlockGeometry, data: np.ndarray, flags: np.ndarray,
+               nsam: np.ndarray | None) -> tuple[list[tuple[str, int, int]], int]:
     """Read rows ``plan`` of each file into its channels of ``data``/``flags``/``nsam``
-    (channels ascending). Non-finite visibilities become 0 and flagged; returns
-    (source, n_nonfinite, n_visibilities) per file for the caller's verdict."""
-    npol = data.shape[2]
-    void = np.dtype((np.void, data.itemsize * npol))  # one channel, all pols
-    counts = []
-    for spec, h in zip(specs, handles, strict=True):
+    (channels ascending, CASA pol order), phased and conjugated for the MS. Non-finite
+    visibilities become 0 and flagged, exact zeros are flagged; returns (source,
+    n_nonfinite, n_visibilities) per file for the caller's verdict, and the zeros flagged."""
+    from .kernel import place, regular
+
+    n = plan.r1 - plan.r0
+    perm = geom.pol_perm
+    pol_out = np.argsort(perm).astype(np.int64)  # file pol -> output pol
+    contiguous = plan.take is None and plan.source.step in (None, 1)
+    nchan, npol = data.shape[1], data.shape[2]
+    flat_data, flat_flags = np.asarray(data).reshape(-1), np.asarray(flags).reshape(-1)
+    counts, zeros = [], 0
+    for spec, rd in zip(specs, readers, strict=True):
         c0, c1 = spec.out_start, spec.out_start + spec.nchan
-        vis = read_block(h["Data/visdata"], plan, out=buf[:, :spec.nchan])
-        bad = None
-        if not np.isfinite(vis.view(np.float32).sum()):
-            bad = ~np.isfinite(vis)
-            vis[bad] = 0
-        counts.append((spec.source, 0 if bad is None else int(bad.sum()), int(vis.size)))
-        dst = data[:, c0:c1, :]
-        if spec.descending:  # reverse whole channels (all pols at once): a 16-byte copy
-            dst.view(void)[..., 0] = vis.view(void)[:, ::-1, 0]
-        else:
-            dst[...] = vis
-        fdst = flags[:, c0:c1, :]
+        base, step = (c1 - 1, -1) if spec.descending else (c0, 1)
+        chans = slice(base, c0 - 1 if c0 else None, -1) if spec.descending else slice(c0, c1)
+        fdst = flags[:n, chans, :]
         if spec.flag_const is not None:
             fdst[...] = bool(spec.flag_const)
         else:
-            fl = read_block(h["Data/flags"], plan)
-            fdst[...] = fl[:, ::-1, :] if spec.descending else fl
-        if bad is not None:
-            fdst |= bad[:, ::-1, :] if spec.descending else bad
+            fdst[...] = read_block(rd.h5["Data/flags"], plan)[:, :, perm]
         if nsam is not None:
             if spec.nsam_const is not None:
-                nsam[:, c0:c1, :] = float(spec.nsam_const)
+                nsam[:n, c0:c1, :] = float(spec.nsam_const)
             else:
-                ns = read_block(h["Data/nsamples"], plan).astype(np.float32)
-                nsam[:, c0:c1, :] = ns[:, ::-1, :] if spec.descending else ns
-    return counts
+                ns = read_block(rd.h5["Data/nsamples"], plan).astype(np.float32)[:, :, perm]
+                nsam[:n, chans, :] = ns
+        freqs = np.ascontiguousarray(geom.freqs_hz[chans], dtype=np.float64)
+        even = regular(freqs)
+        if rd.raw is not None and contiguous:
+            s0 = plan.source.start
+            pieces: Iterable[Piece] = rd.raw.pieces(s0, s0 + n)
+        else:
+            vis = np.ascontiguousarray(read_block(rd.h5["Data/visdata"], plan))
+            pieces, s0 = [dense_piece(vis.reshape(-1), spec.nchan, npol, 0, n, 0)], 0
+        bad = 0
+        for pc in pieces:
+            doff = (base + step * pc.chans) * npol + pol_out[pc.pols]
+            nb, nz = place(pc.buf, pc.soff, pc.stride, pc.chans, pc.lo, pc.hi, pc.first - s0,
+                           flat_data, flat_flags, doff, nchan * npol, freqs, even, geom.dw,
+                           geom.flip)
+            bad += nb
+            zeros += nz
+        counts.append((spec.source, bad, n * spec.nchan * npol))
+    return counts, zeros
