@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                         "in every worker, ~1-2 s)")
     p.add_argument("--processes", type=int, default=1,
                    help="CONTIMG_CONVERT_PROCESSES (helper processes read subbands)")
+    p.add_argument("--publish", action="store_true",
+                   help="publish the MS to disk at conversion (the daemon keeps it in the tmpfs "
+                        "work area while memory allows)")
     p.add_argument("--keep", action="store_true", help="keep the MS and work directory")
     args = p.parse_args(argv)
 
@@ -125,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "products"
     if out.exists():
         shutil.rmtree(out)
+    from dsa110_contimg.conversion.workarea import work_dir
+
+    kept = None if args.publish else work_dir(args.tmpfs, work / "state")
+    if kept is not None:
+        shutil.rmtree(kept, ignore_errors=True)
     inputs = ConversionInputs(group_id=group_id, files=tuple(files), output_dir=out,
-                              scratch_dir=work / "scratch", tmpfs_path=args.tmpfs)
+                              scratch_dir=work / "scratch", tmpfs_path=args.tmpfs, work_dir=kept)
     defaults = ConversionOptions()
     options = ConversionOptions(stage_inputs=defaults.stage_inputs and not args.no_stage_inputs,
                                 publish_fsync=defaults.publish_fsync and not args.no_fsync,
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS of the worker:      {rss_worker:8.0f} MB"
           + (f" (+ helper processes, largest: {rss_helpers:.0f} MB)" if rss_helpers else ""))
     print(f"options: stage_inputs={options.stage_inputs} fsync={options.publish_fsync} "
+          f"kept in tmpfs={result.ms_path.parent == kept} "
           f"processes={options.parallel_subbands} worker={args.context}"
           + ("" if args.context != "forkserver" else
              f" (IERS preloaded: {not args.no_iers_preload})"))
@@ -169,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"QA gate: {'passed' if qa.passed else 'FAILED: ' + qa.reason} in {qa.duration_s:.2f} s"
           + (f"; warnings: {'; '.join(qa.warnings)}" if qa.warnings else ""))
     print(f"load average during run: {os.getloadavg()[0]:.2f} (2 cores shared)")
+    if kept is not None and not args.keep:
+        shutil.rmtree(kept, ignore_errors=True)  # the tmpfs work area (RAM)
     if not args.keep and args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     elif not args.keep:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,9 +71,15 @@ class Daemon:
         self.scratch = self.root / "scratch"
         for d in (self.input, self.output, self.state, self.scratch):
             d.mkdir(parents=True, exist_ok=True)
+        # a tmpfs directory of its own (MSs are kept there between stages), gone at exit
+        shm = Path("/dev/shm")
+        self.tmpfs = Path(tempfile.mkdtemp(prefix="contimg-test-",
+                                           dir=shm if shm.is_dir() else self.root))
+        atexit.register(shutil.rmtree, self.tmpfs, True)
         self.env = {**os.environ, **FAST_ENV, "CONTIMG_INPUT_DIR": str(self.input),
                     "CONTIMG_OUTPUT_DIR": str(self.output), "CONTIMG_STATE_DIR": str(self.state),
-                    "CONTIMG_SCRATCH_DIR": str(self.scratch), **env}
+                    "CONTIMG_SCRATCH_DIR": str(self.scratch),
+                    "CONTIMG_TMPFS_PATH": str(self.tmpfs), **env}
         self.env.pop("NOTIFY_SOCKET", None)
         self.proc: subprocess.Popen | None = None
         self.runs = 0

@@ -6,12 +6,14 @@ daemon), so this test process stays free for casatools.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -325,6 +327,49 @@ def test_rerun_is_skipped_and_disk_fallback_is_reported(worker, tiny_group, tmp_
     assert {p: p.stat().st_mtime_ns for p in r.ms_path.rglob("*") if p.is_file()} == mtimes
     assert list(r.ms_path.parent.iterdir()) == [r.ms_path]
     assert not any((tmp_path / "scratch").glob(STAGE_PREFIX + "*"))
+
+
+def test_ms_is_kept_in_the_work_area_while_memory_allows(worker, tiny_group, tmp_path):
+    """With a tmpfs work area the MS is renamed there (no copy to disk); a rerun finds it;
+    archive_ms later moves it, with its flag backups, to the product directory. With too
+    little memory to spare it is published at once, and the MS says why."""
+    from dsa110_contimg.conversion.workarea import archive_ms, flag_versions
+
+    root, truth = tiny_group
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm tmpfs")
+    tmpfs = Path(tempfile.mkdtemp(prefix="contimg-test-", dir=shm))
+    try:
+        work = tmpfs / "contimg-work-test"
+        inputs = dataclasses.replace(_inputs(group_files(root, truth), tmp_path,
+                                             truth["group_id"], tmpfs=tmpfs), work_dir=work)
+        final = ms_path_for(inputs.output_dir, truth["group_id"])
+        res = _run(worker, inputs, tmpfs_reserve_gb=0)
+        assert res["ok"], res
+        r = res["result"]
+        assert r.ms_path == work / final.name and (r.ms_path / "table.dat").is_file()
+        assert not final.exists() and r.staged_on == "tmpfs"
+        assert not any(tmpfs.glob(STAGE_PREFIX + "*"))
+        again = _run(worker, inputs)
+        assert again["ok"] and again["result"].skipped and again["result"].ms_path == r.ms_path
+
+        flag_versions(r.ms_path).mkdir()  # as flagdata leaves it
+        (flag_versions(r.ms_path) / "FLAG_VERSION_LIST").write_text("main : working copy\n")
+        assert archive_ms(r.ms_path, final, fsync=False) == final
+        assert not r.ms_path.exists() and not flag_versions(r.ms_path).exists()
+        assert (flag_versions(final) / "FLAG_VERSION_LIST").is_file()
+        assert archive_ms(r.ms_path, final) == final  # again: nothing to do
+        d = worker.submit(_inspect, str(final)).result()
+        assert d["nrows"] == r.n_times * (r.n_baselines)
+
+        shutil.rmtree(final.parent)
+        big = _run(worker, inputs, tmpfs_reserve_gb=1e6)
+        assert big["ok"] and big["result"].ms_path == final, big
+        assert any("not kept in tmpfs" in n for n in big["result"].notes)
+        assert not any(work.glob("*.ms"))
+    finally:
+        shutil.rmtree(tmpfs, ignore_errors=True)
 
 
 def test_invalid_existing_ms_is_moved_aside_not_deleted(worker, tiny_group, tmp_path):

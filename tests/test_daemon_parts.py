@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import pickle
+import shutil
 import socket
 from pathlib import Path
 
@@ -93,11 +94,16 @@ def _settings(tmp_path):
                           for k in ("input", "output", "state", "scratch")})
 
 
-def _conversion_answer(tmp_path):
+def _conversion_answer(tmp_path, ms=None):
+    """A canned conversion whose MS (``ms``, default tmp_path/x.ms) is a stand-in directory."""
     from dsa110_contimg.conversion.convert import ConversionResult
     from dsa110_contimg.qa.result import QAResult
 
-    conv = ConversionResult(GID, tmp_path / "x.ms", 16, 136, 6, 64, 1.3e9, 1.5e9, 30.7, 202.0,
+    ms = ms or tmp_path / "x.ms"
+    ms.mkdir(parents=True, exist_ok=True)
+    (ms / "table.dat").write_bytes(b"stand-in")
+    (ms / "table.f0").write_bytes(b"\0" * 1000)
+    conv = ConversionResult(GID, ms, 16, 136, 6, 64, 1.3e9, 1.5e9, 30.7, 202.0,
                             30.7, 61192.2, "tmpfs", 5_800_000, 2.0)
     return conv, QAResult("ms_after_conversion", True, {}, duration_s=0.25)
 
@@ -142,20 +148,24 @@ def _cal_result(mode="solved", new_set=None, applied=None):
                              new_set, applied, "24" if mode != "uncalibrated" else None)
 
 
-async def _calibrate(tmp_path, answer, registry):
-    """Convert (canned), then run the calibration claim with ``answer`` from its task."""
+async def _calibrate(tmp_path, answer, registry, ms=None, before=None):
+    """Convert (canned, MS at ``ms``), call ``before()``, then run the calibration claim with
+    ``answer`` from its task."""
     from dsa110_contimg.daemon.options import QueueOptions
     from dsa110_contimg.daemon.queue import GroupQueue
     from dsa110_contimg.daemon.scheduler import Scheduler
 
     alerts, metrics = [], Metrics()
-    ex = _CannedExecutor({"convert_and_check": (_conversion_answer(tmp_path), TaskUsage(1, 1)),
+    ex = _CannedExecutor({"convert_and_check": (_conversion_answer(tmp_path, ms),
+                                                TaskUsage(1, 1)),
                           "calibrate_and_check": answer})
     async with await GroupQueue.open(tmp_path / "q.sqlite", QueueOptions()) as q:
         await _queue_with_group(q, tmp_path)
         s = _settings(tmp_path)
         sched = Scheduler(s, q, ex, alerts.append, registry, None, metrics, worker_id="w")
         await sched._process(await q.claim("w"))
+        if before is not None:
+            before()
         claim = await q.claim("w")
         assert claim.stage == "calibration"
         await sched._process(claim)
@@ -182,6 +192,34 @@ async def test_calibration_qa_failure_marks_the_new_set_failed_and_quarantines(t
     assert metrics.qa_failures["calibration"] == 1
     assert any(a.category == "calibration.quarantined" for a in alerts)
     assert "calibration" not in group["flags"], "a failed group is not marked calibrated"
+
+
+async def test_kept_ms_moves_to_its_product_directory_when_the_group_is_quarantined(tmp_path):
+    """An MS kept in the tmpfs work area does not stay in RAM once its group stops."""
+    from dsa110_contimg.qa.result import QAResult
+
+    work = tmp_path / "tmpfs" / "contimg-work" / "2026-06-01T044606.ms"
+    verdict = QAResult("calibration", False, {}, failures=("bad",))
+    group, *_ = await _calibrate(
+        tmp_path, ((_cal_result("solved", _calset(), None), verdict), TaskUsage(2, 2)),
+        _FakeRegistry(), ms=work)
+    assert group["state"] == "quarantined"
+    final = tmp_path / "output" / GID[:10] / GID / "2026-06-01T044606.ms"
+    assert not work.exists()
+    assert (final / "table.dat").read_bytes() == b"stand-in"
+    assert (final / "table.f0").stat().st_size == 1000
+
+
+async def test_lost_ms_sends_the_group_back_to_conversion(tmp_path):
+    """tmpfs emptied (a reboot) under a converted group: convert again, no attempt used."""
+    work = tmp_path / "tmpfs" / "contimg-work" / "2026-06-01T044606.ms"
+    group, _, alerts, _, ex = await _calibrate(
+        tmp_path, RuntimeError("calibration must not run"), _FakeRegistry(), ms=work,
+        before=lambda: shutil.rmtree(work))
+    assert ex.calls == ["convert_and_check"], "calibration never ran on a missing MS"
+    assert (group["state"], group["attempts"]) == ("pending", 0)
+    assert "convert again" in group["events"][-1]["reason"]
+    assert [a.category for a in alerts] == ["conversion.lost"]
 
 
 async def test_calibration_qa_pass_registers_the_new_set_with_its_metrics(tmp_path):

@@ -79,19 +79,20 @@ async def state_of(q: GroupQueue, group_id: str) -> str:
 
 
 # --------------------------------------------------------------------------- state machine
-OPS = ("mark_ready", "claim", "complete", "fail", "defer", "release", "quarantine", "requeue")
+OPS = ("mark_ready", "claim", "complete", "fail", "defer", "release", "quarantine", "requeue",
+       "reconvert")
 # What each operation does from each state; None = refused with IllegalTransition.
 EXPECTED: dict[str, dict[str, str | None]] = {
     "collecting": {"mark_ready": "pending", "quarantine": "quarantined"},
     "pending": {"claim": "converting", "quarantine": "quarantined"},
     "converting": {"complete": "converted", "fail": "pending", "defer": "pending",
-                   "release": "pending", "quarantine": "quarantined"},
+                   "release": "pending", "quarantine": "quarantined", "reconvert": "pending"},
     "converted": {"claim": "calibrating", "quarantine": "quarantined"},
     "calibrating": {"complete": "calibrated", "fail": "converted", "defer": "converted",
-                    "release": "converted", "quarantine": "quarantined"},
+                    "release": "converted", "quarantine": "quarantined", "reconvert": "pending"},
     "calibrated": {"claim": "imaging", "quarantine": "quarantined"},
     "imaging": {"complete": "done", "fail": "calibrated", "defer": "calibrated",
-                "release": "calibrated", "quarantine": "quarantined"},
+                "release": "calibrated", "quarantine": "quarantined", "reconvert": "pending"},
     "done": {},
     "failed": {"requeue": "pending"},
     "quarantined": {"requeue": "pending"},
@@ -116,6 +117,8 @@ async def apply(q: GroupQueue, op: str, group_id: str) -> None:
         await q.quarantine(group_id, "operator says no")
     elif op == "requeue":
         await q.requeue(group_id)
+    elif op == "reconvert":
+        await q.reconvert(group_id, W, "MS lost")
 
 
 @pytest.mark.parametrize("state", STATES)
@@ -250,6 +253,22 @@ async def test_defer_and_release_use_no_attempt(queue: GroupQueue) -> None:
     imaging = [r for r in group["stage_runs"] if r["stage"] == "imaging"]
     assert [(r["outcome"], r["duration_s"]) for r in imaging] == [("abandoned", 10.0)]
     assert any("deferred: no calibration yet" in (e["reason"] or "") for e in group["events"])
+
+
+async def test_reconvert_sends_a_lost_ms_back_to_conversion_without_an_attempt(
+        queue: GroupQueue) -> None:
+    await drive(queue, G1, "calibrated")
+    claim = await queue.claim(W, now=50.0)
+    assert claim is not None and claim.stage == "imaging"
+    await queue.reconvert(G1, W, "/dev/shm/x.ms no longer exists", now=55.0)
+    group = await queue.get_group(G1)
+    assert (group["state"], group["attempts"]) == ("pending", 0)
+    imaging = [r for r in group["stage_runs"] if r["stage"] == "imaging"]
+    assert [(r["outcome"], r["error"]) for r in imaging] == [
+        ("abandoned", "/dev/shm/x.ms no longer exists")]
+    assert "convert again: /dev/shm/x.ms" in group["events"][-1]["reason"]
+    claim = await queue.claim(W, now=56.0)
+    assert claim is not None and claim.stage == "conversion"
 
 
 async def test_requeue_resets_attempts_and_keeps_the_reason(queue: GroupQueue) -> None:

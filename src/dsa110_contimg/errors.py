@@ -45,3 +45,7 @@ class IllegalTransition(ContimgError):
 
 class CalibrationUnavailable(ContimgError):
     """No valid calibration set applies to a group (the stale-calibration policy decides)."""
+
+
+class MeasurementSetLost(ContimgError):
+    """A converted group's MS is gone (tmpfs emptied by a reboot): convert the group again."""

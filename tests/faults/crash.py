@@ -13,9 +13,12 @@ temporaries are left. One row per kill point; the counts are those of the whole 
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import time
 from pathlib import Path
+
+from dsa110_contimg.conversion.workarea import work_dir
 
 from .core import STOPPED, WAIT_S, Expect, Row, Session, at, finish, half_written
 
@@ -119,3 +122,49 @@ def session_crash(workdir: Path) -> list[Row]:
     finally:
         s.close()
     return rows
+
+
+def session_reboot(workdir: Path) -> list[Row]:
+    """A reboot: the daemon is killed mid calibration and tmpfs is emptied, taking the MS
+    kept in the work area with it. On restart the group is converted again from its raw
+    files (the only stage run twice) and finishes once, its MS archived."""
+    row = Row("reboot mid calibration (SIGKILL, tmpfs emptied)",
+              "MS lost→converted again→done once")
+    s = Session(workdir, "reboot", CONTIMG_MAX_WORKERS="1")
+    try:
+        (a,) = s.simulate_run(at(0), 1, seed=82)
+        gid = a["group_id"]
+        s.start()
+        s.drop(gid)
+        if _poll(s, "calibrating", min(WAIT_S, 150), boundary=False) is None:
+            row.problems.append(f"never saw the group calibrating (states {s.d.states()})")
+        time.sleep(1.0)
+        s.kill()
+        work = work_dir(s.tmpfs, s.d.state)
+        kept = sorted(p.name for p in work.glob("*.ms"))
+        row.check(kept, "the converted MS was not in the tmpfs work area")
+        for p in kept:
+            shutil.rmtree(work / p)
+        s.start()
+        s.wait_states({gid: ("done",)}, what="the group done after the reboot", fail_on=STOPPED)
+        finish(s, row)
+        s.account(row, [Expect(gid, ("done",))])
+        oks = sorted(r["stage"] for r in s.stage_runs()
+                     if r["group_id"] == gid and r["outcome"] == "ok")
+        # converting again after the reboot is the point, not a duplicate: take it back out
+        if oks == ["calibration", "conversion", "conversion", "imaging"]:
+            row.duplicated -= 1
+            row.problems = [p for p in row.problems if "'ok' runs of conversion" not in p]
+        row.check(oks == ["calibration", "conversion", "conversion", "imaging"],
+                  f"'ok' runs {oks} (conversion twice, the rest once expected)")
+        lost = [x for x in s.alerts() if x.get("category") == "conversion.lost"
+                and (x.get("context") or {}).get("group_id") == gid]
+        row.check(lost, "no conversion.lost alert names the group")
+        final = s.d.output / gid[:10] / gid / (gid.replace(":", "") + ".ms")
+        row.check((final / "table.dat").is_file(), f"MS not archived to {final}")
+        row.check(not list(work.glob("*.ms")), "an MS is still in the tmpfs work area")
+    except Exception as exc:  # noqa: BLE001
+        row.problems.append(f"session aborted: {type(exc).__name__}: {str(exc)[:1500]}")
+    finally:
+        s.close()
+    return [row]

@@ -26,6 +26,7 @@ SESSIONS: dict[str, SessionFn] = {
     "neighbours": neighbours.session_neighbours,
     # 5. crashes
     "crash": crash.session_crash,
+    "reboot": crash.session_reboot,
     # 6. soak
     "soak": soak.session_soak,
 }

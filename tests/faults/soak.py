@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from dsa110_contimg.conversion.workarea import work_dir
+
 from .core import CONVERTED_PLUS, STOPPED, Expect, Row, Session, at, finish, proc_sample
 
 FAULTS = ["truncated", "nothdf5", "channels", "nan", "times", "antennas", "duplicate", "missing"]
@@ -88,19 +90,25 @@ def session_soak(workdir: Path) -> list[Row]:
 
 
 def _agree(s: Session, row: Row, expects: list[Expect]) -> None:
-    """Queue vs products: an MS exactly for the converted+ groups, catalogue rows only for
-    done groups and pointing at files that exist."""
+    """Queue vs products: an MS exactly for the converted+ groups (in the product directory
+    or the tmpfs work area, and archived once done), catalogue rows only for done groups and
+    pointing at files that exist."""
     groups = s.groups()
     for x in expects:
         g = groups.get(x.gid)
         if g is None:
             continue
         pdir = s.d.output / x.gid[:10] / x.gid
-        mss = [p for p in pdir.glob("*.ms")] if pdir.is_dir() else []
+        work = work_dir(s.tmpfs, s.d.state) / (x.gid.replace(":", "") + ".ms")
+        mss = ([p for p in pdir.glob("*.ms")] if pdir.is_dir() else []) + (
+            [work] if work.is_dir() else [])
         if g["state"] in CONVERTED_PLUS:
             row.check(len(mss) == 1, f"{x.gid} is {g['state']} but has {len(mss)} MS")
+            if g["state"] == "done":
+                row.check(not work.exists(), f"{x.gid} is done but its MS is still in tmpfs")
             conv = (g["flags"].get("conversion") or {}).get("ms_path")
-            row.check(conv and Path(conv).is_dir(), f"{x.gid}: queue's MS path missing: {conv}")
+            row.check(conv and (Path(conv).is_dir() or mss),
+                      f"{x.gid}: queue's MS path missing and the MS nowhere else: {conv}")
         elif g["state"] in STOPPED and not any(r["group_id"] == x.gid for r in s.stage_runs()):
             row.check(not mss, f"{x.gid} stopped at ingest but has an MS")
     for r in s.catalogue():

@@ -1,13 +1,15 @@
 """The conversion stage: one group of UVH5 subband files → one Measurement Set.
 
-Steps: skip if a valid MS is already published → validate headers (cheap, :mod:`.validate`)
+Steps: skip if a valid MS is already in the work area or published → validate headers (cheap, :mod:`.validate`)
 → choose staging (tmpfs when it has room; with ``CONTIMG_STAGE_INPUTS`` the inputs are copied
 there in a background thread) → build the group's metadata with pyuvdata and phase it to the
 meridian at mid-time (:mod:`.phasing`) → create the MS with pyuvdata's schema and stream the
-visibilities into it block by block (:mod:`.reader`, :mod:`.mswrite`, optionally
-:mod:`.parallel`), flagging NaN/Inf and exact zeros on the way → mark it complete → publish
-atomically (:mod:`.staging`). Memory stays near one block (a couple of
-integrations of the whole band) whatever the group size: ~0.8 GB peak for a full group.
+visibilities into it block by block (:mod:`.reader`, :mod:`.kernel`, :mod:`.mswrite`,
+:mod:`.parallel`), flagging NaN/Inf and exact zeros on the way → mark it complete → rename
+it into the tmpfs work area where later stages use it (:mod:`.workarea`), or, when memory is
+short or staging was on disk, publish it atomically to its product directory
+(:mod:`.staging`). Memory stays near two blocks (a couple of integrations of the whole band
+each) whatever the group size: ~0.7 GB peak for a full group.
 
 The MS follows ``UVData.write_ms`` conventions (checked against it in the tests), which
 CASA's ``ft`` reproduces: DATA = conj(g_p) g_q x model for the simulator's gains g, i.e.
@@ -30,7 +32,7 @@ import structlog
 
 from ..errors import BadInputError, ContimgError, StageError
 from ..products import CONVERSION_RECORD, product_dir, safe_stem
-from . import mswrite, parallel, phasing, reader, staging
+from . import mswrite, parallel, phasing, reader, staging, workarea
 from .options import ConversionOptions
 from .validate import GroupLayout, validate_group
 
@@ -48,6 +50,7 @@ class ConversionInputs:
     output_dir: Path  # OUTPUT_DIR root
     scratch_dir: Path
     tmpfs_path: Path
+    work_dir: Path | None = None  # tmpfs work area to keep the MS in (None: always publish)
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,12 @@ def convert_group(inputs: ConversionInputs, options: ConversionOptions) -> Conve
     group_id = inputs.group_id
     final = ms_path_for(inputs.output_dir, group_id)
     blog = log.bind(group_id=group_id)
-    done = read_completion(final)
-    if done is not None:
-        blog.info("MS already published; skipping conversion", ms=str(final))
-        return _result_from_record(group_id, final, done, time.perf_counter() - t0)
+    kept = (workarea.work_ms_path(inputs.work_dir, group_id) if inputs.work_dir else None)
+    for ms in (kept, final):
+        done = None if ms is None else read_completion(ms)
+        if done is not None:
+            blog.info("MS already converted; skipping conversion", ms=str(ms))
+            return _result_from_record(group_id, ms, done, time.perf_counter() - t0)
     try:
         return _convert(inputs, options, final, t0, blog)
     except ContimgError:
@@ -150,15 +155,34 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
         staged_ms = stage.root / (stem + ".ms")
         record = write_group_ms(layout, meta, staged_ms, group_id, options, probe, notes,
                                 timings)
-        record.update(staged_on=kind, input_bytes=layout.input_bytes)
-        mark_complete(staged_ms, record)
-        other = read_completion(final)
-        if other is not None:  # published meanwhile by another worker: keep theirs
-            blog.warning("MS was published by another process meanwhile; keeping it",
-                         ms=str(final))
-            return _result_from_record(group_id, final, other, time.perf_counter() - t0)
         tick = time.perf_counter()
-        published = staging.publish(staged_ms, final, fsync=options.publish_fsync)
+        work = workarea.work_ms_path(inputs.work_dir, group_id) if inputs.work_dir else None
+        keep, why = False, "the MS was staged on disk"
+        if not options.keep_in_tmpfs or work is None:
+            why = "CONTIMG_TMPFS_KEEP_MS is off"
+        elif kind == "tmpfs":
+            keep, why = workarea.room_to_keep(work.parent,
+                                              staging.tree_bytes(staged_ms),
+                                              int(options.tmpfs_reserve_gb * 1e9))
+            if not keep:
+                blog.warning("MS published to disk at conversion: tmpfs too full to keep it",
+                             reason=why)
+                notes.append(f"published to disk at conversion, not kept in tmpfs: {why}")
+        record.update(staged_on=kind, input_bytes=layout.input_bytes, kept_in_tmpfs=keep,
+                      notes=list(notes))
+        mark_complete(staged_ms, record)
+        for ms in (work, final):
+            other = None if ms is None else read_completion(ms)
+            if other is not None:  # converted meanwhile by another worker: keep theirs
+                blog.warning("MS was converted by another process meanwhile; keeping it",
+                             ms=str(ms))
+                return _result_from_record(group_id, ms, other, time.perf_counter() - t0)
+        if keep and work is not None:
+            work.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staged_ms, work)  # same tmpfs: the MS appears complete or not at all
+            published = work
+        else:
+            published = staging.publish(staged_ms, final, fsync=options.publish_fsync)
         timings["publish"] = time.perf_counter() - tick
     duration = time.perf_counter() - t0
     blog.info("converted group", ms=str(published), staged_on=kind, seconds=round(duration, 2),

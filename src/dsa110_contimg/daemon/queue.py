@@ -10,6 +10,7 @@ States::
     collecting -> pending -> converting -> converted -> calibrating -> calibrated -> imaging -> done
                      (resting)   (active)     (resting)    (active)        (resting)   (active)
     any but done -> quarantined        active -> failed        failed|quarantined -> pending
+    calibrating|imaging -> pending (the MS was lost, e.g. tmpfs emptied by a reboot: convert again)
 
 A claim moves a resting group to its active state and opens a ``stage_runs`` row; complete,
 fail, release and stale-claim recovery close that row (outcome ok / failed / abandoned), which
@@ -89,6 +90,8 @@ def _legal_transitions() -> frozenset[tuple[str, str]]:
         edges |= {(resting, active), (resting, "quarantined")}
     for active, (resting, after, _) in _ACTIVE.items():
         edges |= {(active, resting), (active, after), (active, "failed"), (active, "quarantined")}
+        if resting != "pending":
+            edges.add((active, "pending"))
     return frozenset(edges)
 
 
@@ -559,6 +562,19 @@ class GroupQueue(SQLiteComponent):
             self._require_claim(row, worker_id)
             await self._close_run(db, group_id, now, "abandoned", "released at shutdown")
             await self._change(db, row, _ACTIVE[row["state"]][0], now, "released at shutdown")
+
+    @_atomic
+    async def reconvert(self, group_id: str, worker_id: str, reason: str,
+                        now: float | None = None) -> None:
+        """Send a claimed group back to conversion because its MS is gone (a reboot emptied
+        tmpfs). The run is recorded abandoned; no attempt is used: nothing failed."""
+        now = _now(now)
+        async with self._write() as db:
+            row = await self._group(db, group_id)
+            self._require_claim(row, worker_id)
+            await self._close_run(db, group_id, now, "abandoned", reason)
+            await self._change(db, row, "pending", now, f"convert again: {reason}")
+        log.warning("queue.reconvert", group_id=group_id, reason=reason)
 
     @_atomic
     async def recover_stale(self, now: float | None = None, all_active: bool = False) -> list[str]:

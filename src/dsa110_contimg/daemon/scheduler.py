@@ -4,7 +4,12 @@ Stages and gates never touch the queue, the registry or alerting; this module do
 the (result, verdict) pair the task returns (see ``tasks``). Outcomes:
 pass -> next state; BadInputError or a failed QA gate -> quarantined (re-running cannot help,
 an operator can `contimg requeue`); StageError or anything unexpected -> retry with backoff,
-then failed; CalibrationUnavailable -> held (no attempt used) under the stale policy.
+then failed; CalibrationUnavailable -> held (no attempt used) under the stale policy;
+MeasurementSetLost (a kept MS gone with tmpfs) -> converted again (no attempt used).
+
+A group's MS may live in the tmpfs work area (``conversion.workarea``) until the group is
+finished: it is archived to the product directory before imaging is marked done, and after
+a group is quarantined or given up in calibration or imaging.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import structlog
 
 from ..alerting.alert import Alert, Severity
 from ..config import Settings
-from ..errors import BadInputError, CalibrationUnavailable, QAFailure
+from ..errors import BadInputError, CalibrationUnavailable, MeasurementSetLost, QAFailure
 from ..products import product_dir
 from ..qa.result import QAResult, jsonable
 from .executor import StageExecutor, TaskUsage
@@ -160,10 +165,14 @@ class Scheduler:
             raise
         except CalibrationUnavailable as exc:
             await self._hold(claim, str(exc))
+        except MeasurementSetLost as exc:
+            await self._reconvert(claim, str(exc))
         except (BadInputError, QAFailure) as exc:
             await self._quarantine(claim, exc, time.monotonic() - t0)
+            await self._archive(claim)
         except Exception as exc:  # noqa: BLE001 - any other failure is retried, never fatal
-            await self._retry(claim, exc, time.monotonic() - t0)
+            if await self._retry(claim, exc, time.monotonic() - t0) == "failed":
+                await self._archive(claim)
         else:
             took = time.monotonic() - t0
             self.metrics.stage_done(stage, took)
@@ -208,7 +217,13 @@ class Scheduler:
                         f"Group {claim.group_id} quarantined at {claim.stage}", reason,
                         {"group_id": claim.group_id, "stage": claim.stage}))
 
-    async def _retry(self, claim: Claim, exc: Exception, took: float) -> None:
+    async def _reconvert(self, claim: Claim, reason: str) -> None:
+        await self.queue.reconvert(claim.group_id, self.worker_id, reason)
+        self.emit(Alert(Severity.WARNING, "conversion.lost",
+                        f"MS of {claim.group_id} lost: converting it again", reason,
+                        {"group_id": claim.group_id, "stage": claim.stage}))
+
+    async def _retry(self, claim: Claim, exc: Exception, took: float) -> str:
         reason = f"{type(exc).__name__}: {exc}"
         state = await self.queue.fail(claim.group_id, self.worker_id, reason, retry=True,
                                       duration_s=took)
@@ -220,6 +235,49 @@ class Scheduler:
                         + (": giving up" if state == "failed" else ", will retry"), reason,
                         {"group_id": claim.group_id, "stage": claim.stage, "state": state}))
         await self._free_dead_staging()
+        return state
+
+    # ------------------------------------------------------------------ the MS's place
+    def _final_ms(self, group_id: str) -> Path:
+        from ..conversion.convert import ms_path_for
+
+        return ms_path_for(self.s.paths.output_dir, group_id)
+
+    async def _locate_ms(self, claim: Claim) -> Path:
+        """The group's MS where it is now; MeasurementSetLost if it is nowhere."""
+        from ..conversion.workarea import locate_ms
+
+        recorded = Path(claim.flags["conversion"]["ms_path"])
+        ms = await asyncio.to_thread(locate_ms, recorded, self._final_ms(claim.group_id))
+        if ms is None:
+            raise MeasurementSetLost(f"{recorded} no longer exists (tmpfs emptied by a "
+                                     "reboot?) and the MS was never archived")
+        return ms
+
+    async def _archive(self, claim: Claim, must: bool = False) -> None:
+        """Move a group's MS from the tmpfs work area to its product directory (if there).
+
+        Before imaging is marked done a failure propagates (``must``: the stage is retried
+        rather than a finished group left with its MS in RAM); after a quarantine it is
+        logged, and the start-up sweep tries again.
+        """
+        from ..conversion.workarea import archive_ms
+
+        conv = (claim.flags or {}).get("conversion")
+        if not conv or claim.stage == "conversion":
+            return
+        recorded = Path(conv["ms_path"])
+        final = self._final_ms(claim.group_id)
+        if recorded == final:
+            return
+        try:
+            t0 = time.monotonic()
+            await asyncio.to_thread(archive_ms, recorded, final, self.s.conversion.publish_fsync)
+            log.info("ms_archived", ms=str(final), seconds=round(time.monotonic() - t0, 2))
+        except Exception as exc:
+            if must:
+                raise
+            log.error("ms_archive_failed", ms=str(recorded), error=str(exc))
 
     async def _free_dead_staging(self) -> None:
         """A worker that died (OOM kill, a crash, a stage timeout) cannot remove its staging
@@ -254,12 +312,14 @@ class Scheduler:
     # ------------------------------------------------------------------ stages
     async def _conversion(self, claim: Claim) -> tuple[dict, QAResult]:
         from ..conversion.convert import ConversionInputs
+        from ..conversion.workarea import work_dir
 
         p = self.s.paths
         inputs = ConversionInputs(group_id=claim.group_id,
                                   files=tuple(claim.files[k] for k in sorted(claim.files)),
                                   output_dir=p.output_dir, scratch_dir=p.scratch_dir,
-                                  tmpfs_path=p.tmpfs_path)
+                                  tmpfs_path=p.tmpfs_path,
+                                  work_dir=work_dir(p.tmpfs_path, p.state_dir))
         res, qa = await self._run(claim, convert_and_check, inputs, self.s.conversion,
                                   self.s.qa_ms)
         qa = await self._judge("conversion", claim, qa)
@@ -274,7 +334,7 @@ class Scheduler:
         gid = claim.group_id
         apply_set = await self.registry.find_valid(conv["mid_mjd"], conv["pointing_dec_deg"],
                                                    self.s.calibration)
-        inputs = CalibrationInputs(group_id=gid, ms_path=Path(conv["ms_path"]),
+        inputs = CalibrationInputs(group_id=gid, ms_path=await self._locate_ms(claim),
                                    caltable_dir=product_dir(self.s.paths.output_dir, gid) / "caltables",
                                    pointing_dec_deg=conv["pointing_dec_deg"],
                                    mid_mjd=conv["mid_mjd"], apply_set=apply_set)
@@ -316,17 +376,18 @@ class Scheduler:
     async def _imaging(self, claim: Claim) -> tuple[dict, QAResult]:
         from ..imaging.stage import ImagingInputs
 
-        conv = claim.flags["conversion"]
         cal = claim.flags.get("calibration", {})
         gid = claim.group_id
         datacolumn = "data" if cal.get("mode") == "uncalibrated" else "corrected"
         calibrator = cal.get("calibrator") if cal.get("mode") == "solved" else None
-        inputs = ImagingInputs(group_id=gid, ms_path=Path(conv["ms_path"]),
+        inputs = ImagingInputs(group_id=gid, ms_path=await self._locate_ms(claim),
+                               ms_final=self._final_ms(gid),
                                product_dir=product_dir(self.s.paths.output_dir, gid),
                                datacolumn=datacolumn, calibrator=calibrator,
                                field_catalogue=self.s.calibration.field_catalogue or None)
         res, qa = await self._run(claim, image_and_check, inputs, self.s.imaging, self.s.qa_img,
                                   calibrator)
         qa = await self._judge("imaging", claim, qa)
+        await self._archive(claim, must=True)
         await self.catalog.record(res, qa)
         return _asdict(res), qa

@@ -57,6 +57,29 @@ class StateLock:
             self._fd = None
 
 
+async def sweep_work_area(s: Settings, queue: GroupQueue) -> list[Path]:
+    """Archive MSs left in the tmpfs work area by groups that are no longer in the pipeline
+    (a crash between a group's end and its MS's archive); return what was archived."""
+    from ..conversion.convert import ms_path_for
+    from ..conversion.workarea import archive_ms, group_of, kept_ms, work_dir
+
+    archived = []
+    for ms in kept_ms(work_dir(s.paths.tmpfs_path, s.paths.state_dir)):
+        gid = group_of(ms)
+        state = None if gid is None else await queue.group_state(gid)
+        if state not in ("done", "failed", "quarantined"):
+            continue  # still in the pipeline; or not ours to touch
+        try:
+            final = await asyncio.to_thread(archive_ms, ms, ms_path_for(s.paths.output_dir, gid),
+                                            s.conversion.publish_fsync)
+        except Exception as exc:  # noqa: BLE001 - start-up housekeeping must not stop the daemon
+            log.error("ms_archive_failed", ms=str(ms), error=str(exc))
+            continue
+        log.warning("ms_archived_at_startup", group_id=gid, state=state, ms=str(final))
+        archived.append(final)
+    return archived
+
+
 async def run_daemon(settings: Settings, once: bool = False) -> int:
     s = settings
     check_directories(s.paths)
@@ -91,6 +114,7 @@ async def _serve(s: Settings, once: bool) -> int:
     queue = await GroupQueue.open(s.queue_db, s.queue)
     registry = await CalRegistry.open(s.queue_db)
     catalog = await ImageCatalog.open(s.queue_db)
+    await sweep_work_area(s, queue)
     recovered = await queue.recover_stale(all_active=True)
     if recovered:
         log.warning("claims_recovered", groups=recovered)

@@ -60,6 +60,7 @@ class ImagingInputs:
     datacolumn: str = "corrected"   # 'corrected' | 'data'
     calibrator: str | None = None   # catalogue name, for the QA flux check
     field_catalogue: str | None = None  # survey catalogue: its bright sources are peeled too
+    ms_final: Path | None = None  # where the MS ends up, if imaged from the tmpfs work area
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         peeled=[p.as_dict() for p in peeled], selfcal=selfcal, masks=masks)
     record = {"version": RECORD_VERSION, "fingerprint": options_fingerprint(options, inputs.datacolumn,
                                                                    inputs.field_catalogue),
-              "ms_mtime": mtime, "ms_path": str(ms_path), "pointing_source": summary.pointing_source,
+              "ms_mtime": mtime, "ms_path": str(inputs.ms_final or ms_path), "pointing_source": summary.pointing_source,
               "result": result.as_dict()}
     staged["record"].write_text(json.dumps(record, indent=1, default=_json_default))
     _publish(staged, published, names["record"])
