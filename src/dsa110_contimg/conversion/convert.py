@@ -516,7 +516,7 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
         parallel.ParallelFiller(specs, helpers, workdir, nmax, nchan, npol, not uniform_ns, gaps)
         if helpers > 0 else
         parallel.ThreadFiller(specs, handles, options.fill_threads, nmax, nchan, npol,
-                              not uniform_ns, gaps))
+                              not uniform_ns, gaps, freqs, perm))
     try:
         # exact zeros are dead inputs, never sky: the fill flags them, where every visibility
         # passes anyway, instead of a flagdata clip pass over the MS (16 s at full size)

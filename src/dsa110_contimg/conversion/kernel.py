@@ -1,12 +1,14 @@
 """The one pass every visibility makes on its way from a UVH5 file into the MS block.
 
-Per element: NaN/Inf become 0 and flagged, exact zeros (dead inputs) are flagged, the
-w-term phase is applied, rows are conjugated for CASA's convention, and the value lands in
-its output channel (subbands may run in descending frequency) and CASA polarisation order.
-In numpy that is six passes over the block, most through strided views. Here it is one
-compiled loop over flat offsets (no per-index checks), walked in tiles of rows so that
-the many small chunks of a UVH5 file (typically 2 channels x 1 polarisation) scatter into
-output rows that are still in cache: ~5 ns a visibility, 1.5 s for a full group.
+Per element: constant flags are set, NaN/Inf become 0 and flagged, exact zeros (dead
+inputs) are flagged, the w-term phase is applied, rows are conjugated for CASA's
+convention, and the value lands in its output channel (subbands may run in descending
+frequency) and CASA polarisation order. In numpy that is seven passes over the block, most
+through strided views. Here it is one compiled loop over flat offsets (no per-index
+checks), walked in tiles of rows so that the many small chunks of a UVH5 file (typically
+2 channels x 1 polarisation) scatter into output rows that are still in cache: ~5 ns a
+visibility. One call fills a whole block from all of a thread's files without Python's
+lock, so two fill threads and the MS writer run at once.
 
 Compiled by numba on first use and cached on disk; :func:`warm` loads it ahead of time
 (the daemon's forkserver does, so its workers inherit it).
@@ -16,65 +18,86 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, uintp
+from numba.typed import List
 
 C_M_S = 299792458.0
 TILE_ROWS = 32
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def place(src: np.ndarray, soff: np.ndarray, sstride: int, chan_of: np.ndarray, lo: int,
-          hi: int, row0: int, data: np.ndarray, flags: np.ndarray, doff: np.ndarray,
-          dstride: int, freqs: np.ndarray, regular: bool, dw: np.ndarray, flip: np.ndarray
-          ) -> tuple[int, int]:
-    """Put rows ``lo..hi`` of the elements of ``src`` into block rows ``row0..`` of
-    ``data``/``flags``; return (non-finite, newly flagged zeros). All arrays flat.
+def fill_files(srcs, starts, crs, strides, m_of, inner, chan_of, doffs, freqs, regular,
+               flag_const, a, n, data, flags, dstride, dw, flip, counts):  # noqa: ANN001
+    """Fill block rows ``0..n`` (file rows ``a..a+n``) of flat ``data``/``flags`` from each
+    file f; add its NaN/Inf count to ``counts[f]``; return the zeros newly flagged.
 
-    Element e (one file channel and pol of a chunk) sits at ``soff[e] + row * sstride`` in
-    ``src`` and goes to ``doff[e] + block_row * dstride`` in ``data`` and ``flags`` (which
-    already holds the file's flags); it has file channel ``chan_of[e]``, whose frequency is
-    ``freqs[chan_of[e]]`` (``regular``: evenly spaced, so the phasor follows a recurrence).
-    ``dw[block_row]`` is the w change (m) and ``flip[block_row]`` says conjugate.
+    File f: values ``srcs[f]`` (flat), in chunks of ``crs[f]`` rows; chunk m of chunk row
+    ri starts at ``starts[f][ri, m]`` and holds a row every ``strides[f]`` values. Element e
+    (one channel and pol) is at ``inner[f][e]`` in chunk ``m_of[f][e]``, has file channel
+    ``chan_of[f][e]`` (frequency ``freqs[f][c]``; ``regular``: evenly spaced, so the phasor
+    follows a recurrence) and goes to ``doffs[f][e] + row * dstride``. ``flag_const[f]`` is
+    the file's constant flag (0/1) or -1 when ``flags`` already holds its flags. ``dw[row]``
+    is the w change (m), ``flip[row]`` says conjugate.
     """
-    nonfinite = 0
     zeros = 0
-    nf = freqs.size
     k = -2.0 * np.pi / C_M_S
-    df = freqs[1] - freqs[0] if nf > 1 else 0.0
-    phs = np.empty((nf, TILE_ROWS), dtype=np.complex64)
-    ss = uintp(sstride)
     ds = uintp(dstride)
-    for t0 in range(lo, hi, TILE_ROWS):
-        nt = min(hi, t0 + TILE_ROWS) - t0
-        r0 = row0 + t0 - lo
-        for i in range(nt):
-            w = k * dw[r0 + i]
-            if regular:
-                cur = np.exp(1j * w * freqs[0])
-                step = np.exp(1j * w * df)
-                for c in range(nf):
-                    phs[c, i] = cur
-                    cur *= step
-            else:
-                for c in range(nf):
-                    phs[c, i] = np.exp(1j * w * freqs[c])
-        for e in range(soff.size):
-            c = chan_of[e]
-            si = uintp(soff[e]) + uintp(t0) * ss
-            di = uintp(doff[e]) + uintp(r0) * ds
-            for i in range(nt):
-                v = src[si]
-                if not (np.isfinite(v.real) and np.isfinite(v.imag)):
-                    v = np.complex64(0)
-                    flags[di] = True
-                    nonfinite += 1
-                elif v.real == 0 and v.imag == 0 and not flags[di]:
-                    flags[di] = True
-                    zeros += 1
-                out = v * phs[c, i]
-                data[di] = out.conjugate() if flip[r0 + i] else out
-                si += ss
-                di += ds
-    return nonfinite, zeros
+    b = a + n
+    for f in range(len(srcs)):
+        src = srcs[f]
+        st = starts[f]
+        cr = crs[f]
+        ss = uintp(strides[f])
+        mo = m_of[f]
+        inn = inner[f]
+        co = chan_of[f]
+        do = doffs[f]
+        fr = freqs[f]
+        fc = flag_const[f]
+        nf = fr.size
+        df = fr[1] - fr[0] if nf > 1 else 0.0
+        phs = np.empty((nf, TILE_ROWS), dtype=np.complex64)
+        nonfinite = 0
+        r = a - a % cr
+        while r < b:
+            lo = max(a, r) - r
+            hi = min(b, r + cr) - r
+            ri = r // cr
+            for t0 in range(lo, hi, TILE_ROWS):
+                nt = min(hi, t0 + TILE_ROWS) - t0
+                r0 = r + t0 - a  # block row of chunk row t0
+                for i in range(nt):
+                    w = k * dw[r0 + i]
+                    if regular[f]:
+                        cur = np.exp(1j * w * fr[0])
+                        step = np.exp(1j * w * df)
+                        for c in range(nf):
+                            phs[c, i] = cur
+                            cur *= step
+                    else:
+                        for c in range(nf):
+                            phs[c, i] = np.exp(1j * w * fr[c])
+                for e in range(mo.size):
+                    c = co[e]
+                    si = uintp(st[ri, mo[e]] + inn[e]) + uintp(t0) * ss
+                    di = uintp(do[e]) + uintp(r0) * ds
+                    for i in range(nt):
+                        if fc >= 0:
+                            flags[di] = fc == 1
+                        v = src[si]
+                        if not (np.isfinite(v.real) and np.isfinite(v.imag)):
+                            v = np.complex64(0)
+                            flags[di] = True
+                            nonfinite += 1
+                        elif v.real == 0 and v.imag == 0 and not flags[di]:
+                            flags[di] = True
+                            zeros += 1
+                        out = v * phs[c, i]
+                        data[di] = out.conjugate() if flip[r0 + i] else out
+                        si += ss
+                        di += ds
+            r += cr
+        counts[f] += nonfinite
+    return zeros
 
 
 def regular(freqs: np.ndarray) -> bool:
@@ -87,8 +110,11 @@ def regular(freqs: np.ndarray) -> bool:
 
 def warm() -> None:
     """Load (or compile and cache) the kernel now rather than inside the first block."""
-    data = np.zeros(4, dtype=np.complex64)
-    flags = np.zeros(4, dtype=bool)
-    offs = np.arange(2, dtype=np.int64)
-    place(data.copy(), offs, 2, offs, 0, 2, 0, data, flags, offs, 2,
-          np.array([1.0e9, 1.1e9]), True, np.zeros(2), np.ones(2, dtype=bool))
+    src = np.zeros(4, dtype=np.complex64)
+    src.setflags(write=False)  # file maps are read-only
+    ints = np.arange(2, dtype=np.int64)
+    fill_files(List([src]), List([np.zeros((1, 1), dtype=np.int64)]), np.array([2]),
+               np.array([2]), List([ints * 0]), List([ints]), List([ints]), List([ints]),
+               List([np.array([1.0e9, 1.1e9])]), np.array([True]), np.array([0], dtype=np.int8),
+               0, 2, np.zeros(4, dtype=np.complex64), np.zeros(4, dtype=bool), 2, np.zeros(2),
+               np.ones(2, dtype=bool), np.zeros(1, dtype=np.int64))

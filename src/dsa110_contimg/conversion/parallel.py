@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from .reader import BlockGeometry, FillSpec, RowPlan, SubbandReader, fill_block
+from .reader import BlockGeometry, FillSpec, RowPlan, Share, SubbandReader, fill_block
 
 Counts = tuple[list[tuple[str, int, int]], int]
 
-_HANDLES: dict[str, SubbandReader] = {}  # per helper process: files stay open between blocks
+_SHARES: dict[tuple[str, ...], Share] = {}  # per helper process: files stay open between blocks
 
 
 def buffer_bytes(nmax: int, nchan: int, npol: int, want_nsam: bool) -> int:
@@ -38,17 +38,16 @@ def _buffers(paths: dict[str, str], nmax: int, nchan: int, npol: int, mode: str
 
 
 def _helper_fill(specs: list[FillSpec], plan: RowPlan, geom: BlockGeometry,
-                 paths: dict[str, str], nmax: int, nchan: int, npol: int
-                 ) -> tuple[list[tuple[str, int, int]], int]:
+                 paths: dict[str, str], nmax: int, nchan: int, npol: int) -> Counts:
     """Runs in a helper: fill this share of the files into the shared buffers."""
     bufs = _buffers(paths, nmax, nchan, npol, "r+")
-    readers = []
-    for s in specs:
-        if s.path not in _HANDLES:
-            _HANDLES[s.path] = SubbandReader(Path(s.path))
-        readers.append(_HANDLES[s.path])
-    nsam = bufs["nsam"] if "nsam" in bufs else None
-    out = fill_block(specs, readers, plan, geom, bufs["data"], bufs["flags"], nsam)
+    key = tuple(s.path for s in specs)
+    if key not in _SHARES:
+        _SHARES[key] = Share(specs, [SubbandReader(Path(s.path)) for s in specs], nchan, npol,
+                             geom.freqs_hz, geom.pol_perm)
+    nsam = np.asarray(bufs["nsam"]) if "nsam" in bufs else None
+    out = fill_block(_SHARES[key], plan, geom, np.asarray(bufs["data"]),
+                     np.asarray(bufs["flags"]), nsam)
     for b in bufs.values():
         b.flush()
     return out
@@ -107,15 +106,18 @@ class ParallelFiller:
 class ThreadFiller:
     """Double-buffered block filling by threads of the conversion process.
 
-    The fill is pread (no GIL) and the compiled kernel (no GIL), so with two threads it
-    uses both cores, and block k+1 fills while the main thread writes block k to the MS.
-    Each thread takes a fixed share of the files: disjoint channels of the same buffers.
+    A thread fills its whole share of a block in one call of the compiled kernel, which
+    reads the memory-mapped files without Python's lock: two threads use both cores, and
+    block k+1 fills while the main thread writes block k to the MS (python-casacore holds
+    the lock while it writes). Each thread's files are disjoint channels of the buffers.
     """
 
     def __init__(self, specs: list[FillSpec], readers: list[SubbandReader], threads: int,
-                 nmax: int, nchan: int, npol: int, want_nsam: bool, gaps: np.ndarray) -> None:
+                 nmax: int, nchan: int, npol: int, want_nsam: bool, gaps: np.ndarray,
+                 freqs_hz: np.ndarray, pol_perm: np.ndarray) -> None:
         threads = max(1, min(threads, len(specs)))
-        self.shares = [(specs[i::threads], readers[i::threads]) for i in range(threads)]
+        self.shares = [Share(specs[i::threads], readers[i::threads], nchan, npol, freqs_hz,
+                             pol_perm) for i in range(threads)]
         self.sets: list[dict[str, np.ndarray | None]] = []
         for _ in (0, 1):  # fresh 100 MB arrays per block would cost page faults: reuse two
             flags = np.zeros((nmax, nchan, npol), dtype=bool)
@@ -127,8 +129,8 @@ class ThreadFiller:
 
     def submit(self, plan: RowPlan, geom: BlockGeometry, slot: int) -> list[Future]:
         b = self.sets[slot]
-        return [self.pool.submit(fill_block, sp, rd, plan, geom, b["data"], b["flags"], b["nsam"])
-                for sp, rd in self.shares]
+        return [self.pool.submit(fill_block, share, plan, geom, b["data"], b["flags"], b["nsam"])
+                for share in self.shares]
 
     wait = staticmethod(ParallelFiller.wait)
 

@@ -11,8 +11,8 @@ visibilities, so :func:`constant_value` proves them constant from the raw chunk 
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,26 +190,44 @@ class BlockGeometry:
 
 
 class RawVis:
-    """Rows of an uncompressed complex64 visdata read straight from the file with pread.
+    """The visibilities of an uncompressed complex64 data set, read in place.
 
     h5py copies a chunked data set into a row block element by element (8-byte pieces for
-    the usual one-polarisation chunks): ~3 s for a full group. Here whole chunks come into
-    a reusable buffer at copy speed and the fused :func:`.kernel.place` scatters them. A
-    row of chunks that straddles two blocks is read once and kept for the next block.
+    the usual one-polarisation chunks): ~3 s for a full group. Here the file is memory-mapped
+    (read-only; its pages are the page cache's) and :func:`.kernel.fill_files` reads every
+    chunk where it lies, so a fill thread does a whole block in one call without Python's
+    lock and in step with the MS writer. :meth:`release` drops the mapped pages after a
+    block, so they do not pile up in the worker's resident memory.
     """
 
     def __init__(self, path: str, shape: tuple[int, ...], chunks: tuple[int, ...] | None,
                  offsets: dict[int, list[tuple[int, int, int]]]) -> None:
-        self.path, self.shape, self.chunks = path, shape, chunks
-        self.offsets = offsets  # first row of a chunk row -> [(chan0, pol0, byte offset)]
-        self.fd = os.open(path, os.O_RDONLY)
-        self._row: int | None = None  # chunk row held in _buf
-        self._buf: np.ndarray | None = None
-        self._elements: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        nrow, nchan, npol = shape
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        self.src = np.frombuffer(self.mm, dtype=np.complex64, count=len(self.mm) // 8)
+        cr, cc, cp = (nrow, nchan, npol) if chunks is None else chunks
+        rows = sorted(offsets)
+        self.chunk_rows, self.stride = cr, cc * cp
+        # element index of chunk m of chunk row r (chunks in the same (channel, pol) order)
+        self.starts = np.array([[b // 8 for _, _, b in offsets[r]] for r in rows], dtype=np.int64)
+        m_of, inner, chans, pols = [], [], [], []
+        for m, (c0, p0, _) in enumerate(offsets[rows[0]]):
+            for j in range(min(cc, nchan - c0)):
+                for q in range(min(cp, npol - p0)):
+                    m_of.append(m)
+                    inner.append(j * cp + q)
+                    chans.append(c0 + j)
+                    pols.append(p0 + q)
+        self.m_of, self.inner, self.chans, self.pols = (
+            np.asarray(x, dtype=np.int64) for x in (m_of, inner, chans, pols))
 
     @classmethod
     def open(cls, dset: h5py.Dataset) -> RawVis | None:
-        """A raw reader when the bytes on disk are exactly complex64 values, else None."""
+        """A raw reader when the bytes on disk are exactly aligned complex64 values, else None."""
         if dset.ndim != 3 or dset.size == 0 or not _raw_complex64(dset.dtype):
             return None
         try:
@@ -218,7 +236,9 @@ class RawVis:
             path = dset.file.filename
             if dset.chunks is None:
                 offset = dset.id.get_offset()
-                return None if offset is None else cls(path, dset.shape, None, {0: [(0, 0, offset)]})
+                if offset is None or offset % 8:
+                    return None
+                return cls(path, dset.shape, None, {0: [(0, 0, offset)]})
             infos: list[tuple[tuple[int, ...], int, int]] = []
             dset.id.chunk_iter(lambda i: infos.append((i.chunk_offset, i.byte_offset, i.size)))
         except Exception:
@@ -226,81 +246,16 @@ class RawVis:
         nbytes = int(np.prod(dset.chunks)) * 8
         n_expected = int(np.prod([-(-s // c) for s, c in zip(dset.shape, dset.chunks,
                                                                  strict=True)]))
-        if len(infos) != n_expected or any(size != nbytes for _, _, size in infos):
-            return None  # unallocated (fill-value) chunks: leave them to h5py
+        if (len(infos) != n_expected or any(size != nbytes or off % 8 for _, off, size in infos)):
+            return None  # unallocated (fill-value) or unaligned chunks: leave them to h5py
         offsets: dict[int, list[tuple[int, int, int]]] = {}
         for (r, c, p), byte_offset, _ in sorted(infos):
-            offsets.setdefault(r, []).append((c, p, byte_offset))
+            offsets.setdefault(r // dset.chunks[0], []).append((c, p, byte_offset))
         return cls(path, dset.shape, dset.chunks, offsets)
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def _pread(self, buf: np.ndarray, offset: int) -> None:
-        view = memoryview(buf).cast("B")
-        got = os.preadv(self.fd, [view], offset)
-        if got != view.nbytes:
-            raise BadInputError(f"file ends inside the visibilities (wanted {view.nbytes} "
-                                f"bytes at {offset}, got {got})", path=self.path)
-
-    def pieces(self, a: int, b: int) -> Iterator[Piece]:
-        """The chunk rows covering file rows ``[a, b)``."""
-        nrow, nchan, npol = self.shape
-        if self.chunks is None:
-            n = b - a
-            if self._buf is None or self._buf.size < n * nchan * npol:
-                self._buf = np.empty(n * nchan * npol, dtype=np.complex64)
-            self._pread(self._buf[:n * nchan * npol], self.offsets[0][0][2] + a * nchan * npol * 8)
-            yield dense_piece(self._buf, nchan, npol, 0, n, a)
-            return
-        cr, cc, cp = self.chunks
-        per_chunk = cr * cc * cp
-        for r in range(a - a % cr, b, cr):
-            parts = self.offsets[r]
-            if self._row != r:
-                if self._buf is None:
-                    self._buf = np.empty(len(parts) * per_chunk, dtype=np.complex64)
-                for m, (_, _, byte_offset) in enumerate(parts):
-                    self._pread(self._buf[m * per_chunk:(m + 1) * per_chunk], byte_offset)
-                self._row = r
-            if self._elements is None:  # every chunk row lists its chunks in the same order
-                soff, chans, pols = [], [], []
-                for m, (c0, p0, _) in enumerate(parts):
-                    for j in range(min(cc, nchan - c0)):
-                        for q in range(min(cp, npol - p0)):
-                            soff.append(m * per_chunk + j * cp + q)
-                            chans.append(c0 + j)
-                            pols.append(p0 + q)
-                self._elements = (np.asarray(soff, dtype=np.int64),
-                                  np.asarray(chans, dtype=np.int64),
-                                  np.asarray(pols, dtype=np.int64))
-            lo = max(a, r) - r
-            yield Piece(self._buf, *self._elements, cc * cp, lo, min(b, r + cr, nrow) - r, r + lo)
-
-
-@dataclass(frozen=True, eq=False)
-class Piece:
-    """Rows ``lo..hi`` of some visibilities in a flat buffer, for :func:`.kernel.place`:
-    element e (file channel ``chans[e]``, pol ``pols[e]``) of row t sits at
-    ``soff[e] + t * stride``; row ``lo`` is file row ``first``."""
-
-    buf: np.ndarray
-    soff: np.ndarray
-    chans: np.ndarray
-    pols: np.ndarray
-    stride: int
-    lo: int
-    hi: int
-    first: int
-
-
-def dense_piece(buf: np.ndarray, nchan: int, npol: int, lo: int, hi: int, first: int) -> Piece:
-    """A piece over a C-ordered (rows, nchan, npol) buffer (flat)."""
-    chans, pols = np.divmod(np.arange(nchan * npol, dtype=np.int64), npol)
-    return Piece(buf, np.arange(nchan * npol, dtype=np.int64), chans, pols, nchan * npol,
-                 lo, hi, first)
+    def release(self) -> None:
+        """Unmap the pages read so far (they stay in the page cache)."""
+        self.mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _raw_complex64(dtype: np.dtype) -> bool:
@@ -323,57 +278,108 @@ class SubbandReader:
         self.raw = RawVis.open(self.h5["Data/visdata"])
 
     def close(self) -> None:
-        if self.raw is not None:
-            self.raw.close()
+        self.raw = None  # the map goes with the last reference to it
         self.h5.close()
 
 
-def fill_block(specs: list[FillSpec], readers: list[SubbandReader], plan: RowPlan,
-               geom: BlockGeometry, data: np.ndarray, flags: np.ndarray,
-               nsam: np.ndarray | None) -> tuple[list[tuple[str, int, int]], int]:
-    """Read rows ``plan`` of each file into its channels of ``data``/``flags``/``nsam``
-    (channels ascending, CASA pol order), phased and conjugated for the MS. Non-finite
-    visibilities become 0 and flagged, exact zeros are flagged; returns (source,
-    n_nonfinite, n_visibilities) per file for the caller's verdict, and the zeros flagged."""
-    from .kernel import place, regular
+class Share:
+    """The files one fill thread (or helper process) handles, set up once for the kernel."""
+
+    def __init__(self, specs: list[FillSpec], readers: list[SubbandReader], nchan: int,
+                 npol: int, freqs_hz: np.ndarray, pol_perm: np.ndarray) -> None:
+        from numba.typed import List
+
+        from .kernel import regular
+
+        self.specs, self.readers, self.nchan, self.npol = specs, readers, nchan, npol
+        self.pol_perm = pol_perm
+        self.pol_out = np.argsort(pol_perm).astype(np.int64)  # file pol -> output pol
+        self.chans: list[slice] = []
+        self.layout: list[tuple[int, int, np.ndarray, bool]] = []  # base, step, freqs, even
+        for spec in specs:
+            c0, c1 = spec.out_start, spec.out_start + spec.nchan
+            base, step = (c1 - 1, -1) if spec.descending else (c0, 1)
+            chans = slice(base, c0 - 1 if c0 else None, -1) if spec.descending else slice(c0, c1)
+            freqs = np.ascontiguousarray(freqs_hz[chans], dtype=np.float64)
+            self.chans.append(chans)
+            self.layout.append((base, step, freqs, regular(freqs)))
+        self.raw = [i for i, rd in enumerate(readers) if rd.raw is not None]
+        lists = [List() for _ in range(8)]
+        for i in self.raw:
+            rv = readers[i].raw
+            base, step, freqs, _ = self.layout[i]
+            doff = (base + step * rv.chans) * npol + self.pol_out[rv.pols]
+            for lst, item in zip(lists, (rv.src, rv.starts, rv.m_of, rv.inner, rv.chans, doff,
+                                         freqs, None), strict=True):
+                if item is not None:
+                    lst.append(item)
+        (self.srcs, self.starts, self.m_of, self.inner, self.chan_of, self.doffs,
+         self.freqs) = lists[:7]
+        self.crs = np.array([readers[i].raw.chunk_rows for i in self.raw], dtype=np.int64)
+        self.strides = np.array([readers[i].raw.stride for i in self.raw], dtype=np.int64)
+        self.regular = np.array([self.layout[i][3] for i in self.raw], dtype=np.bool_)
+        self.flag_const = np.array([_flag_code(specs[i].flag_const) for i in self.raw],
+                                   dtype=np.int8)
+
+
+def _flag_code(value: Any) -> int:
+    """The kernel's view of a constant flag: -1 read from the file, else 0 or 1."""
+    return -1 if value is None else int(bool(value))
+
+
+def fill_block(share: Share, plan: RowPlan, geom: BlockGeometry, data: np.ndarray,
+               flags: np.ndarray, nsam: np.ndarray | None) -> tuple[list[tuple[str, int, int]], int]:
+    """Read rows ``plan`` of each file of ``share`` into its channels of ``data``/``flags``/
+    ``nsam`` (channels ascending, CASA pol order), phased and conjugated for the MS. NaN/Inf
+    become 0 and flagged, exact zeros are flagged; returns (source, n_nonfinite,
+    n_visibilities) per file for the caller's verdict, and the zeros flagged."""
+    from numba.typed import List
+
+    from .kernel import fill_files
 
     n = plan.r1 - plan.r0
-    perm = geom.pol_perm
-    pol_out = np.argsort(perm).astype(np.int64)  # file pol -> output pol
-    contiguous = plan.take is None and plan.source.step in (None, 1)
-    nchan, npol = data.shape[1], data.shape[2]
-    flat_data, flat_flags = np.asarray(data).reshape(-1), np.asarray(flags).reshape(-1)
-    counts, zeros = [], 0
-    for spec, rd in zip(specs, readers, strict=True):
-        c0, c1 = spec.out_start, spec.out_start + spec.nchan
-        base, step = (c1 - 1, -1) if spec.descending else (c0, 1)
-        chans = slice(base, c0 - 1 if c0 else None, -1) if spec.descending else slice(c0, c1)
-        fdst = flags[:n, chans, :]
-        if spec.flag_const is not None:
-            fdst[...] = bool(spec.flag_const)
-        else:
-            fdst[...] = read_block(rd.h5["Data/flags"], plan)[:, :, perm]
+    nchan, npol, perm = share.nchan, share.npol, share.pol_perm
+    if not (data.flags.c_contiguous and flags.flags.c_contiguous):
+        raise ValueError("block buffers must be C-contiguous")
+    flat_data, flat_flags = data.reshape(-1), flags.reshape(-1)
+    for spec, rd, chans in zip(share.specs, share.readers, share.chans, strict=True):
+        if spec.flag_const is None:  # constant flags are set by the kernel
+            flags[:n, chans, :] = read_block(rd.h5["Data/flags"], plan)[:, :, perm]
         if nsam is not None:
             if spec.nsam_const is not None:
-                nsam[:n, c0:c1, :] = float(spec.nsam_const)
+                nsam[:n, chans, :] = float(spec.nsam_const)
             else:
-                ns = read_block(rd.h5["Data/nsamples"], plan).astype(np.float32)[:, :, perm]
-                nsam[:n, chans, :] = ns
-        freqs = np.ascontiguousarray(geom.freqs_hz[chans], dtype=np.float64)
-        even = regular(freqs)
-        if rd.raw is not None and contiguous:
-            s0 = plan.source.start
-            pieces: Iterable[Piece] = rd.raw.pieces(s0, s0 + n)
-        else:
-            vis = np.ascontiguousarray(read_block(rd.h5["Data/visdata"], plan))
-            pieces, s0 = [dense_piece(vis.reshape(-1), spec.nchan, npol, 0, n, 0)], 0
-        bad = 0
-        for pc in pieces:
-            doff = (base + step * pc.chans) * npol + pol_out[pc.pols]
-            nb, nz = place(pc.buf, pc.soff, pc.stride, pc.chans, pc.lo, pc.hi, pc.first - s0,
-                           flat_data, flat_flags, doff, nchan * npol, freqs, even, geom.dw,
-                           geom.flip)
-            bad += nb
-            zeros += nz
-        counts.append((spec.source, bad, n * spec.nchan * npol))
-    return counts, zeros
+                ns = read_block(rd.h5["Data/nsamples"], plan).astype(np.float32)
+                nsam[:n, chans, :] = ns[:, :, perm]
+    bad = dict.fromkeys(range(len(share.specs)), 0)
+    zeros = 0
+    contiguous = plan.take is None and plan.source.step in (None, 1)
+    if contiguous and share.raw:
+        counts = np.zeros(len(share.raw), dtype=np.int64)
+        zeros += fill_files(share.srcs, share.starts, share.crs, share.strides, share.m_of,
+                            share.inner, share.chan_of, share.doffs, share.freqs, share.regular,
+                            share.flag_const, plan.source.start, n, flat_data, flat_flags,
+                            nchan * npol, geom.dw, geom.flip, counts)
+        for i, c in zip(share.raw, counts, strict=True):
+            bad[i] = int(c)
+            share.readers[i].raw.release()
+    for i, (spec, rd) in enumerate(zip(share.specs, share.readers, strict=True)):
+        if contiguous and i in share.raw:
+            continue
+        base, step, freqs, even = share.layout[i]
+        vis = np.ascontiguousarray(read_block(rd.h5["Data/visdata"], plan)).reshape(-1)
+        vis.setflags(write=False)  # the same array type as the memory maps
+        nelem = spec.nchan * npol
+        chans, pols = np.divmod(np.arange(nelem, dtype=np.int64), npol)
+        doff = (base + step * chans) * npol + share.pol_out[pols]
+        counts = np.zeros(1, dtype=np.int64)
+        zeros += fill_files(List([vis]), List([np.zeros((1, 1), dtype=np.int64)]),
+                            np.array([n], dtype=np.int64), np.array([nelem], dtype=np.int64),
+                            List([np.zeros(nelem, dtype=np.int64)]),
+                            List([np.arange(nelem, dtype=np.int64)]), List([chans]), List([doff]),
+                            List([freqs]), np.array([even]),
+                            np.array([_flag_code(spec.flag_const)], dtype=np.int8), 0, n,
+                            flat_data, flat_flags, nchan * npol, geom.dw, geom.flip, counts)
+        bad[i] = int(counts[0])
+    return [(spec.source, bad[i], n * spec.nchan * npol)
+            for i, spec in enumerate(share.specs)], zeros
