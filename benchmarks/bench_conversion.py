@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                         "in every worker, ~1-2 s)")
     p.add_argument("--processes", type=int, default=1,
                    help="CONTIMG_CONVERT_PROCESSES (helper processes read subbands)")
-    p.add_argument("--publish", action="store_true",
-                   help="publish the MS to disk at conversion (the daemon keeps it in the tmpfs "
-                        "work area while memory allows)")
+    p.add_argument("--work-area", action="store_true",
+                   help="keep the MS in the tmpfs work area (CONTIMG_TMPFS_KEEP_MS=true) instead "
+                        "of publishing it to disk (the default)")
     p.add_argument("--keep", action="store_true", help="keep the MS and work directory")
     args = p.parse_args(argv)
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     from dsa110_contimg.conversion.workarea import work_dir
 
-    kept = None if args.publish else work_dir(args.tmpfs, work / "state")
+    kept = work_dir(args.tmpfs, work / "state") if args.work_area else None
     if kept is not None:
         shutil.rmtree(kept, ignore_errors=True)
     inputs = ConversionInputs(group_id=group_id, files=tuple(files), output_dir=out,
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = ConversionOptions()
     options = ConversionOptions(stage_inputs=defaults.stage_inputs and not args.no_stage_inputs,
                                 publish_fsync=defaults.publish_fsync and not args.no_fsync,
-                                parallel_subbands=args.processes)
+                                parallel_subbands=args.processes, keep_in_tmpfs=args.work_area)
     ctx = mp.get_context(args.context)
     if args.context == "forkserver":
         try:

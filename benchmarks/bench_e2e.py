@@ -218,8 +218,11 @@ def accuracy(report: dict, truths: list[dict], work: Path) -> None:
         cal = g1["stages"].get("calibration", {}).get("result", {})
         conv = g1["stages"].get("conversion", {}).get("result", {})
         if cal.get("new_set") and conv.get("ms_path"):
-            d["gains"] = _guard(f"{mode} gains", daemon_gains, db, cal["new_set"],
-                                Path(conv["ms_path"]), truth1)
+            ms = Path(conv["ms_path"])
+            if not ms.is_dir():  # kept in the tmpfs work area, archived since
+                gid = g1["group_id"]
+                ms = Path(d["products"]) / gid[:10] / gid / ms.name
+            d["gains"] = _guard(f"{mode} gains", daemon_gains, db, cal["new_set"], ms, truth1)
         else:
             d["gains"] = {"error": "group 1 solved no calibration set"}
         for g, t in zip(d["groups"], truths, strict=True):
@@ -436,6 +439,8 @@ def main() -> int:
     ap.add_argument("--group-dir", type=Path, default=ROOT / ".bench" / "groups")
     ap.add_argument("--workdir", type=Path, help="default: .bench/e2e-<preset>-<groups>")
     ap.add_argument("--max-workers", type=int, default=2)
+    ap.add_argument("--rescore", action="store_true",
+                    help="recompute accuracy and verdicts of the last run's report, run nothing")
     args = ap.parse_args()
     if args.groups < 1:
         ap.error("--groups must be at least 1")
@@ -451,7 +456,16 @@ def main() -> int:
         "group_ids": [t["group_id"] for t in truths], "cpus": os.cpu_count(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "targets": TARGETS, "daemon": {}}
 
-    copy = report["copy"] = tmpfs_copy(group_dir, truths[0])
+    if args.rescore:
+        old = json.loads((work / "bench_e2e.json").read_text())
+        report.update({k: old[k] for k in ("started", "copy", "plain", "daemon") if k in old})
+        copy = report["copy"]
+        for d in report["daemon"].values():
+            d.pop("gains", None)
+        args.skip_plain, modes = True, ()
+    else:
+        copy = report["copy"] = tmpfs_copy(group_dir, truths[0])
+        modes = ("burst", "realtime") if args.arrival == "both" else (args.arrival,)
     print(f"tmpfs copy of group 1: {copy['bytes'] / MB:.1f} MB in {copy['wall_s']:.2f} s = "
           f"{copy['mb_s']:.0f} MB/s ({copy['page_cache']})", flush=True)
 
@@ -462,7 +476,6 @@ def main() -> int:
         print("plain chain: " + (f"wall {p['wall_s']:.0f} s" if p["ok"] else f"FAILED, see {p['log']}"),
               flush=True)
 
-    modes = ("burst", "realtime") if args.arrival == "both" else (args.arrival,)
     for mode in modes:
         print(f"daemon, arrival={mode} (spacing {spacing:.1f} s) ...", flush=True)
         run = run_daemon(group_dir, truths, work / mode, mode, spacing, args.max_workers)

@@ -345,13 +345,13 @@ def test_ms_is_kept_in_the_work_area_while_memory_allows(worker, tiny_group, tmp
         inputs = dataclasses.replace(_inputs(group_files(root, truth), tmp_path,
                                              truth["group_id"], tmpfs=tmpfs), work_dir=work)
         final = ms_path_for(inputs.output_dir, truth["group_id"])
-        res = _run(worker, inputs, tmpfs_reserve_gb=0)
+        res = _run(worker, inputs, tmpfs_reserve_gb=0, keep_in_tmpfs=True)
         assert res["ok"], res
         r = res["result"]
         assert r.ms_path == work / final.name and (r.ms_path / "table.dat").is_file()
         assert not final.exists() and r.staged_on == "tmpfs"
         assert not any(tmpfs.glob(STAGE_PREFIX + "*"))
-        again = _run(worker, inputs)
+        again = _run(worker, inputs, keep_in_tmpfs=True)
         assert again["ok"] and again["result"].skipped and again["result"].ms_path == r.ms_path
 
         flag_versions(r.ms_path).mkdir()  # as flagdata leaves it
@@ -364,7 +364,7 @@ def test_ms_is_kept_in_the_work_area_while_memory_allows(worker, tiny_group, tmp
         assert d["nrows"] == r.n_times * (r.n_baselines)
 
         shutil.rmtree(final.parent)
-        big = _run(worker, inputs, tmpfs_reserve_gb=1e6)
+        big = _run(worker, inputs, tmpfs_reserve_gb=1e6, keep_in_tmpfs=True)
         assert big["ok"] and big["result"].ms_path == final, big
         assert any("not kept in tmpfs" in n for n in big["result"].notes)
         assert not any(work.glob("*.ms"))

@@ -130,7 +130,7 @@ def session_reboot(workdir: Path) -> list[Row]:
     files (the only stage run twice) and finishes once, its MS archived."""
     row = Row("reboot mid calibration (SIGKILL, tmpfs emptied)",
               "MS lost→converted again→done once")
-    s = Session(workdir, "reboot", CONTIMG_MAX_WORKERS="1")
+    s = Session(workdir, "reboot", CONTIMG_MAX_WORKERS="1", CONTIMG_TMPFS_KEEP_MS="true")
     try:
         (a,) = s.simulate_run(at(0), 1, seed=82)
         gid = a["group_id"]

@@ -1,9 +1,11 @@
-"""Read rows of the UVH5 data sets directly with h5py, in blocks of whole integrations.
+"""Read rows of the UVH5 data sets directly, in blocks of whole integrations.
 
 pyuvdata reads a file into one UVData; for a full group that is the 9 GB peak we are
 avoiding. The header (validated by :mod:`.validate`) tells us the layout, so the data sets
 can be sliced directly: visdata, flags and nsamples, rows ``[r0, r1)`` of the
-baseline-time axis. Flags and nsamples are usually constant (no correlator flags, one
+baseline-time axis. Uncompressed complex64 visibilities (the usual case) are read in place
+from a memory map of the file by the compiled :mod:`.kernel` (:class:`RawVis`); anything
+else (compressed, integer, baseline-major rows) goes through h5py into the same kernel. Flags and nsamples are usually constant (no correlator flags, one
 sample each) and LZF-compressed; decompressing them costs as much as reading the
 visibilities, so :func:`constant_value` proves them constant from the raw chunk bytes
 (identical compressed chunks hold identical data) and skips the decompression.
@@ -68,15 +70,11 @@ def open_uvh5(path: Path) -> h5py.File:
     return fh
 
 
-def _dataset(fh: h5py.File, name: str) -> h5py.Dataset:
-    return fh["Data/" + name]
-
-
 def _squeeze_spw(a: np.ndarray) -> np.ndarray:
     return a[:, 0] if a.ndim == 4 else a
 
 
-def read_block(dset: h5py.Dataset, plan: RowPlan, out: np.ndarray | None = None) -> np.ndarray:
+def read_block(dset: h5py.Dataset, plan: RowPlan) -> np.ndarray:
     """Rows of a data set as (nrow, nfreq, npol) following ``plan``; complex as complex64."""
     sel = (plan.source,) + (slice(None),) * (dset.ndim - 1)
     if dset.dtype.names is not None:  # compound {r, i} (possibly integers)
@@ -84,19 +82,10 @@ def read_block(dset: h5py.Dataset, plan: RowPlan, out: np.ndarray | None = None)
         arr = np.empty(raw.shape, dtype=np.complex64)
         arr.real = raw["r"]
         arr.imag = raw["i"]
-    elif (out is not None and plan.take is None and dset.ndim == 3 and dset.dtype == out.dtype
-          and out.shape == (plan.r1 - plan.r0,) + dset.shape[1:]):
-        dset.read_direct(out, sel)
-        return out
     else:
         arr = dset[sel]
     arr = _squeeze_spw(arr)
-    if plan.take is not None:
-        arr = arr[plan.take]
-    if out is not None:
-        out[...] = arr
-        return out
-    return arr
+    return arr if plan.take is None else arr[plan.take]
 
 
 def constant_value(dset: h5py.Dataset) -> Any | None:
