@@ -5,10 +5,10 @@ Steps: skip if a valid MS is already in the work area or published → validate 
 there in a background thread) → build the group's metadata with pyuvdata and phase it to the
 meridian at mid-time (:mod:`.phasing`) → create the MS with pyuvdata's schema and stream the
 visibilities into it block by block (:mod:`.reader`, :mod:`.kernel`, :mod:`.mswrite`,
-:mod:`.parallel`), flagging NaN/Inf and exact zeros on the way → mark it complete → rename
-it into the tmpfs work area where later stages use it (:mod:`.workarea`), or, when memory is
-short or staging was on disk, publish it atomically to its product directory
-(:mod:`.staging`). Memory stays near two blocks (a couple of integrations of the whole band
+:mod:`.parallel`), flagging NaN/Inf and exact zeros on the way → mark it complete → publish
+it atomically to its product directory (:mod:`.staging`), or, with the optional tmpfs work
+area on and memory to spare, rename it into the work area where later stages use it
+(:mod:`.workarea`). Memory stays near two blocks (a couple of integrations of the whole band
 each) whatever the group size: ~0.7 GB peak for a full group.
 
 The MS follows ``UVData.write_ms`` conventions (checked against it in the tests), which
@@ -89,12 +89,10 @@ def convert_group(inputs: ConversionInputs, options: ConversionOptions) -> Conve
     group_id = inputs.group_id
     final = ms_path_for(inputs.output_dir, group_id)
     blog = log.bind(group_id=group_id)
-    kept = (workarea.work_ms_path(inputs.work_dir, group_id) if inputs.work_dir else None)
-    for ms in (kept, final):
-        done = None if ms is None else read_completion(ms)
-        if done is not None:
-            blog.info("MS already converted; skipping conversion", ms=str(ms))
-            return _result_from_record(group_id, ms, done, time.perf_counter() - t0)
+    found = _converted(_work_ms(inputs), final)
+    if found is not None:
+        blog.info("MS already converted; skipping conversion", ms=str(found[0]))
+        return _result_from_record(group_id, *found, time.perf_counter() - t0)
     try:
         return _convert(inputs, options, final, t0, blog)
     except ContimgError:
@@ -156,11 +154,9 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
         record = write_group_ms(layout, meta, staged_ms, group_id, options, probe, notes,
                                 timings)
         tick = time.perf_counter()
-        work = workarea.work_ms_path(inputs.work_dir, group_id) if inputs.work_dir else None
-        keep, why = False, "the MS was staged on disk"
-        if not options.keep_in_tmpfs or work is None:
-            why = "CONTIMG_TMPFS_KEEP_MS is off"
-        elif kind == "tmpfs":
+        work = _work_ms(inputs)
+        keep = False
+        if options.keep_in_tmpfs and work is not None and kind == "tmpfs":
             keep, why = workarea.room_to_keep(work.parent,
                                               staging.tree_bytes(staged_ms),
                                               int(options.tmpfs_reserve_gb * 1e9))
@@ -171,12 +167,11 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
         record.update(staged_on=kind, input_bytes=layout.input_bytes, kept_in_tmpfs=keep,
                       notes=list(notes))
         mark_complete(staged_ms, record)
-        for ms in (work, final):
-            other = None if ms is None else read_completion(ms)
-            if other is not None:  # converted meanwhile by another worker: keep theirs
-                blog.warning("MS was converted by another process meanwhile; keeping it",
-                             ms=str(ms))
-                return _result_from_record(group_id, ms, other, time.perf_counter() - t0)
+        found = _converted(work, final)
+        if found is not None:  # converted meanwhile by another worker: keep theirs
+            blog.warning("MS was converted by another process meanwhile; keeping it",
+                         ms=str(found[0]))
+            return _result_from_record(group_id, *found, time.perf_counter() - t0)
         if keep and work is not None:
             work.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staged_ms, work)  # same tmpfs: the MS appears complete or not at all
@@ -189,6 +184,20 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
               input_mb=round(layout.input_bytes / 1e6, 1), notes=notes)
     return _result_from_record(group_id, published, record, duration, skipped=False,
                                timings=timings)
+
+
+def _work_ms(inputs: ConversionInputs) -> Path | None:
+    """Where the MS is kept in the tmpfs work area, if the stage was given one."""
+    return workarea.work_ms_path(inputs.work_dir, inputs.group_id) if inputs.work_dir else None
+
+
+def _converted(work: Path | None, final: Path) -> tuple[Path, dict[str, Any]] | None:
+    """A valid MS of this group already there, kept or published, with its record."""
+    for ms in (work, final):
+        rec = None if ms is None else read_completion(ms)
+        if rec is not None:
+            return ms, rec
+    return None
 
 
 def _cache_pyuvdata_numba() -> None:

@@ -293,19 +293,22 @@ class Share:
             self.chans.append(chans)
             self.layout.append((base, step, freqs, regular(freqs)))
         self.raw = [i for i, rd in enumerate(readers) if rd.raw is not None]
-        lists = [List() for _ in range(8)]
-        for i in self.raw:
-            rv = readers[i].raw
-            base, step, freqs, _ = self.layout[i]
-            doff = (base + step * rv.chans) * npol + self.pol_out[rv.pols]
-            for lst, item in zip(lists, (rv.src, rv.starts, rv.m_of, rv.inner, rv.chans, doff,
-                                         freqs, None), strict=True):
-                if item is not None:
-                    lst.append(item)
-        (self.srcs, self.starts, self.m_of, self.inner, self.chan_of, self.doffs,
-         self.freqs) = lists[:7]
-        self.crs = np.array([readers[i].raw.chunk_rows for i in self.raw], dtype=np.int64)
-        self.strides = np.array([readers[i].raw.stride for i in self.raw], dtype=np.int64)
+        raws = [readers[i].raw for i in self.raw]
+        doffs = [(self.layout[i][0] + self.layout[i][1] * rv.chans) * npol
+                 + self.pol_out[rv.pols] for i, rv in zip(self.raw, raws, strict=True)]
+
+        def typed(items: list[np.ndarray]) -> Any:  # numba cannot type an empty List
+            return List(items) if items else None
+
+        self.srcs = typed([rv.src for rv in raws])
+        self.starts = typed([rv.starts for rv in raws])
+        self.m_of = typed([rv.m_of for rv in raws])
+        self.inner = typed([rv.inner for rv in raws])
+        self.chan_of = typed([rv.chans for rv in raws])
+        self.doffs = typed(doffs)
+        self.freqs = typed([self.layout[i][2] for i in self.raw])
+        self.crs = np.array([rv.chunk_rows for rv in raws], dtype=np.int64)
+        self.strides = np.array([rv.stride for rv in raws], dtype=np.int64)
         self.regular = np.array([self.layout[i][3] for i in self.raw], dtype=np.bool_)
         self.flag_const = np.array([_flag_code(specs[i].flag_const) for i in self.raw],
                                    dtype=np.int8)
