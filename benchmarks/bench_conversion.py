@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the MS in the tmpfs work area (CONTIMG_TMPFS_KEEP_MS=true) instead "
                         "of publishing it to disk (the default)")
     p.add_argument("--keep", action="store_true", help="keep the MS and work directory")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -178,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"QA gate: {'passed' if qa.passed else 'FAILED: ' + qa.reason} in {qa.duration_s:.2f} s"
           + (f"; warnings: {'; '.join(qa.warnings)}" if qa.warnings else ""))
     print(f"load average during run: {os.getloadavg()[0]:.2f} (2 cores shared)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "group_id": group_id, "bytes": total, "copy_mb_s": copy_mbs, "mb_s": conv_mbs,
+            "ratio": conv_mbs / copy_mbs, "duration_s": result.duration_s, "wall_s": wall,
+            "peak_rss_mb": rss_worker, "timings_s": dict(result.timings_s),
+            "qa_s": qa.duration_s, "qa_passed": qa.passed, "work_area": args.work_area,
+            "load_average": os.getloadavg()[0]}, indent=1))
     if kept is not None and not args.keep:
         shutil.rmtree(kept, ignore_errors=True)  # the tmpfs work area (RAM)
     if not args.keep and args.work_dir is None:

@@ -84,6 +84,23 @@ def tmpfs_copy(group_dir: Path, truth: dict, tmpfs: Path = Path("/dev/shm")) -> 
             "page_cache": "warm (read once before the timed copy)"}
 
 
+def isolated_conversion(group_dir: Path, work: Path) -> dict[str, Any]:
+    """Group 1 converted alone on the idle machine (``bench_conversion.py``, its own copy
+    yardstick beside it): what the conversion costs without the daemon's other groups
+    sharing the two cores, the disk and the page cache."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out = work / "bench_conversion.json"
+    with open(work / "bench_conversion.log", "w") as log:
+        rc = subprocess.call([sys.executable, str(ROOT / "benchmarks" / "bench_conversion.py"),
+                              "--group-dir", str(group_dir), "--work-dir", str(work),
+                              "--copies", "1", "--json", str(out)],
+                             stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0 or not out.exists():
+        return {"ok": False, "exit_code": rc, "log": str(work / "bench_conversion.log")}
+    return {"ok": True, **json.loads(out.read_text())}
+
+
 def run_plain(group_dir: Path, truth: dict, work: Path) -> dict[str, Any]:
     """The plain chain in its own processes; its JSON report, or why it failed."""
     shutil.rmtree(work, ignore_errors=True)  # tclean would otherwise continue an old image
@@ -387,6 +404,11 @@ def markdown(report: dict) -> str:
         [" / ".join(f"{g['stages']['conversion']['throughput_vs_copy']:.2g}" for g in d["groups"]
                     if "throughput_vs_copy" in g["stages"].get("conversion", {})) + " x copy"
          for d in ds], f">= {TARGETS['throughput_vs_copy']} x")
+    iso = report.get("isolated") or {}
+    if iso.get("ok"):
+        row("group 1 converted alone, idle (same run): throughput / MS gate share", "-",
+            [f"{iso['mb_s'] / copy['mb_s']:.2g} x copy ({iso['ratio']:.2g} x its own) / "
+             f"{100 * iso['qa_s'] / iso['duration_s']:.1f} %"] * len(ds), "(for reference)")
     row("QA % of stage time (worst)", "-",
         [_f(max((v["qa_pct"] for g in d["groups"] for v in g["stages"].values()
                  if v["qa_pct"] is not None), default=None), ".1f") for d in ds],
@@ -458,7 +480,8 @@ def main() -> int:
 
     if args.rescore:
         old = json.loads((work / "bench_e2e.json").read_text())
-        report.update({k: old[k] for k in ("started", "copy", "plain", "daemon") if k in old})
+        report.update({k: old[k] for k in ("started", "copy", "plain", "daemon", "isolated")
+                       if k in old})
         copy = report["copy"]
         for d in report["daemon"].values():
             d.pop("gains", None)
@@ -468,6 +491,15 @@ def main() -> int:
         modes = ("burst", "realtime") if args.arrival == "both" else (args.arrival,)
     print(f"tmpfs copy of group 1: {copy['bytes'] / MB:.1f} MB in {copy['wall_s']:.2f} s = "
           f"{copy['mb_s']:.0f} MB/s ({copy['page_cache']})", flush=True)
+    if not args.rescore:
+        print("group 1 converted alone ...", flush=True)
+        report["isolated"] = isolated_conversion(group_dir, work / "isolated")
+    iso = report.get("isolated")
+    if iso and iso.get("ok"):
+        print(f"conversion alone: {iso['duration_s']:.2f} s = {iso['mb_s']:.0f} MB/s, "
+              f"{iso['ratio']:.2f} x its own tmpfs copy ({iso['copy_mb_s']:.0f} MB/s), "
+              f"{iso['mb_s'] / copy['mb_s']:.2f} x the copy above; MS gate {iso['qa_s']:.2f} s "
+              f"({100 * iso['qa_s'] / iso['duration_s']:.1f} %)", flush=True)
 
     if not args.skip_plain:
         print(f"plain chain on {truths[0]['group_id']} ...", flush=True)

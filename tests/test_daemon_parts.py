@@ -37,6 +37,19 @@ async def test_local_executor_fresh_process_per_task_survives_worker_death():
         await ex.shutdown(kill=True)
 
 
+async def test_local_executor_lowers_a_tasks_cpu_priority_on_request():
+    ex = LocalExecutor(max_workers=1, log_format="json")
+    try:
+        mine = os.nice(0)
+        plain, _ = await ex.run_measured(workerfns.niceness)
+        nicer, _ = await ex.run_measured(workerfns.niceness, nice=5)
+        again, _ = await ex.run_measured(workerfns.niceness)
+    finally:
+        await ex.shutdown(kill=True)
+    assert plain == again == mine, "the priority of one task does not stick to later ones"
+    assert nicer == min(19, mine + 5)
+
+
 async def test_local_executor_reports_the_workers_cpu_and_peak_rss():
     ex = LocalExecutor(max_workers=1, log_format="json")
     try:
@@ -59,9 +72,11 @@ class _CannedExecutor:
     def __init__(self, answers):
         self.answers = answers
         self.calls = []
+        self.nice = {}
 
-    async def run_measured(self, fn, *args, group_id=None):
+    async def run_measured(self, fn, *args, group_id=None, nice=0):
         self.calls.append(fn.__name__)
+        self.nice[fn.__name__] = nice
         answer = self.answers[fn.__name__]
         if isinstance(answer, BaseException):
             raise answer
@@ -185,6 +200,8 @@ async def test_calibration_qa_failure_marks_the_new_set_failed_and_quarantines(t
     group, qa, alerts, metrics, ex = await _calibrate(
         tmp_path, ((_cal_result("solved", new, new.name), verdict), TaskUsage(2, 2)), reg)
     assert ex.calls == ["convert_and_check", "calibrate_and_check"]
+    # conversion at the daemon's priority; calibration (and imaging) CONTIMG_BACKGROUND_NICE below
+    assert ex.nice == {"convert_and_check": 0, "calibrate_and_check": 10}
     assert group["state"] == "quarantined" and "QA failed" in group["last_error"]
     assert "antennas have solutions" in group["last_error"]
     assert reg.failed == [(new.name, "calibration QA failed")] and not reg.registered

@@ -110,10 +110,15 @@ def test_damaged_ms_fails_with_reason(worker, tiny_ms, expected, tmp_path, kind,
     assert any(reason in f for f in r.failures), r.failures
 
 
-def test_zeroed_subband_warns_but_passes(worker, tiny_ms, expected, tmp_path):
+@pytest.mark.parametrize("sample_channels, stride", [(0, 1), (16, 4)])
+def test_zeroed_subband_warns_but_passes(worker, tiny_ms, expected, tmp_path, sample_channels,
+                                        stride):
+    """Four zeroed channels (48-51) are seen whole, and at a stride of 4 (one sampled channel,
+    standing for four)."""
     bad = worker.submit(_damage, str(tiny_ms), str(tmp_path / "z.ms"), "zero_subband").result()
-    r = _check(worker, bad, expected)
+    r = _check(worker, bad, expected, sample_channels=sample_channels)
     assert r.passed, r.failures
+    assert r.metrics["channel_stride"] == stride
     assert r.metrics["zero_channels"] == 4
     assert any("4 channels are zero" in w for w in r.warnings)
 

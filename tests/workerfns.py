@@ -13,6 +13,10 @@ def sleep_then(value, seconds):
     return value
 
 
+def niceness():
+    return os.nice(0)
+
+
 def die():
     os._exit(13)
 

@@ -49,8 +49,14 @@ class TaskUsage:
         return TaskUsage(self.cpu_s + other.cpu_s, max(self.peak_rss_mb, other.peak_rss_mb))
 
 
-def call_stage(fn: Any, args: tuple, group_id: str | None) -> Any:
-    """Body of every task, in the worker process: bind the group id for the logs, then call."""
+def call_stage(fn: Any, args: tuple, group_id: str | None, nice: int = 0) -> Any:
+    """Body of every task, in the worker process: lower its CPU priority by ``nice`` (the
+    process is fresh, so this affects this task only), bind the group id for the logs, call."""
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError:  # a lower priority is always allowed; keep going if it is not
+            pass
     structlog.contextvars.clear_contextvars()
     if group_id:
         structlog.contextvars.bind_contextvars(group_id=group_id)
@@ -85,14 +91,14 @@ def _stderr_to_casa_logs() -> None:
 
 class StageExecutor(Protocol):
     async def run(self, fn: Any, *args: Any, group_id: str | None = None) -> Any: ...
-    async def run_measured(self, fn: Any, *args: Any,
-                           group_id: str | None = None) -> tuple[Any, TaskUsage | None]: ...
+    async def run_measured(self, fn: Any, *args: Any, group_id: str | None = None,
+                           nice: int = 0) -> tuple[Any, TaskUsage | None]: ...
     async def shutdown(self, kill: bool = False) -> None: ...
     def describe(self) -> str: ...
 
 
-def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, log_level: str,
-                log_format: str) -> None:
+def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, nice: int,
+                log_level: str, log_format: str) -> None:
     """Worker process body: run one call, send (ok, value, usage), exit without atexit hooks.
 
     ``os._exit`` because CASA's tools can keep an exiting interpreter alive; the stage has
@@ -103,7 +109,7 @@ def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, log_level
     _die_with_parent()
     _worker_init(log_level, log_format)
     try:
-        out: tuple[bool, Any] = (True, call_stage(fn, args, group_id))
+        out: tuple[bool, Any] = (True, call_stage(fn, args, group_id, nice))
     except BaseException as exc:  # noqa: BLE001 - the parent re-raises it
         out = (False, exc)
     usage = TaskUsage.of_this_process()
@@ -149,19 +155,21 @@ class LocalExecutor:
     async def run(self, fn: Any, *args: Any, group_id: str | None = None) -> Any:
         return (await self.run_measured(fn, *args, group_id=group_id))[0]
 
-    async def run_measured(self, fn: Any, *args: Any,
-                           group_id: str | None = None) -> tuple[Any, TaskUsage | None]:
-        """The result and the worker's own CPU time and peak RSS (usage is lost on a raise)."""
+    async def run_measured(self, fn: Any, *args: Any, group_id: str | None = None,
+                           nice: int = 0) -> tuple[Any, TaskUsage | None]:
+        """The result and the worker's own CPU time and peak RSS (usage is lost on a raise);
+        the worker runs ``nice`` steps below the daemon's CPU priority."""
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_workers)
         async with self._sem:
-            return await self._run_one(fn, args, group_id)
+            return await self._run_one(fn, args, group_id, nice)
 
-    async def _run_one(self, fn: Any, args: tuple, group_id: str | None) -> tuple[Any, TaskUsage]:
+    async def _run_one(self, fn: Any, args: tuple, group_id: str | None,
+                       nice: int) -> tuple[Any, TaskUsage]:
         loop = asyncio.get_running_loop()
         parent, child = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=_child_main, name=f"contimg-{fn.__name__}",
-                                 args=(child, fn, args, group_id, *self._log))
+                                 args=(child, fn, args, group_id, nice, *self._log))
         await asyncio.to_thread(proc.start)
         child.close()
         self._procs.add(proc)
@@ -227,8 +235,8 @@ class DaskExecutor:
     async def run(self, fn: Any, *args: Any, group_id: str | None = None) -> Any:
         return (await self.run_measured(fn, *args, group_id=group_id))[0]
 
-    async def run_measured(self, fn: Any, *args: Any,
-                           group_id: str | None = None) -> tuple[Any, TaskUsage | None]:
+    async def run_measured(self, fn: Any, *args: Any, group_id: str | None = None,
+                           nice: int = 0) -> tuple[Any, TaskUsage | None]:
         """The result and the usage the task's child interpreter reported about itself."""
         from .isolated import run_isolated
 
@@ -236,7 +244,7 @@ class DaskExecutor:
             await self.start()
         assert self._client is not None
         fut = self._client.submit(run_isolated, fn, args, group_id, self.stage_timeout_s,
-                                  with_usage=True, pure=False)
+                                  with_usage=True, nice=nice, pure=False)
         return await fut
 
     async def shutdown(self, kill: bool = False) -> None:

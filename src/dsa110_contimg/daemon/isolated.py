@@ -16,12 +16,12 @@ from typing import Any
 
 
 def run_isolated(fn: Any, args: tuple, group_id: str | None = None, timeout: float | None = None,
-                 with_usage: bool = False) -> Any:
+                 with_usage: bool = False, nice: int = 0) -> Any:
     """The call's result; with ``with_usage``, (result, TaskUsage the child measured)."""
     with tempfile.TemporaryDirectory(prefix="contimg-task-") as tmp:
         src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
         with open(src, "wb") as fh:
-            pickle.dump((fn, args, group_id), fh)
+            pickle.dump((fn, args, group_id, nice), fh)
         proc = subprocess.run([sys.executable, "-m", "dsa110_contimg.daemon.isolated", src, dst],
                               stdin=subprocess.DEVNULL, timeout=timeout)
         if not os.path.exists(dst):
@@ -40,9 +40,9 @@ def _main(src: str, dst: str) -> int:
     from .executor import TaskUsage, call_stage
 
     with open(src, "rb") as fh:
-        fn, args, group_id = pickle.load(fh)
+        fn, args, group_id, nice = pickle.load(fh)
     try:
-        out = (True, call_stage(fn, args, group_id))
+        out = (True, call_stage(fn, args, group_id, nice))
     except BaseException as exc:  # noqa: BLE001 - the parent re-raises it
         out = (False, exc)
     usage = TaskUsage.of_this_process()

@@ -32,6 +32,7 @@ class QueueOptions:
 class ExecutorOptions:
     executor: str = setting("CONTIMG_EXECUTOR", "local", "'local' (process pool) or 'dask://host:port' (Dask distributed scheduler)")
     max_workers: int = setting("CONTIMG_MAX_WORKERS", 2, "Worker processes in the local pool", minimum=1, maximum=256)
+    background_nice: int = setting("CONTIMG_BACKGROUND_NICE", 10, "Calibration and imaging workers run this much nicer than conversion, so a newly arrived group is converted (short; frees its input's page cache and tmpfs) while they wait a few seconds; 0 = all equal", minimum=0, maximum=19)
     shutdown_timeout_s: float = setting("CONTIMG_SHUTDOWN_TIMEOUT_S", 120.0, "On SIGTERM, how long in-flight stages may run before they are abandoned", minimum=0)
     stage_timeout_s: float = setting("CONTIMG_STAGE_TIMEOUT_S", 3600.0, "A stage running longer than this is abandoned and retried", minimum=1)
 

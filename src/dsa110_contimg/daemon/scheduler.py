@@ -294,9 +294,10 @@ class Scheduler:
         if cleaned:
             log.warning("stale_staging_removed", paths=[str(p) for p in cleaned])
 
-    async def _run(self, claim: Claim, fn: Any, *args: Any) -> Any:
+    async def _run(self, claim: Claim, fn: Any, *args: Any, nice: int = 0) -> Any:
         """Run a task of the claimed stage in the executor, adding up what it cost."""
-        value, usage = await self.executor.run_measured(fn, *args, group_id=claim.group_id)
+        value, usage = await self.executor.run_measured(fn, *args, group_id=claim.group_id,
+                                                        nice=nice)
         so_far = self._usage.get(claim.group_id, _NO_USAGE)
         self._usage[claim.group_id] = None if usage is None or so_far is None else so_far + usage
         return value
@@ -339,7 +340,7 @@ class Scheduler:
                                    pointing_dec_deg=conv["pointing_dec_deg"],
                                    mid_mjd=conv["mid_mjd"], apply_set=apply_set)
         res, qa = await self._run(claim, calibrate_and_check, inputs, self.s.calibration,
-                                  self.s.qa_cal)
+                                  self.s.qa_cal, nice=self.s.executor.background_nice)
         if res.mode == "uncalibrated":
             qa = QAResult("calibration", True, {"mode": "uncalibrated"},
                           warnings=("no valid calibration: imaged uncalibrated",))
@@ -386,7 +387,7 @@ class Scheduler:
                                datacolumn=datacolumn, calibrator=calibrator,
                                field_catalogue=self.s.calibration.field_catalogue or None)
         res, qa = await self._run(claim, image_and_check, inputs, self.s.imaging, self.s.qa_img,
-                                  calibrator)
+                                  calibrator, nice=self.s.executor.background_nice)
         qa = await self._judge("imaging", claim, qa)
         await self._archive(claim, must=True)
         await self.catalog.record(res, qa)
