@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from _common import read_once, timed_copies
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,29 +41,12 @@ def _find_group(d: Path) -> tuple[str, list[Path]] | None:
     return files[0].name.split("_sb")[0], files
 
 
-def _warm(files: list[Path]) -> None:
-    for f in files:
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
-
-
 def _copy_rate(files: list[Path], tmpfs: Path, repeats: int) -> tuple[float, float]:
     """(best, first) MB/s: on a VM that hands freed memory back to its host the first copy
     pays for fresh tmpfs pages, as the conversion does, and later ones reuse them."""
     total = sum(f.stat().st_size for f in files)
-    best = first = float("inf")
-    for i in range(repeats):
-        d = Path(tempfile.mkdtemp(prefix="bench-copy-", dir=tmpfs))
-        try:
-            t0 = time.perf_counter()
-            for f in files:
-                shutil.copyfile(f, d / f.name)
-            wall = time.perf_counter() - t0
-            best, first = min(best, wall), (wall if i == 0 else first)
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-    return total / best / 1e6, total / first / 1e6
+    walls = timed_copies(files, tmpfs, repeats)
+    return total / min(walls) / 1e6, total / walls[0] / 1e6
 
 
 def _convert(inputs, options):
@@ -126,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(f.stat().st_size for f in files)
     print(f"group {group_id}: {len(files)} files, {total / 1e6:.1f} MB in {group_dir}")
 
-    _warm(files)
+    read_once(files)
     copy_mbs, first_mbs = _copy_rate(files, args.tmpfs, args.copies)
 
     out = work / "products"

@@ -33,7 +33,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -45,8 +44,10 @@ from _common import (
     group_bytes,
     group_seconds,
     queue_records,
+    read_once,
     run_daemon,
     simulate,
+    timed_copies,
 )
 
 TARGETS = {  # the issue's goals; the verdicts below compare measurements with these only
@@ -72,20 +73,9 @@ def tmpfs_copy(group_dir: Path, truth: dict, tmpfs: Path = Path("/dev/shm"),
     back to the host, it pays for fresh pages (as a conversion does) and the next one,
     reusing the pages just freed, does not; the best copy is the stricter yardstick.
     """
-    for name in truth["files"]:
-        with open(group_dir / name, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
-    walls = []
-    for _ in range(max(1, repeats)):
-        dest = Path(tempfile.mkdtemp(prefix="contimg-copy-", dir=tmpfs))
-        try:
-            t0 = time.perf_counter()
-            for name in truth["files"]:
-                shutil.copyfile(group_dir / name, dest / name)
-            walls.append(time.perf_counter() - t0)
-        finally:
-            shutil.rmtree(dest, ignore_errors=True)
+    files = [group_dir / name for name in truth["files"]]
+    read_once(files)
+    walls = timed_copies(files, tmpfs, repeats)
     nbytes = group_bytes(group_dir, truth)
     wall = min(walls)
     return {"bytes": nbytes, "wall_s": wall, "mb_s": nbytes / MB / wall, "target": str(tmpfs),
