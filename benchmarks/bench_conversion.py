@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stage-inputs", action="store_true", help="read inputs in place")
     p.add_argument("--no-fsync", action="store_true",
                    help="do not fsync the MS before publishing (default: the daemon's default)")
+    p.add_argument("--no-direct", action="store_true",
+                   help="publish with buffered copies, not O_DIRECT (CONTIMG_PUBLISH_DIRECT=false)")
     p.add_argument("--context", default="forkserver", choices=("forkserver", "spawn"))
     p.add_argument("--no-iers-preload", action="store_true",
                    help="forkserver without dsa110_contimg.conversion.preload (IERS parsed "
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = ConversionOptions()
     options = ConversionOptions(stage_inputs=defaults.stage_inputs and not args.no_stage_inputs,
                                 publish_fsync=defaults.publish_fsync and not args.no_fsync,
+                                publish_direct=defaults.publish_direct and not args.no_direct,
                                 parallel_subbands=args.processes, keep_in_tmpfs=args.work_area)
     ctx = mp.get_context(args.context)
     if args.context == "forkserver":
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS of the worker:      {rss_worker:8.0f} MB"
           + (f" (+ helper processes, largest: {rss_helpers:.0f} MB)" if rss_helpers else ""))
     print(f"options: stage_inputs={options.stage_inputs} fsync={options.publish_fsync} "
+          f"direct={options.publish_direct} "
           f"kept in tmpfs={result.ms_path.parent == kept} "
           f"processes={options.parallel_subbands} worker={args.context}"
           + ("" if args.context != "forkserver" else
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": conv_mbs / copy_mbs, "duration_s": result.duration_s, "wall_s": wall,
             "peak_rss_mb": rss_worker, "timings_s": dict(result.timings_s),
             "qa_s": qa.duration_s, "qa_passed": qa.passed, "work_area": args.work_area,
+            "publish_direct": options.publish_direct,
             "load_average": os.getloadavg()[0]}, indent=1))
     if kept is not None and not args.keep:
         shutil.rmtree(kept, ignore_errors=True)  # the tmpfs work area (RAM)

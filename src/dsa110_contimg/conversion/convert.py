@@ -177,7 +177,8 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
             os.rename(staged_ms, work)  # same tmpfs: the MS appears complete or not at all
             published = work
         else:
-            published = staging.publish(staged_ms, final, fsync=options.publish_fsync)
+            published = staging.publish(staged_ms, final, fsync=options.publish_fsync,
+                                        direct=options.publish_direct)
         timings["publish"] = time.perf_counter() - tick
     duration = time.perf_counter() - t0
     blog.info("converted group", ms=str(published), staged_on=kind, seconds=round(duration, 2),

@@ -5,14 +5,19 @@ the pid and its process start time, so :func:`clean_stale_staging` can remove ex
 directories whose owner is gone (a recycled pid does not fool it) and never one in use.
 
 Publication copies the staged MS next to its final place under a hidden temporary name
-(same filesystem) and ``os.rename``s it: readers see either no MS or a complete one.
+(same filesystem) and ``os.rename``s it: readers see either no MS or a complete one. Its big
+files are written with ``O_DIRECT`` (:func:`copy_file`): from the staged pages straight to
+the disk, rather than into as many fresh page-cache pages, which on a VM cost more to fault
+in than the copy itself.
 Leftover temporaries of dead processes in a product directory are removed the same way.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
+import mmap
 import os
 import shutil
 import threading
@@ -31,6 +36,11 @@ log = structlog.get_logger(__name__)
 STAGE_PREFIX = "contimg-stage-"
 PARTIAL_MARK = ".partial-"
 OWNER_FILE = "owner.json"
+#: files at least this big are published with O_DIRECT (an MS's column files: ~2 GB at full size)
+DIRECT_MIN_BYTES = 16 << 20
+DIRECT_CHUNK = 32 << 20  # per write: large enough to keep the disk's queue full
+DIRECT_ALIGN = 4096  # offsets and lengths of direct writes (covers 512 B and 4 KiB sectors)
+_direct_refused: set[int] = set()  # st_dev of filesystems that refused O_DIRECT (warned once)
 
 
 def _start_time(pid: int) -> float | None:
@@ -195,12 +205,12 @@ def same_filesystem(a: Path, b: Path) -> bool:
         return False
 
 
-def publish(staged: Path, final: Path, fsync: bool = True) -> Path:
+def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True) -> Path:
     """Move ``staged`` (a directory) to ``final`` atomically; return ``final``.
 
     The copy goes to ``.<name>.partial-<pid>`` beside ``final`` then is renamed. An existing
     ``final`` (only ever an invalid one: callers skip valid MSs) is moved aside as
-    ``<name>.invalid-<unix time>``, never deleted.
+    ``<name>.invalid-<unix time>``, never deleted. ``direct``: see :func:`copy_file`.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +223,8 @@ def publish(staged: Path, final: Path, fsync: bool = True) -> Path:
         else:
             require_space(final.parent, int(tree_bytes(staged) * 1.02) + (1 << 20),
                           "publishing the MS")
-            shutil.copytree(staged, tmp)
+            shutil.copytree(staged, tmp,
+                            copy_function=functools.partial(copy_file, direct=direct))
         if fsync:
             _fsync_tree(tmp)
         if final.exists():
@@ -228,6 +239,67 @@ def publish(staged: Path, final: Path, fsync: bool = True) -> Path:
             raise disk_error(exc, final) from None
         raise
     return final
+
+
+def copy_file(src: str | Path, dst: str | Path, direct: bool = True) -> str:
+    """Copy one file with its mode and times; return how: ``"direct"`` or ``"buffered"``.
+
+    Files of at least :data:`DIRECT_MIN_BYTES` are written with ``O_DIRECT`` from a mapping
+    of the source. A buffered copy of a full group's 2 GB DATA file took 8.5 s with its
+    fsync on the bench VM, almost all of it faulting in fresh page-cache pages; the direct
+    copy took 0.9 s. The MS then is not in the page cache: the next stage reads it from disk.
+    A filesystem that refuses ``O_DIRECT`` gets the buffered copy (with one warning).
+    """
+    src, dst = str(src), str(dst)
+    size = os.path.getsize(src)
+    done = _write_direct(src, dst, size) if direct and size >= DIRECT_MIN_BYTES else None
+    if done is None:
+        shutil.copyfile(src, dst)
+    elif done < size:  # the unaligned tail (or the rest after a short write)
+        with open(src, "rb") as fin, open(dst, "r+b") as fout:
+            fin.seek(done)
+            fout.seek(done)
+            shutil.copyfileobj(fin, fout, DIRECT_CHUNK)
+    shutil.copystat(src, dst)
+    return "buffered" if done is None else "direct"
+
+
+def _write_direct(src: str, dst: str, size: int) -> int | None:
+    """Write the aligned part of ``src`` to ``dst`` with O_DIRECT; return the bytes written,
+    or None (nothing written) when the target filesystem does not take O_DIRECT."""
+    try:
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _refused(dst, exc)
+        return None
+    done = 0
+    try:
+        with open(src, "rb") as fin, mmap.mmap(fin.fileno(), size, prot=mmap.PROT_READ) as m, \
+                memoryview(m) as view:
+            aligned = size - size % DIRECT_ALIGN
+            while done < aligned:
+                n = os.write(out, view[done:min(done + DIRECT_CHUNK, aligned)])
+                done += n
+                if n <= 0 or n % DIRECT_ALIGN:
+                    break  # a short, unaligned write: the caller finishes buffered
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or done:
+            raise
+        _refused(dst, exc)  # opened, but the first write was refused (alignment)
+        return None
+    finally:
+        os.close(out)
+    return done
+
+
+def _refused(path: str, exc: OSError) -> None:
+    dev = os.stat(os.path.dirname(path) or ".").st_dev
+    if dev not in _direct_refused:
+        _direct_refused.add(dev)
+        log.warning("filesystem refuses O_DIRECT: publishing with buffered copies",
+                    path=path, reason=exc.strerror)
 
 
 def _fsync_tree(root: Path) -> None:

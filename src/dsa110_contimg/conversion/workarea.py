@@ -92,7 +92,7 @@ def locate_ms(recorded: Path, final: Path) -> Path | None:
     return None
 
 
-def archive_ms(work: Path, final: Path, fsync: bool = True) -> Path:
+def archive_ms(work: Path, final: Path, fsync: bool = True, direct: bool = True) -> Path:
     """Move a kept MS to its product place (atomically, as conversion publishes), with its
     flag backups; return it.
 
@@ -105,7 +105,7 @@ def archive_ms(work: Path, final: Path, fsync: bool = True) -> Path:
         dest = flag_versions(final)
         if dest.exists():
             shutil.rmtree(dest)
-        publish(versions, dest, fsync=fsync)
+        publish(versions, dest, fsync=fsync, direct=direct)
         shutil.rmtree(versions, ignore_errors=True)
     if not is_ms(work):
         return final
@@ -119,6 +119,6 @@ def archive_ms(work: Path, final: Path, fsync: bool = True) -> Path:
     except OSError:
         done = False
     if not done:
-        publish(work, final, fsync=fsync)
+        publish(work, final, fsync=fsync, direct=direct)
     shutil.rmtree(work, ignore_errors=True)
     return final

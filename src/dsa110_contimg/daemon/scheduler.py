@@ -272,7 +272,8 @@ class Scheduler:
             return
         try:
             t0 = time.monotonic()
-            await asyncio.to_thread(archive_ms, recorded, final, self.s.conversion.publish_fsync)
+            await asyncio.to_thread(archive_ms, recorded, final, self.s.conversion.publish_fsync,
+                                    self.s.conversion.publish_direct)
             log.info("ms_archived", ms=str(final), seconds=round(time.monotonic() - t0, 2))
         except Exception as exc:
             if must:

@@ -71,7 +71,8 @@ async def sweep_work_area(s: Settings, queue: GroupQueue) -> list[Path]:
             continue  # still in the pipeline; or not ours to touch
         try:
             final = await asyncio.to_thread(archive_ms, ms, ms_path_for(s.paths.output_dir, gid),
-                                            s.conversion.publish_fsync)
+                                            s.conversion.publish_fsync,
+                                            s.conversion.publish_direct)
         except Exception as exc:  # noqa: BLE001 - start-up housekeeping must not stop the daemon
             log.error("ms_archive_failed", ms=str(ms), error=str(exc))
             continue
