@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv demo test test-fast lint bench bench-e2e faults clean
+.PHONY: venv demo test test-fast lint bench bench-e2e faults clean clean-bench
 
 venv: $(STAMP)
 
@@ -41,3 +41,7 @@ faults: venv
 
 clean:
 	rm -rf .state .test-state build *.egg-info src/*.egg-info
+
+# bench-e2e's products and report (~38 GB); keeps the simulated groups (.bench/groups)
+clean-bench:
+	rm -rf .bench/e2e-*

@@ -14,7 +14,7 @@ import pytest
 from dsa110_contimg.conversion import staging
 
 # not a multiple of the direct-write alignment, and more than one direct chunk
-BIG = staging.DIRECT_CHUNK + 3 * staging.DIRECT_ALIGN + 123
+BIG = max(staging.DIRECT_MIN_BYTES, staging.DIRECT_CHUNK) + 3 * staging.DIRECT_ALIGN + 123
 
 
 def _random_file(path: Path, size: int, seed: int) -> bytes:

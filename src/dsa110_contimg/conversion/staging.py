@@ -36,8 +36,9 @@ log = structlog.get_logger(__name__)
 STAGE_PREFIX = "contimg-stage-"
 PARTIAL_MARK = ".partial-"
 OWNER_FILE = "owner.json"
-#: files at least this big are published with O_DIRECT (an MS's column files: ~2 GB at full size)
-DIRECT_MIN_BYTES = 16 << 20
+#: files at least this big are published with O_DIRECT: a full group's DATA (2 GB), not its FLAG
+#: bits (32 MB), which the MS gate reads next and so should find in the page cache
+DIRECT_MIN_BYTES = 64 << 20
 DIRECT_CHUNK = 32 << 20  # per write: large enough to keep the disk's queue full
 DIRECT_ALIGN = 4096  # offsets and lengths of direct writes (covers 512 B and 4 KiB sectors)
 _direct_refused: set[int] = set()  # st_dev of filesystems that refused O_DIRECT (warned once)
@@ -275,12 +276,16 @@ def _write_direct(src: str, dst: str, size: int) -> int | None:
         _refused(dst, exc)
         return None
     done = 0
+    aligned = size - size % DIRECT_ALIGN
     try:
-        with open(src, "rb") as fin, mmap.mmap(fin.fileno(), size, prot=mmap.PROT_READ) as m, \
-                memoryview(m) as view:
-            aligned = size - size % DIRECT_ALIGN
+        with open(src, "rb") as fin:
             while done < aligned:
-                n = os.write(out, view[done:min(done + DIRECT_CHUNK, aligned)])
+                # one chunk mapped at a time: mapping the whole file would count its staged
+                # pages (2 GB) in this process's RSS
+                length = min(DIRECT_CHUNK, aligned - done)
+                with mmap.mmap(fin.fileno(), length, prot=mmap.PROT_READ, offset=done) as m, \
+                        memoryview(m) as view:
+                    n = os.write(out, view)
                 done += n
                 if n <= 0 or n % DIRECT_ALIGN:
                     break  # a short, unaligned write: the caller finishes buffered
