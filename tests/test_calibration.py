@@ -25,7 +25,7 @@ from conftest import convert_groups_isolated
 from dsa110_contimg.calibration.calset import CalSet, CalTable
 from dsa110_contimg.calibration.casarun import open_table, read_ms_info, run_task
 from dsa110_contimg.calibration.catalog import get_calibrator
-from dsa110_contimg.calibration.flagging import STEPS, flag_calls, flag_ms
+from dsa110_contimg.calibration.flagging import STEPS, flag_calls, flag_ms, flag_steps
 from dsa110_contimg.calibration.options import CalibrationOptions
 from dsa110_contimg.calibration.registry import CalRegistry
 from dsa110_contimg.calibration.skymodel import (
@@ -174,7 +174,7 @@ def test_solved_group_registers_shape_and_flags(solved):
     assert res.new_set.dec_deg == pytest.approx(truth["pointing"]["dec_deg"])
     # Flagging: one report per step, cumulative, zeros = dead station 97 (flagged already by
     # the conversion, so present from the start), autos next.
-    assert list(res.flag_fractions) == list(STEPS)
+    assert list(res.flag_fractions) == list(flag_steps(OPTIONS))
     f = list(res.flag_fractions.values())
     assert f == sorted(f)
     n = len(truth["antennas"]["stations"])
@@ -503,23 +503,31 @@ def test_missing_or_broken_inputs_raise_clear_errors(tiny_source, tmp_path):
 
 def test_flag_calls_follow_options():
     o = replace(OPTIONS, flag_tfcrop_timecutoff=3.5, flag_rflag_freqdevscale=6.0)
-    for chanbin, ncalls in ((4, 5), (1, 1)):
-        calls = flag_calls(replace(o, flag_chanbin=chanbin))
+    def names(calls: list[list[str]]) -> list[str]:
+        return [c.split("name='")[1][:-1] for call in calls for c in call if "summary" in c]
+
+    for chanbin, ncalls in ((4, 3), (1, 1)):
+        oc = replace(o, flag_chanbin=chanbin)
+        calls = flag_calls(oc)
         assert len(calls) == ncalls
         cmds = [c for call in calls for c in call]
         assert cmds[0] == "mode='summary' name='start'"
         assert any("mode='tfcrop'" in c and "timecutoff=3.5" in c for c in cmds)
         assert any("mode='rflag'" in c and "freqdevscale=6.0" in c for c in cmds)
-        assert [c.split("name='")[1][:-1] for c in cmds if "summary" in c] == list(STEPS)
+        assert names(calls) == list(flag_steps(oc))
         assert all(("chanbin=4" in c) == (chanbin == 4) for c in cmds
                    if "mode='tfcrop'" in c or "mode='rflag'" in c)
+    # Averaged: CASA takes tfcrop and rflag together in a pass of their own, nothing else there.
+    rfi = flag_calls(o)[1]
+    assert [c.split()[0] for c in rfi] == ["mode='tfcrop'", "mode='rflag'"]
+    assert names(flag_calls(replace(o, flag_chanbin=1))) == list(STEPS)
     cmds = [c for call in flag_calls(replace(o, flag_rflag=False)) for c in call]
     assert not any("mode='rflag'" in c for c in cmds) and cmds[-1] == "mode='summary' name='rflag'"
     assert "mode='clip' clipzeros=True" in cmds
     # an MS whose conversion flagged the zeros: no clip pass, the same report
-    cmds = [c for call in flag_calls(o, clip_zeros=False) for c in call]
-    assert not any("clip" in c for c in cmds)
-    assert [c.split("name='")[1][:-1] for c in cmds if "summary" in c] == list(STEPS)
+    calls = flag_calls(o, clip_zeros=False)
+    assert not any("clip" in c for call in calls for c in call)
+    assert names(calls) == [s for s in flag_steps(o) if s != "zeros"], "zeros is start's copy"
 
 
 def test_direct_model_matches_ft(tiny_source, tmp_path):
