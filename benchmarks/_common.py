@@ -130,7 +130,11 @@ def run_daemon(group_dir: Path, truths: list[dict], work: Path, arrival: str,
                spacing_s: float, max_workers: int = 2, poll_s: float = 2.0) -> DaemonRun:
     """Run ``contimg run`` on the groups: ``burst`` drops all at once and uses ``--once``;
     ``realtime`` drops group k at k x ``spacing_s`` and stops the daemon (SIGTERM) once every
-    group has reached a final state."""
+    group has reached a final state.
+
+    A realtime run starts its clock when the daemon reports its workers warm: on the telescope
+    the daemon has been up for hours when a group arrives. A burst run starts the daemon on
+    files already there, so it includes the cold start (a restart after an outage)."""
     dirs = daemon_dirs(work)
     env = daemon_env(dirs, max_workers, group_dir / "sky_catalogue.csv")
     arrivals: dict[str, float] = {}
@@ -145,6 +149,8 @@ def run_daemon(group_dir: Path, truths: list[dict], work: Path, arrival: str,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             if arrival == "realtime":
+                wait_for_event(work / "daemon.log", "executor_warm", proc)
+                t_start = time.time()
                 for k, t in enumerate(truths):
                     time.sleep(max(0.0, t_start + k * spacing_s - time.time()))
                     drop_group(group_dir, dirs["incoming"], t)
@@ -160,6 +166,20 @@ def run_daemon(group_dir: Path, truths: list[dict], work: Path, arrival: str,
             proc.wait()
             raise
     return DaemonRun(arrival, work, dirs, rc, t_start, time.time() - t_start, arrivals)
+
+
+def wait_for_event(log_path: Path, event: str, proc: subprocess.Popen,
+                   timeout_s: float = 120.0) -> None:
+    """Until the daemon's JSON log holds ``event`` (RuntimeError if it exits or times out)."""
+    needle = f'"event": "{event}"'
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if needle in log_path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({proc.returncode}) before {event}: {log_path}")
+        time.sleep(0.2)
+    raise RuntimeError(f"no {event} in {log_path} after {timeout_s:.0f} s")
 
 
 def count_final(db: Path) -> int:

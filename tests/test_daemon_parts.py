@@ -37,6 +37,21 @@ async def test_local_executor_fresh_process_per_task_survives_worker_death():
         await ex.shutdown(kill=True)
 
 
+async def test_local_executor_warms_up_without_taking_a_worker_slot():
+    ex = LocalExecutor(max_workers=1, log_format="json")
+    try:
+        warm = asyncio.create_task(ex.warm())
+        (total, pid), _ = await asyncio.gather(ex.run(workerfns.add, 2, 2), warm)
+        seconds = warm.result()
+        assert total == 4 and pid != os.getpid()
+        assert seconds is not None and seconds > 0
+        assert not ex._procs, "the warm-up's process has exited"
+        again = await ex.warm()
+        assert again is not None and again < max(seconds, 1.0), "the forkserver stays up"
+    finally:
+        await ex.shutdown(kill=True)
+
+
 async def test_local_executor_lowers_a_tasks_cpu_priority_on_request():
     ex = LocalExecutor(max_workers=1, log_format="json")
     try:

@@ -10,6 +10,7 @@ import asyncio
 import multiprocessing
 import os
 import resource
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -94,6 +95,7 @@ class StageExecutor(Protocol):
     async def run_measured(self, fn: Any, *args: Any, group_id: str | None = None,
                            nice: int = 0) -> tuple[Any, TaskUsage | None]: ...
     async def shutdown(self, kill: bool = False) -> None: ...
+    async def warm(self) -> float | None: ...
     def describe(self) -> str: ...
 
 
@@ -163,6 +165,17 @@ class LocalExecutor:
             self._sem = asyncio.Semaphore(self.max_workers)
         async with self._sem:
             return await self._run_one(fn, args, group_id, nice)
+
+    async def warm(self) -> float | None:
+        """Start the forkserver and run one empty task; the seconds it took.
+
+        The forkserver imports the scientific stack (~4 s on two cores) on first use; done at
+        start-up, the first group that arrives does not wait for it. No worker slot is
+        taken: a stage started meanwhile waits for the same forkserver, not for this.
+        """
+        t0 = time.perf_counter()
+        await self._run_one(os.getpid, (), None, 0)
+        return time.perf_counter() - t0
 
     async def _run_one(self, fn: Any, args: tuple, group_id: str | None,
                        nice: int) -> tuple[Any, TaskUsage]:
@@ -246,6 +259,10 @@ class DaskExecutor:
         fut = self._client.submit(run_isolated, fn, args, group_id, self.stage_timeout_s,
                                   with_usage=True, nice=nice, pure=False)
         return await fut
+
+    async def warm(self) -> float | None:
+        """Nothing to warm: the cluster's workers are already running."""
+        return None
 
     async def shutdown(self, kill: bool = False) -> None:
         if self._client is not None:

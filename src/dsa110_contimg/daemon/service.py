@@ -208,7 +208,8 @@ async def _serve(s: Settings, once: bool) -> int:
     tasks = [asyncio.create_task(watcher.run(stop_intake), name="watcher"),
              asyncio.create_task(grouper.run(stop_intake), name="grouper"),
              asyncio.create_task(monitor.run(stop), name="monitor"),
-             asyncio.create_task(_status_loop(notifier, queue, stop), name="sd-status")]
+             asyncio.create_task(_status_loop(notifier, queue, stop), name="sd-status"),
+             asyncio.create_task(_warm(executor), name="warm-executor")]
     wd = watchdog_interval_s()
     if wd:
         tasks.append(asyncio.create_task(watchdog_loop(notifier, wd, stop), name="watchdog"))
@@ -263,6 +264,17 @@ def _worker_log_format(fmt: str) -> str:
     import sys
 
     return "console" if sys.stdout.isatty() else "json"
+
+
+async def _warm(executor: Any) -> None:
+    """Warm the executor in the background; a failure here is logged, the first stage retries."""
+    try:
+        seconds = await executor.warm()
+    except Exception as exc:  # noqa: BLE001 - never fatal: stages start workers themselves
+        log.warning("executor_warm_failed", error=f"{type(exc).__name__}: {exc}")
+        return
+    if seconds is not None:
+        log.info("executor_warm", seconds=round(seconds, 2))
 
 
 async def _status_loop(notifier: Notifier, queue: GroupQueue, stop: asyncio.Event) -> None:
