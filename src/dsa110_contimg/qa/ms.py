@@ -29,6 +29,7 @@ from .options import MSQAThresholds
 from .result import GateBuilder, QAResult
 
 GATE = "ms_after_conversion"
+TILE_CACHE_BYTES = 4 << 20
 
 
 def check_ms_after_conversion(ms: Path, thresholds: MSQAThresholds,
@@ -209,6 +210,23 @@ def _read_rows(t: Any, col: str, rows: np.ndarray, chan_stride: int = 1) -> np.n
         sub.close()
 
 
+def _limit_tile_cache(t: Any, col: str) -> None:
+    """Let casacore cache only a few tiles of ``col``.
+
+    By default it sizes the cache for the whole slice asked for: 85 MB per full-size
+    integration, allocated afresh (on this VM fresh pages are dear). The gate reads whole
+    integrations in row order, so each tile is used once and a few suffice: from the page
+    cache 0.07-0.12 s per integration instead of 0.1-0.3 s. Straight after an O_DIRECT
+    publish the read from disk dominates (~0.1 s either way). Any other layout keeps
+    casacore's default."""
+    try:
+        cubes = t.getdminfo(col)["SPEC"]["HYPERCUBES"]
+        bucket = max(int(c["BucketSize"]) for c in cubes.values())
+        t.setmaxcachesize(col, max(TILE_CACHE_BYTES, 2 * bucket))
+    except Exception:  # noqa: BLE001 - not a tiled column: nothing to limit
+        pass
+
+
 def _channel_stride(t: Any, row: int, sample_channels: int) -> int:
     nchan = int(t.getcell("FLAG", row).shape[0])
     return max(1, -(-nchan // sample_channels)) if sample_channels > 0 else 1
@@ -229,6 +247,8 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     chan_all: dict[int, np.ndarray] = {}
     batches = _sample_rows(tcol, th.sample_integrations)
     m["sampled_integrations"] = len(batches)
+    for col in ("DATA", "FLAG"):
+        _limit_tile_cache(t, col)
     stride = _channel_stride(t, int(batches[0][0]), th.sample_channels)
     m["channel_stride"] = stride
     # per sampled batch of cross rows: (ANTENNA1, ANTENNA2, all-pols-zero per row and channel)
