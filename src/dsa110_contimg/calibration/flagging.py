@@ -6,8 +6,8 @@ cumulative flagged fraction. tfcrop and rflag are the expensive steps (at full s
 ~90 s each at full resolution on this machine); they look at channels averaged in groups of
 ``flag_chanbin`` (default 4, ~1 MHz), which makes them ~3x cheaper, and the flags they raise
 are extended back to every channel of the group. CASA refuses to combine averaging with any
-agent but another averaging one, so the two share one pass of their own (64 s at full size,
-against 42 s + 45 s as two passes), followed by a summary pass. That pass reports the flags
+agent but another averaging one, so the two share one pass of their own (55-61 s at full
+size, against 75-76 s as two passes), followed by a summary pass. That pass reports the flags
 after both: the report then has no separate ``tfcrop`` step. ``flag_chanbin=1`` puts
 everything back into a single full-resolution pass, with every step reported.
 

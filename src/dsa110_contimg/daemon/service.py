@@ -23,7 +23,7 @@ from ..alerting.alert import Alert, Severity
 from ..casa_env import prepare_casa
 from ..config import Settings, check_directories
 from ..errors import ConfigError
-from .executor import make_executor
+from .executor import StageExecutor, make_executor
 from .metrics import Metrics, render_prometheus
 from .queue import ACTIVE_STATES, RESTING_STATES, GroupQueue
 from .scheduler import HOLD_FLAG, Scheduler, new_worker_id
@@ -266,7 +266,7 @@ def _worker_log_format(fmt: str) -> str:
     return "console" if sys.stdout.isatty() else "json"
 
 
-async def _warm(executor: Any) -> None:
+async def _warm(executor: StageExecutor) -> None:
     """Warm the executor in the background; a failure here is logged, the first stage retries."""
     try:
         seconds = await executor.warm()

@@ -30,6 +30,7 @@ Its flux in the products is therefore the uv fit, not a deconvolution; the FITS 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,11 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         wt = np.where(ok, tb.getcol("WEIGHT", start, nrow)[:, None, :], 0.0)
         return data, np.where(ok, data, 0), wt
 
+    def block_views(m: np.ndarray) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """(b, c0, c1, block b of every source as float32 re, im pairs: (nsrc, 2 n)) per block."""
+        for b, (c0, c1) in enumerate(zip(starts, ends, strict=True)):
+            yield b, c0, c1, m[:, c0:c1, :].reshape(nsrc, -1).view(np.float32)
+
     def accumulate(m: np.ndarray, clean: np.ndarray, wt: np.ndarray,
                    normal: np.ndarray | None, rhs: np.ndarray) -> None:
         """Add a chunk's weighted normal equations, one (nsrc x nsrc) system per block (the
@@ -231,8 +237,7 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         and no conjugated copy)."""
         wsum = wt.sum(axis=0).astype(np.float32)  # the model is the same in both polarisations
         z = (wt * clean).sum(axis=0).astype(np.complex64)
-        for b, (c0, c1) in enumerate(zip(starts, ends, strict=True)):
-            mb = m[:, c0:c1, :].reshape(nsrc, -1).view(np.float32)  # (nsrc, 2 n): re, im, ...
+        for b, c0, c1, mb in block_views(m):
             rhs[b] += mb @ np.ascontiguousarray(z[c0:c1]).reshape(-1).view(np.float32)
             if normal is not None:  # a @ a.T of one array: numpy uses the symmetric product
                 a = mb * np.repeat(np.sqrt(wsum[c0:c1].reshape(-1)), 2)
@@ -245,8 +250,7 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         vector-matrix product on the interleaved view (an einsum over channels took ~4x
         longer)."""
         out = np.empty(m.shape[1:], dtype=np.complex64)
-        for b, (c0, c1) in enumerate(zip(starts, ends, strict=True)):
-            mb = m[:, c0:c1, :].reshape(nsrc, -1).view(np.float32)
+        for b, c0, c1, mb in block_views(m):
             out[c0:c1] = (flux[b].astype(np.float32) @ mb).view(np.complex64).reshape(c1 - c0, -1)
         return out
 
