@@ -29,8 +29,17 @@ def _damage(src: str, dest: str, kind: str) -> str:
         cross = np.flatnonzero(a1 != a2)
         if kind == "zeros":  # 60 % of the cross-correlations zeroed
             data[cross[: int(0.6 * cross.size)]] = 0
-        elif kind == "nan":
-            data[cross[:5], :3] = np.nan
+        elif kind == "nan":  # unflagged NaNs in every integration, whichever the gate samples
+            for tt in np.unique(t.getcol("TIME")):
+                rows = np.flatnonzero((t.getcol("TIME") == tt) & (a1 != a2))
+                data[rows[:5], :3] = np.nan
+        elif kind == "lost":  # antenna 21 dies after the third (the middle), as converted
+            times = t.getcol("TIME")
+            gone = ((a1 == 21) | (a2 == 21)) & (times > np.unique(times)[2])
+            data[gone] = 0
+            flag[gone] = True
+        elif kind == "flagged_out":  # antenna 22 flagged upstream for the whole group
+            flag[(a1 == 22) | (a2 == 22)] = True
         elif kind == "flags":
             flag[: int(0.95 * flag.shape[0])] = True
         elif kind == "dead":  # all but three antennas dead
@@ -91,7 +100,8 @@ def test_good_ms_passes(worker, tiny_ms, tiny_group, expected):
     assert metrics["phase_centre_offset_deg"] < 1e-3
     # autocorrelations sit at the SEFD (5800 Jy) times the gain amplitude squared
     assert 0.5 * truth["sefd_jy"] < metrics["auto_array_median"] < 1.5 * truth["sefd_jy"]
-    assert metrics["sampled_integrations"] == 3
+    assert metrics["sampled_integrations"] == 1
+    assert metrics["flagged_antennas"] == [] and metrics["antennas_flagged_in_some_integrations"] == {}
     assert 0 < r.duration_s < 30
     assert r.as_dict()["gate"] == "ms_after_conversion"
 
@@ -121,6 +131,27 @@ def test_zeroed_subband_warns_but_passes(worker, tiny_ms, expected, tmp_path, sa
     assert r.metrics["channel_stride"] == stride
     assert r.metrics["zero_channels"] == 4
     assert any("4 channels are zero" in w for w in r.warnings)
+
+
+def test_antenna_lost_during_the_group_is_seen_in_the_flags(worker, tiny_ms, expected, tmp_path):
+    """Only the middle integration's visibilities are read, but FLAG is read for all: an
+    antenna the conversion flagged after the middle integration is reported with a count."""
+    bad = worker.submit(_damage, str(tiny_ms), str(tmp_path / "l.ms"), "lost").result()
+    r = _check(worker, bad, expected)
+    assert r.passed, r.failures
+    assert r.metrics["antennas_flagged_in_some_integrations"] == {"21": 3}
+    assert any("21 (3 of 6)" in w for w in r.warnings), r.warnings
+    assert r.metrics["n_alive_antennas"] == 16
+
+
+def test_antenna_flagged_throughout_is_not_counted_alive(worker, tiny_ms, expected, tmp_path):
+    bad = worker.submit(_damage, str(tiny_ms), str(tmp_path / "f.ms"), "flagged_out").result()
+    r = _check(worker, bad, expected)
+    assert r.passed, r.failures
+    assert r.metrics["flagged_antennas"] == [22]
+    assert r.metrics["n_alive_antennas"] == 15
+    r = _check(worker, bad, expected, min_antennas=16)
+    assert not r.passed and any("flagged throughout: [22]" in f for f in r.failures)
 
 
 def test_expectations_are_enforced(worker, tiny_ms, expected):

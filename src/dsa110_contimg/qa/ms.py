@@ -5,12 +5,14 @@ worker process (``daemon.tasks``), which already uses python-casacore, reads col
 straight into numpy with row ranges, and needs none of CASA's measures machinery.
 
 Cheap by construction, so that it costs a few percent of the conversion it checks: the
-per-row metadata (antennas, times, UVW: a few MB even for a full group) is read whole;
-visibilities and flags only for a few whole integrations spread over the group
-(``CONTIMG_QA_MS_SAMPLE_INTEGRATIONS``), the visibilities at a channel stride
-(``CONTIMG_QA_MS_SAMPLE_CHANNELS``). That is enough to see dead antennas, zeroed subbands
-and NaNs, and to estimate the flagged fraction; reading all of FLAG and DATA took 0.6 s of a
-full group's ~4 s conversion.
+per-row metadata (antennas, times, UVW: a few MB even for a full group) is read whole, and so
+is FLAG, block by block into one buffer (~0.05 s for a full group: the publish leaves its 32 MB
+in the page cache). The conversion flags every NaN and exact zero it writes, so FLAG shows,
+for every integration, an antenna or subband that died during the group. Visibilities are
+read only for a few whole integrations (``CONTIMG_QA_MS_SAMPLE_INTEGRATIONS``, by default the
+middle one: 85 MB from disk for a full group, ~0.1 s each), at a channel stride
+(``CONTIMG_QA_MS_SAMPLE_CHANNELS``): enough to see dead and weak antennas, zeroed subbands and
+NaNs in DATA itself.
 
 Failures block the group, warnings only alert. The zero fraction is judged on live
 antennas: antennas whose data are all zero are reported as dead (and count against
@@ -30,6 +32,7 @@ from .result import GateBuilder, QAResult
 
 GATE = "ms_after_conversion"
 TILE_CACHE_BYTES = 4 << 20
+FLAG_BLOCK_ROWS = 4096
 
 
 def check_ms_after_conversion(ms: Path, thresholds: MSQAThresholds,
@@ -187,9 +190,12 @@ def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
 
 
 def _sample_rows(tcol: np.ndarray, n: int) -> list[np.ndarray]:
-    """Row numbers of up to ``n`` whole integrations spread over the group."""
+    """Row numbers of up to ``n`` whole integrations spread over the group (one: the
+    middle, away from edge effects of the first and last)."""
     times = np.unique(tcol)
-    pick = times[np.unique(np.linspace(0, times.size - 1, min(n, times.size)).round().astype(int))]
+    n = min(n, times.size)
+    at = np.linspace(0, times.size - 1, n) if n > 1 else np.array([(times.size - 1) // 2])
+    pick = times[np.unique(at.round().astype(int))]
     return [np.flatnonzero(tcol == tt) for tt in pick]
 
 
@@ -234,7 +240,11 @@ def _channel_stride(t: Any, row: int, sample_channels: int) -> int:
 
 def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid: np.ndarray,
                  th: MSQAThresholds, g: GateBuilder) -> None:
-    """Zeros, NaN/Inf, flags, dead and weak antennas from a few whole integrations."""
+    """Zeros, NaN/Inf, dead and weak antennas from a few whole integrations; flags from all.
+
+    The flagged fraction leaves out antennas found dead (their zeros are flagged at
+    conversion and must not make every group look heavily flagged, as they must not look
+    zero)."""
     m = g.metrics
     ants = np.union1d(a1, a2)
     n_vis = n_nonfinite = 0
@@ -247,8 +257,7 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     chan_all: dict[int, np.ndarray] = {}
     batches = _sample_rows(tcol, th.sample_integrations)
     m["sampled_integrations"] = len(batches)
-    for col in ("DATA", "FLAG"):
-        _limit_tile_cache(t, col)
+    _limit_tile_cache(t, "DATA")
     stride = _channel_stride(t, int(batches[0][0]), th.sample_channels)
     m["channel_stride"] = stride
     # per sampled batch of cross rows: (ANTENNA1, ANTENNA2, all-pols-zero per row and channel)
@@ -298,14 +307,19 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     zero_all = float(cross_zero.sum() / max(cross_all.sum(), 1))
     zero_live = float(z_live / max(n_live, 1)) if n_live else 1.0
     nonfinite = n_nonfinite / max(n_vis, 1)
-    live_rows = None
-    if dead_set and len(dead_set) < ants.size:
-        live_rows = ~(np.isin(a1, list(dead_set)) | np.isin(a2, list(dead_set)))
-    flagged = _flagged_fraction(t, batches, live_rows)
+    nflag, ncell = _flag_counts(t, ddid)
+    live_rows = ~(np.isin(a1, list(dead_set)) | np.isin(a2, list(dead_set)))
+    if not live_rows.any():  # every antenna dead: the fraction over all rows
+        live_rows[:] = True
+    flagged = float(nflag[live_rows].sum() / max(int(ncell[live_rows].sum()), 1))
+    lost = _flagged_out(nflag == ncell, a1, a2, tcol, ants)
+    n_times = int(np.unique(tcol).size)
+    flagged_out = sorted(a for a, k in lost.items() if k == n_times and a not in dead_set)
+    lost_during = {a: k for a, k in sorted(lost.items()) if k < n_times}
     # sampled channels stand for the ``stride`` channels each: an estimate when stride > 1
     zero_chans = stride * int(sum(int(np.sum((chan_all[d] > 0) & (chan_zero[d] == chan_all[d])))
                                   for d in chan_all))
-    alive = int(ants.size - len(dead))
+    alive = int(ants.size - len(dead) - len(flagged_out))
     med = {a: float(np.median(v)) for a, v in sorted(auto_amp.items())}
     live_levels = [v for a, v in med.items() if a not in dead_set and v > 0]
     array_level = float(np.median(live_levels)) if live_levels else 0.0
@@ -314,6 +328,7 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     m.update(nonfinite_fraction=nonfinite, flagged_fraction=flagged,
              zero_fraction=zero_all, zero_fraction_live=zero_live, zero_channels=zero_chans,
              dead_antennas=sorted(dead), n_dead_antennas=len(dead), n_alive_antennas=alive,
+             flagged_antennas=flagged_out, antennas_flagged_in_some_integrations=lost_during,
              auto_median_amplitude=med, auto_array_median=array_level, weak_antennas=weak)
     g.fail_if(nonfinite > th.max_nonfinite_fraction,
               f"{nonfinite:.2%} of sampled visibilities are NaN/Inf "
@@ -324,11 +339,15 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     g.warn_if(th.warn_zero_fraction < zero_live <= th.max_zero_fraction,
               f"{zero_live:.1%} of live cross-correlations are exactly zero")
     g.fail_if(flagged > th.max_flagged_fraction,
-              f"{flagged:.1%} of sampled visibilities are flagged (limit {th.max_flagged_fraction:.0%})")
+              f"{flagged:.1%} of the visibilities are flagged (limit {th.max_flagged_fraction:.0%})")
     g.warn_if(th.warn_flagged_fraction < flagged <= th.max_flagged_fraction,
-              f"{flagged:.1%} of sampled visibilities are flagged")
+              f"{flagged:.1%} of the visibilities are flagged")
     g.fail_if(alive < th.min_antennas,
-              f"only {alive} antennas carry data (minimum {th.min_antennas}); dead: {sorted(dead)}")
+              f"only {alive} antennas carry data (minimum {th.min_antennas}); dead: {sorted(dead)}"
+              + (f", flagged throughout: {flagged_out}" if flagged_out else ""))
+    g.warn_if(bool(lost_during),
+              "antennas with every cross-correlation flagged in some integrations (lost during "
+              "the group?): " + ", ".join(f"{a} ({k} of {n_times})" for a, k in lost_during.items()))
     g.warn_if(ants.size > 0 and len(dead) / ants.size > th.warn_dead_fraction,
               f"{len(dead)} of {ants.size} antennas are dead (all zero): {sorted(dead)}")
     g.warn_if(zero_chans > 0 and zero_live <= th.max_zero_fraction,
@@ -336,19 +355,55 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     g.warn_if(bool(weak), f"antennas with autocorrelations < 10% of the array median: {weak}")
 
 
-def _flagged_fraction(t: Any, batches: list[np.ndarray], live: np.ndarray | None = None) -> float:
-    """FLAG over the sampled integrations; only over the ``live`` rows when given (dead
-    antennas' zeros are flagged at conversion: they must not make every group look heavily
-    flagged, as they must not look zero)."""
-    n_true = n_all = 0
-    for rows in batches:
-        if live is not None:
-            rows = rows[live[rows]]
-        if rows.size:
-            f = _read_rows(t, "FLAG", rows)
-            n_true += int(np.count_nonzero(f))
-            n_all += f.size
-    return n_true / max(n_all, 1)
+def _flag_counts(t: Any, ddid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flagged and total visibilities of every row: FLAG read in blocks of consecutive rows
+    of one data description into one reused buffer (fresh pages are dear here)."""
+    nflag = np.zeros(t.nrows(), np.int64)
+    ncell = np.zeros(t.nrows(), np.int64)
+    for d in np.unique(ddid):
+        rows = np.flatnonzero(ddid == d)
+        shape = tuple(t.getcell("FLAG", int(rows[0])).shape)
+        buf = np.empty((min(FLAG_BLOCK_ROWS, rows.size), *shape), dtype=bool)
+        for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):
+            for i in range(0, run.size, buf.shape[0]):
+                start, n = int(run[i]), min(buf.shape[0], run.size - i)
+                t.getcolnp("FLAG", buf[:n], start, n)
+                nflag[start:start + n] = _row_counts(buf[:n].reshape(n, -1))
+                ncell[start:start + n] = buf[0].size
+    return nflag, ncell
+
+
+def _row_counts(flags: np.ndarray) -> np.ndarray:
+    """True values per row of a (rows, k) boolean array, 4-5x faster than
+    ``np.count_nonzero(axis=1)``: eight booleans are one uint64 whose byte lanes add up
+    separately (a lane holds 255, so at most 255 words are summed at once)."""
+    n, k = flags.shape
+    if k % 8:
+        return np.count_nonzero(flags, axis=1)
+    words = flags.view(np.uint64)
+    out = np.zeros(n, np.uint64)
+    for j in range(0, words.shape[1], 255):
+        lanes = words[:, j:j + 255].sum(axis=1, dtype=np.uint64)
+        out += lanes.view(np.uint8).reshape(n, 8).sum(axis=1, dtype=np.uint64)
+    return out.astype(np.int64)
+
+
+def _flagged_out(full: np.ndarray, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray,
+                 ants: np.ndarray) -> dict[int, int]:
+    """For each antenna, in how many integrations every cross-correlation row touching it is
+    wholly flagged (only antennas where that happens at least once)."""
+    cross = a1 != a2
+    _, tix = np.unique(tcol, return_inverse=True)
+    n_ant = ants.size
+    n_bins = (int(tix.max()) + 1) * n_ant if tix.size else 0
+    rows = np.zeros(n_bins)
+    gone = np.zeros(n_bins)
+    for side in (a1, a2):
+        key = tix[cross] * n_ant + np.searchsorted(ants, side[cross])
+        rows += np.bincount(key, minlength=n_bins)
+        gone += np.bincount(key, weights=full[cross], minlength=n_bins)
+    out = ((rows > 0) & (gone == rows)).reshape(-1, n_ant).sum(axis=0)
+    return {int(ants[i]): int(k) for i, k in enumerate(out) if k}
 
 
 def _all_pols(a: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ class MSQAThresholds:
     max_phase_center_offset_deg: float = setting("CONTIMG_QA_MS_MAX_PHASE_CENTER_OFFSET_DEG", 0.1, "Fail when the phase centre is this far from where it is expected", minimum=0)
     min_antennas: int = setting("CONTIMG_QA_MS_MIN_ANTENNAS", 4, "Fail with fewer antennas carrying data", minimum=2)
     warn_dead_fraction: float = setting("CONTIMG_QA_MS_WARN_DEAD_FRACTION", 0.25, "Warn when more than this fraction of the antennas in the MS are dead (all-zero data)", minimum=0, maximum=1)
-    sample_integrations: int = setting("CONTIMG_QA_MS_SAMPLE_INTEGRATIONS", 3, "Integrations (spread over the group) whose visibilities and flags the MS gate reads", minimum=1)
+    sample_integrations: int = setting("CONTIMG_QA_MS_SAMPLE_INTEGRATIONS", 1, "Integrations (spread over the group; one = the middle) whose visibilities the MS gate reads. FLAG, which carries the zeros and NaNs the conversion found, is read for every integration", minimum=1)
     sample_channels: int = setting("CONTIMG_QA_MS_SAMPLE_CHANNELS", 192, "Channels of each sampled integration the MS gate reads (evenly strided; 0 = all): enough to see a dead subband", minimum=0)
 
 
