@@ -25,7 +25,7 @@ from conftest import convert_groups_isolated
 from dsa110_contimg.calibration.calset import CalSet, CalTable
 from dsa110_contimg.calibration.casarun import open_table, read_ms_info, run_task
 from dsa110_contimg.calibration.catalog import get_calibrator
-from dsa110_contimg.calibration.flagging import STEPS, flag_calls, flag_ms, flag_steps
+from dsa110_contimg.calibration.flagging import STEPS, census, flag_calls, flag_ms
 from dsa110_contimg.calibration.options import CalibrationOptions
 from dsa110_contimg.calibration.registry import CalRegistry
 from dsa110_contimg.calibration.skymodel import (
@@ -174,7 +174,7 @@ def test_solved_group_registers_shape_and_flags(solved):
     assert res.new_set.dec_deg == pytest.approx(truth["pointing"]["dec_deg"])
     # Flagging: one report per step, cumulative, zeros = dead station 97 (flagged already by
     # the conversion, so present from the start), autos next.
-    assert list(res.flag_fractions) == list(flag_steps(OPTIONS))
+    assert list(res.flag_fractions) == list(STEPS)
     f = list(res.flag_fractions.values())
     assert f == sorted(f)
     n = len(truth["antennas"]["stations"])
@@ -503,31 +503,42 @@ def test_missing_or_broken_inputs_raise_clear_errors(tiny_source, tmp_path):
 
 def test_flag_calls_follow_options():
     o = replace(OPTIONS, flag_tfcrop_timecutoff=3.5, flag_rflag_freqdevscale=6.0)
-    def names(calls: list[list[str]]) -> list[str]:
-        return [c.split("name='")[1][:-1] for call in calls for c in call if "summary" in c]
-
-    for chanbin, ncalls in ((4, 3), (1, 1)):
+    for chanbin in (4, 1):
         oc = replace(o, flag_chanbin=chanbin)
         calls = flag_calls(oc)
-        assert len(calls) == ncalls
-        cmds = [c for call in calls for c in call]
-        assert cmds[0] == "mode='summary' name='start'"
-        assert any("mode='tfcrop'" in c and "timecutoff=3.5" in c for c in cmds)
-        assert any("mode='rflag'" in c and "freqdevscale=6.0" in c for c in cmds)
-        assert names(calls) == list(flag_steps(oc))
-        assert all(("chanbin=4" in c) == (chanbin == 4) for c in cmds
-                   if "mode='tfcrop'" in c or "mode='rflag'" in c)
-    # Averaged: CASA takes tfcrop and rflag together in a pass of their own, nothing else there.
-    rfi = flag_calls(o)[1]
-    assert [c.split()[0] for c in rfi] == ["mode='tfcrop'", "mode='rflag'"]
-    assert names(flag_calls(replace(o, flag_chanbin=1))) == list(STEPS)
-    cmds = [c for call in flag_calls(replace(o, flag_rflag=False)) for c in call]
-    assert not any("mode='rflag'" in c for c in cmds) and cmds[-1] == "mode='summary' name='rflag'"
-    assert "mode='clip' clipzeros=True" in cmds
-    # an MS whose conversion flagged the zeros: no clip pass, the same report
-    calls = flag_calls(o, clip_zeros=False)
-    assert not any("clip" in c for call in calls for c in call)
-    assert names(calls) == [s for s in flag_steps(o) if s != "zeros"], "zeros is start's copy"
+        # clip, then autos and shadow (no visibilities read), then the RFI agents together:
+        # CASA takes averaging agents only with each other
+        assert [step for step, _ in calls] == ["zeros", "shadow", "rflag"]
+        assert calls[0][1] == ["mode='clip' clipzeros=True"]
+        assert calls[1][1] == ["mode='manual' autocorr=True", "mode='shadow' tolerance=0.0"]
+        rfi = calls[2][1]
+        assert [c.split()[0] for c in rfi] == ["mode='tfcrop'", "mode='rflag'"]
+        assert "timecutoff=3.5" in rfi[0] and "freqdevscale=6.0" in rfi[1]
+        assert all(("chanbin=4" in c) == (chanbin == 4) for c in rfi)
+        assert not any("summary" in c for _, cmds in calls for c in cmds)
+    assert flag_calls(replace(o, flag_rflag=False))[-1] == ("rflag", [flag_calls(o)[-1][1][0]])
+    # an MS whose conversion flagged the zeros: no clip pass ('zeros' is then 'start')
+    assert [step for step, _ in flag_calls(o, clip_zeros=False)] == ["shadow", "rflag"]
+
+
+def test_flag_census_matches_flagdata_summary(tiny_source, tmp_path):
+    """The TaQL census that replaced flagdata's summary agents counts the same, overall and
+    per antenna (its autocorrelation once), and knows the autocorr step before it runs."""
+    src, _ = tiny_source
+    ms = copy_ms(src, tmp_path)
+    run_task("flagdata", vis=str(ms), mode="manual", antenna="21&22", flagbackup=False)
+    c = census(ms)
+    s = run_task("flagdata", vis=str(ms), mode="summary")
+    assert c.fraction() == pytest.approx(s["flagged"] / s["total"], abs=1e-12)
+    per = c.per_antenna()
+    with open_table(ms / "ANTENNA") as t:
+        names = list(t.getcol("NAME"))
+    for name, rep in s["antenna"].items():
+        assert per[names.index(name)] == pytest.approx(rep["flagged"] / rep["total"], abs=1e-12)
+    expect = c.with_autocorr_flagged()
+    run_task("flagdata", vis=str(ms), mode="manual", autocorr=True, flagbackup=False)
+    assert census(ms).fraction() == pytest.approx(expect, abs=1e-12)
+    assert expect > c.fraction()
 
 
 def test_direct_model_matches_ft(tiny_source, tmp_path):
