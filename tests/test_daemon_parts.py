@@ -65,6 +65,21 @@ async def test_local_executor_lowers_a_tasks_cpu_priority_on_request():
     assert nicer == min(19, mine + 5)
 
 
+@pytest.mark.skipif("OMP_NUM_THREADS" in os.environ, reason="an operator's OMP_NUM_THREADS wins")
+async def test_local_executor_gives_a_task_the_cores_free_when_it_starts():
+    ex = LocalExecutor(max_workers=2, log_format="json")
+    ex.cores = 2  # as on the bench machine, whatever runs the tests
+    try:
+        alone = await ex.run(workerfns.omp_threads_after, 0.0)
+        first = asyncio.create_task(ex.run(workerfns.omp_threads_after, 1.5))
+        await asyncio.sleep(0.3)  # the first task holds one core
+        second = await ex.run(workerfns.omp_threads_after, 0.0)
+        assert (alone, await first, second) == ("2", "2", "1")
+        assert await ex.run(workerfns.omp_threads_after, 0.0) == "2", "the core is free again"
+    finally:
+        await ex.shutdown(kill=True)
+
+
 async def test_local_executor_reports_the_workers_cpu_and_peak_rss():
     ex = LocalExecutor(max_workers=1, log_format="json")
     try:

@@ -39,3 +39,9 @@ def burn_and_hold(cpu_s, mib):
     while time.process_time() - t0 < cpu_s:
         pass
     return len(block)
+
+
+def omp_threads_after(seconds):
+    """The OpenMP thread count this task was given, reported after ``seconds``."""
+    time.sleep(seconds)
+    return os.environ.get("OMP_NUM_THREADS")

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from ..cores import claim_threads
 from ..errors import StageError
 
 log = structlog.get_logger(__name__)
@@ -100,7 +101,7 @@ class StageExecutor(Protocol):
 
 
 def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, nice: int,
-                log_level: str, log_format: str) -> None:
+                log_level: str, log_format: str, threads: int = 0) -> None:
     """Worker process body: run one call, send (ok, value, usage), exit without atexit hooks.
 
     ``os._exit`` because CASA's tools can keep an exiting interpreter alive; the stage has
@@ -109,6 +110,7 @@ def _child_main(conn: Any, fn: Any, args: tuple, group_id: str | None, nice: int
     import sys
 
     _die_with_parent()
+    claim_threads(threads)  # before CASA's OpenMP runtime loads (nothing loads it earlier)
     _worker_init(log_level, log_format)
     try:
         out: tuple[bool, Any] = (True, call_stage(fn, args, group_id, nice))
@@ -140,10 +142,16 @@ def _die_with_parent() -> None:
 
 
 class LocalExecutor:
-    """A fresh forkserver child per call, at most ``max_workers`` at once."""
+    """A fresh forkserver child per call, at most ``max_workers`` at once.
+
+    A task starts with as many OpenMP threads as this executor leaves cores free
+    (:mod:`..cores`): both for a stage that starts alone, one beside a running one.
+    """
 
     def __init__(self, max_workers: int, log_level: str = "INFO", log_format: str = "json") -> None:
         self.max_workers = max_workers
+        self.cores = len(os.sched_getaffinity(0))
+        self._running = 0
         self._log = (log_level, log_format)
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
@@ -164,7 +172,12 @@ class LocalExecutor:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_workers)
         async with self._sem:
-            return await self._run_one(fn, args, group_id, nice)
+            threads = max(1, self.cores - self._running)
+            self._running += 1
+            try:
+                return await self._run_one(fn, args, group_id, nice, threads)
+            finally:
+                self._running -= 1
 
     async def warm(self) -> float | None:
         """Start the forkserver and run one empty task; the seconds it took.
@@ -178,11 +191,11 @@ class LocalExecutor:
         return time.perf_counter() - t0
 
     async def _run_one(self, fn: Any, args: tuple, group_id: str | None,
-                       nice: int) -> tuple[Any, TaskUsage]:
+                       nice: int, threads: int = 1) -> tuple[Any, TaskUsage]:
         loop = asyncio.get_running_loop()
         parent, child = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=_child_main, name=f"contimg-{fn.__name__}",
-                                 args=(child, fn, args, group_id, nice, *self._log))
+                                 args=(child, fn, args, group_id, nice, *self._log, threads))
         await asyncio.to_thread(proc.start)
         child.close()
         self._procs.add(proc)

@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 import structlog
 
+from .. import cores
+from ..cores import CoreShare
+
 log = structlog.get_logger(__name__)
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -231,6 +234,17 @@ class _Masker:
                  **info.as_dict())
 
 
+def _rethread(share: CoreShare, major_done: int) -> None:
+    """Between major cycles: as many gridding threads as cores the other processes left
+    free during the last one."""
+    free = share.free()
+    if free is not None:
+        threads, others = free
+        set_ok = cores.set_omp_threads(threads)
+        log.info("imaging.threads", major_done=major_done, threads=threads,
+                 others_cores=round(others, 2), applied=set_ok)
+
+
 def run_masked_clean(params: dict[str, Any], rules: MaskRules) -> tuple[Any, list[MaskRound]]:
     """One tclean call whose mask updates are :class:`_Masker`'s instead of auto-multithresh.
 
@@ -255,9 +269,12 @@ def run_masked_clean(params: dict[str, Any], rules: MaskRules) -> tuple[Any, lis
     base.update(usemask="user", mask="")
     masker = _Masker(params["imagename"], rules)
     original = PySynthesisImager.updateMask
+    share = CoreShare() if cores.managed() else None
 
     def update_mask(imager: Any) -> bool:
         masker.update(int(imager.majorCnt), int(imager.iterpars["nmajor"]))
+        if share is not None:
+            _rethread(share, int(imager.majorCnt))
         return original(imager)
 
     PySynthesisImager.updateMask = update_mask
