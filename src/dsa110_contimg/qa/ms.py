@@ -312,8 +312,9 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     if not live_rows.any():  # every antenna dead: the fraction over all rows
         live_rows[:] = True
     flagged = float(nflag[live_rows].sum() / max(int(ncell[live_rows].sum()), 1))
-    lost = _flagged_out(nflag == ncell, a1, a2, tcol, ants)
-    n_times = int(np.unique(tcol).size)
+    times, tix = np.unique(tcol, return_inverse=True)
+    n_times = int(times.size)
+    lost = _flagged_out(nflag == ncell, a1, a2, tix, n_times, ants)
     flagged_out = sorted(a for a, k in lost.items() if k == n_times and a not in dead_set)
     lost_during = {a: k for a, k in sorted(lost.items()) if k < n_times}
     # sampled channels stand for the ``stride`` channels each: an estimate when stride > 1
@@ -388,14 +389,14 @@ def _row_counts(flags: np.ndarray) -> np.ndarray:
     return out.astype(np.int64)
 
 
-def _flagged_out(full: np.ndarray, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray,
-                 ants: np.ndarray) -> dict[int, int]:
-    """For each antenna, in how many integrations every cross-correlation row touching it is
-    wholly flagged (only antennas where that happens at least once)."""
+def _flagged_out(full: np.ndarray, a1: np.ndarray, a2: np.ndarray, tix: np.ndarray,
+                 n_times: int, ants: np.ndarray) -> dict[int, int]:
+    """For each antenna, in how many integrations (``tix``: each row's) every
+    cross-correlation row touching it is wholly flagged (only antennas where that happens
+    at least once)."""
     cross = a1 != a2
-    _, tix = np.unique(tcol, return_inverse=True)
     n_ant = ants.size
-    n_bins = (int(tix.max()) + 1) * n_ant if tix.size else 0
+    n_bins = n_times * n_ant
     rows = np.zeros(n_bins)
     gone = np.zeros(n_bins)
     for side in (a1, a2):
