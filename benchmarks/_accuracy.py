@@ -161,3 +161,28 @@ def image_rms(path: Path | None) -> float | None:
     if path is None or not Path(path).exists():
         return None
     return robust_rms(read_image(Path(path))[0])
+
+
+def flag_score(ms: Path, truth: dict) -> dict[str, float] | None:
+    """How much of the simulated interference the MS's final flags cover (None: no RFI)."""
+    if not truth.get("rfi"):
+        return None
+    import casatools
+
+    from dsa110_contimg.simulate.rfi import RfiModel, score_flags
+
+    tb = casatools.table()
+    tb.open(str(ms))
+    try:
+        flag = tb.getcol("FLAG").any(axis=0).T  # (row, chan)
+        a1, a2, tm = tb.getcol("ANTENNA1"), tb.getcol("ANTENNA2"), tb.getcol("TIME")
+    finally:
+        tb.close()
+    tb.open(str(ms / "SPECTRAL_WINDOW"))
+    try:
+        freqs = tb.getcol("CHAN_FREQ")[:, 0]
+    finally:
+        tb.close()
+    dead_ants = truth["antennas"]["dead"]
+    dead = np.isin(a1, dead_ants) | np.isin(a2, dead_ants)
+    return score_flags(RfiModel.from_dict(truth["rfi"]), flag, a1, a2, tm, freqs, dead)

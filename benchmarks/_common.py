@@ -23,7 +23,8 @@ FINAL_STATES = ("done", "failed", "quarantined")
 STAGES = ("conversion", "calibration", "imaging")
 
 
-def simulate(group_dir: Path, preset: str, groups: int, fresh: bool = False) -> list[dict]:
+def simulate(group_dir: Path, preset: str, groups: int, fresh: bool = False,
+             rfi: bool = False) -> list[dict]:
     """Truths of ``groups`` consecutive groups in ``group_dir``, simulating only if missing.
 
     A full-size simulation takes minutes, so an existing one (its truth JSONs) is reused
@@ -34,7 +35,8 @@ def simulate(group_dir: Path, preset: str, groups: int, fresh: bool = False) -> 
         shutil.rmtree(group_dir, ignore_errors=True)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "dsa110_contimg.cli", "simulate", str(group_dir),
-                        "--preset", preset, "--groups", str(groups)], check=True)
+                        "--preset", preset, "--groups", str(groups)] + (["--rfi"] if rfi else []),
+                       check=True)
         print(f"simulated {groups} {preset} group(s) in {time.perf_counter() - t0:.0f} s",
               flush=True)
         truths = sorted(group_dir.glob("*_truth.json"))

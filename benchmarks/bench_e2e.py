@@ -242,6 +242,12 @@ def accuracy(report: dict, truths: list[dict], work: Path) -> None:
         else:
             d["gains"] = {"error": "group 1 solved no calibration set"}
         for g, t in zip(d["groups"], truths, strict=True):
+            ms_path = g["stages"].get("conversion", {}).get("result", {}).get("ms_path")
+            if t.get("rfi") and ms_path:
+                ms = Path(ms_path)
+                if not ms.is_dir():  # kept in the tmpfs work area, archived since
+                    ms = Path(d["products"]) / t["group_id"][:10] / t["group_id"] / ms.name
+                g["rfi_flagged"] = _guard(f"{mode} flags {t['group_id']}", acc.flag_score, ms, t)
             img = g["stages"].get("imaging", {}).get("result", {})
             if not img.get("pbcor_fits"):
                 continue
@@ -457,6 +463,8 @@ def main() -> int:
                     help="realtime: seconds between groups (default: the group length)")
     ap.add_argument("--skip-plain", action="store_true", help="do not run the plain chain")
     ap.add_argument("--fresh", action="store_true", help="simulate again even if groups exist")
+    ap.add_argument("--rfi", action="store_true",
+                    help="simulate interference of known footprint and score the flags")
     ap.add_argument("--group-dir", type=Path, default=ROOT / ".bench" / "groups")
     ap.add_argument("--workdir", type=Path, help="default: .bench/e2e-<preset>-<groups>")
     ap.add_argument("--max-workers", type=int, default=2)
@@ -466,14 +474,16 @@ def main() -> int:
     if args.groups < 1:
         ap.error("--groups must be at least 1")
 
-    group_dir = args.group_dir / f"{args.preset}-{args.groups}"
-    truths = simulate(group_dir, args.preset, args.groups, fresh=args.fresh)
+    tag = f"{args.preset}-{args.groups}" + ("-rfi" if args.rfi else "")
+    group_dir = args.group_dir / tag
+    truths = simulate(group_dir, args.preset, args.groups, fresh=args.fresh, rfi=args.rfi)
     group_s = group_seconds(truths[0])
     spacing = args.spacing_s if args.spacing_s is not None else group_s
-    work = (args.workdir or ROOT / ".bench" / f"e2e-{args.preset}-{args.groups}").resolve()
+    work = (args.workdir or ROOT / ".bench" / f"e2e-{tag}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "preset": args.preset, "groups": args.groups, "group_s": group_s, "spacing_s": spacing,
+        "preset": args.preset, "groups": args.groups, "rfi": args.rfi, "group_s": group_s,
+        "spacing_s": spacing,
         "group_ids": [t["group_id"] for t in truths], "cpus": os.cpu_count(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "targets": TARGETS, "daemon": {}}
 
@@ -542,6 +552,11 @@ def main() -> int:
         print_accuracy(f"daemon {mode} (pb-corrected: vs flux at band centre)", d.get("gains"),
                        [(g["group_id"], g.get("sources"), g.get("image_rms_jy"))
                         for g in d["groups"] if "sources" in g])
+        for g in d["groups"]:
+            sc = g.get("rfi_flagged")
+            if isinstance(sc, dict) and "lines" in sc:
+                print(f"  {g['group_id']}: flagged {sc['lines']:.2%} of the interference lines' "
+                      f"cells, {sc['burst']:.2%} of the burst's, {sc['clean']:.2%} of the clean")
         d["verdicts"] = [{"target": n, "verdict": v, "measured": m, "goal": goal}
                          for n, v, m, goal in verdicts(d, copy)]
         print(f"\nverdicts ({mode}): " + "; ".join(

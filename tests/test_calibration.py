@@ -503,22 +503,62 @@ def test_missing_or_broken_inputs_raise_clear_errors(tiny_source, tmp_path):
 
 def test_flag_calls_follow_options():
     o = replace(OPTIONS, flag_tfcrop_timecutoff=3.5, flag_rflag_freqdevscale=6.0)
+    # the default: clip, then autos and shadow (no visibilities read), then rflag alone at
+    # full resolution
+    calls = flag_calls(o)
+    assert [step for step, _ in calls] == ["zeros", "shadow", "rflag"]
+    assert calls[0][1] == ["mode='clip' clipzeros=True"]
+    assert calls[1][1] == ["mode='manual' autocorr=True", "mode='shadow' tolerance=0.0"]
+    assert calls[2][1] == ["mode='rflag' datacolumn='DATA' timedevscale=5.0 freqdevscale=6.0"]
     for chanbin in (4, 1):
-        oc = replace(o, flag_chanbin=chanbin)
-        calls = flag_calls(oc)
-        # clip, then autos and shadow (no visibilities read), then the RFI agents together:
-        # CASA takes averaging agents only with each other
-        assert [step for step, _ in calls] == ["zeros", "shadow", "rflag"]
-        assert calls[0][1] == ["mode='clip' clipzeros=True"]
-        assert calls[1][1] == ["mode='manual' autocorr=True", "mode='shadow' tolerance=0.0"]
-        rfi = calls[2][1]
+        rfi = flag_calls(replace(o, flag_chanbin=chanbin, flag_tfcrop=True))[2][1]
+        # both agents share a pass (CASA takes averaging agents only with each other)
         assert [c.split()[0] for c in rfi] == ["mode='tfcrop'", "mode='rflag'"]
         assert "timecutoff=3.5" in rfi[0] and "freqdevscale=6.0" in rfi[1]
         assert all(("chanbin=4" in c) == (chanbin == 4) for c in rfi)
-        assert not any("summary" in c for _, cmds in calls for c in cmds)
-    assert flag_calls(replace(o, flag_rflag=False))[-1] == ("rflag", [flag_calls(o)[-1][1][0]])
+    assert not any("summary" in c for _, cmds in flag_calls(o) for c in cmds)
+    only_tfcrop = flag_calls(replace(o, flag_rflag=False, flag_tfcrop=True))[-1]
+    assert only_tfcrop == ("rflag", [flag_calls(replace(o, flag_tfcrop=True))[-1][1][0]])
+    # no interference agent at all: no third pass
+    assert [s for s, _ in flag_calls(replace(o, flag_rflag=False))] == ["zeros", "shadow"]
     # an MS whose conversion flagged the zeros: no clip pass ('zeros' is then 'start')
     assert [step for step, _ in flag_calls(o, clip_zeros=False)] == ["shadow", "rflag"]
+
+
+@pytest.fixture(scope="module")
+def rfi_group(tmp_path_factory) -> tuple[Path, dict]:
+    """(pristine MS, truth) of a small group with interference of known footprint."""
+    root = tmp_path_factory.mktemp("rfi")
+    truths = core.simulate_groups(root / "raw", preset="small", groups=1, seed=3, rfi=True)
+    return convert(root / "raw", truths, root)[0]
+
+
+def _rfi_score(ms: Path, pristine: Path, truth: dict) -> dict[str, float]:
+    from dsa110_contimg.simulate.rfi import RfiModel, score_flags
+
+    with open_table(ms) as t:
+        flag = t.getcol("FLAG").transpose(2, 1, 0).any(axis=2)  # (row, chan)
+        a1, a2, tm = t.getcol("ANTENNA1"), t.getcol("ANTENNA2"), t.getcol("TIME")
+    with open_table(pristine) as t:
+        dead = t.getcol("FLAG").all(axis=(0, 1))
+    with open_table(ms / "SPECTRAL_WINDOW") as t:
+        freqs = t.getcol("CHAN_FREQ")[:, 0]
+    return score_flags(RfiModel.from_dict(truth["rfi"]), flag, a1, a2, tm, freqs, dead)
+
+
+def test_flagging_finds_injected_interference(rfi_group, tmp_path):
+    """Lines and a broadband burst of known footprint: the default pass flags all of it and
+    little else; flagging averaged channels (the earlier default) misses much of the burst."""
+    src, truth = rfi_group
+    ms = copy_ms(src, tmp_path)
+    report = flag_ms(ms, OPTIONS)
+    score = _rfi_score(ms, src, truth)
+    assert score["lines"] > 0.99 and score["burst"] > 0.99, score
+    assert score["clean"] < 0.03, score  # the burst's channels next to it in time
+    assert report.fractions["rflag"] > report.fractions["shadow"]
+    averaged = copy_ms(src, tmp_path / "averaged")
+    flag_ms(averaged, replace(OPTIONS, flag_chanbin=4, flag_tfcrop=True))
+    assert _rfi_score(averaged, src, truth)["burst"] < 0.9
 
 
 def test_flag_census_matches_flagdata_summary(tiny_source, tmp_path):

@@ -62,7 +62,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                              start=_parse_start(args.start), seed=args.seed,
                              calibrator=args.calibrator, dec_deg=args.dec, jitter_s=args.jitter,
                              write_delay_s=args.write_delay, chunks=args.chunks, faults=faults,
-                             descending_channels=not args.ascending_channels)
+                             descending_channels=not args.ascending_channels, rfi=args.rfi)
     took = (datetime.now(UTC) - t0).total_seconds()
     for t in truths:
         cals = [s["name"] for s in t["sources"] if s.get("transits_in_group")]
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=8, help="chunks per file when writing slowly")
     p.add_argument("--fault", action="append", help="KIND:SB bad file in the first group, e.g. truncated:3")
     p.add_argument("--ascending-channels", action="store_true", help="channels ascend within a subband")
+    p.add_argument("--rfi", action="store_true", help="add interference of known footprint (lines and a burst; recorded in the truth)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("config", help="print settings: 'env' (documented env file) or 'show'")

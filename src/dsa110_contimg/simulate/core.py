@@ -21,6 +21,7 @@ import numpy as np
 from ..calibration.catalog import angular_separation_deg, get_calibrator, load_calibrators
 from .array import OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG, preset_stations, station_enu
 from .gains import draw_gain_params, evaluate_gains
+from .rfi import RfiModel, draw_rfi
 from .sky import C_M_S, airy_power, enu_unit, pointing_altaz
 from .survey import CATALOGUE_NAME, write_survey_catalogue
 
@@ -131,8 +132,13 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
                     seed: int = 0, calibrator: str = "3C286", dec_deg: float | None = None,
                     jitter_s: float = 0.0, write_delay_s: float = 0.0, chunks: int = 8,
                     faults: dict[int, str] | None = None, fault_group: int = 0,
-                    descending_channels: bool = True, log=None) -> list[dict[str, Any]]:
-    """Write ``groups`` consecutive groups into ``outdir``; return their truth records."""
+                    descending_channels: bool = True, rfi: bool = False,
+                    log=None) -> list[dict[str, Any]]:
+    """Write ``groups`` consecutive groups into ``outdir``; return their truth records.
+
+    ``rfi`` adds interference of known footprint to every group (:mod:`.rfi`), recorded in
+    the truth under ``rfi``.
+    """
     _offline_astropy()
     p = PRESETS[preset]
     outdir = Path(outdir)
@@ -181,12 +187,25 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
 
     truths = []
     for k, g0 in enumerate(starts):
+        interference = None
+        if rfi:
+            band = np.concatenate([subband_freqs(sb, p.channels_per_subband, False)
+                                   for sb in range(N_SUBBANDS)])
+            # its own generator: the same seed gives the same sky and noise with or without
+            interference = draw_rfi(np.random.default_rng([seed, k, 0x5F1]), band, p.n_times,
+                                    _noise_sigma(p))
         truth = _write_group(outdir, preset, p, g0, stations, dead, enu, gain_params, p_hat,
                              point_dec, sky, rng, jitter_s, write_delay_s, chunks,
-                             faults if k == fault_group else {}, descending_channels, seed, log)
+                             faults if k == fault_group else {}, descending_channels, seed,
+                             interference, log)
         truths.append(truth)
     write_survey_catalogue(outdir / CATALOGUE_NAME, sky, seed=seed)
     return truths
+
+
+def _noise_sigma(p: Preset) -> float:
+    """Thermal noise (Jy) of the real or imaginary part of one visibility."""
+    return float(p.sefd_jy / np.sqrt(2 * SUBBAND_WIDTH_HZ / p.channels_per_subband * INTEGRATION_S))
 
 
 def _jd(dt: datetime) -> float:
@@ -195,7 +214,7 @@ def _jd(dt: datetime) -> float:
 
 def _write_group(outdir, preset_name, p: Preset, g0: datetime, stations, dead, enu, gain_params,
                  p_hat, point_dec, sky, rng, jitter_s, write_delay_s, chunks, faults,
-                 descending, seed, log) -> dict[str, Any]:
+                 descending, seed, rfi: RfiModel | None, log) -> dict[str, Any]:
     from pyuvdata import Telescope, UVData
     from pyuvdata.utils import ECEF_from_ENU
 
@@ -259,6 +278,10 @@ def _write_group(outdir, preset_name, p: Preset, g0: datetime, stations, dead, e
             pb = airy_power(theta[s_i][:, None], freqs[None, :])  # (nt, nf)
             phase = 2j * np.pi * dgeo[s_i][:, :, None] * (freqs / C_M_S)[None, None, :]
             vis += (spec * pb)[:, None, :] * np.exp(phase)
+        if rfi is not None:
+            interference = rfi.visibilities(freqs, p.n_times, bvec, ~auto)
+            if interference is not None:
+                vis += interference
         g = evaluate_gains(gain_params, freqs, times, BAND_CENTRE_HZ, BAND_WIDTH_HZ, mid_jd)
         gains_all = g
         data = np.empty((p.n_times, nbl, nchan, 2), dtype=np.complex64)
@@ -320,7 +343,8 @@ def _write_group(outdir, preset_name, p: Preset, g0: datetime, stations, dead, e
         "antennas": {"stations": list(stations), "dead": list(dead),
                      "enu_m": enu.round(4).tolist()},
         "sefd_jy": p.sefd_jy,
-        "noise_sigma_jy": float(p.sefd_jy / np.sqrt(2 * SUBBAND_WIDTH_HZ / p.channels_per_subband * INTEGRATION_S)),
+        "noise_sigma_jy": _noise_sigma(p),
+        "rfi": rfi.as_dict() if rfi is not None else None,
         "sources": truth_sources,
         "gains": gain_params,
         "gain_model": "g = A(t) exp(i phi(t)) B(nu) exp(-2 pi i (nu - band_centre) tau); V_pq = g_p conj(g_q) V",
