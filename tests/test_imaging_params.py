@@ -236,3 +236,31 @@ def test_chanbin_is_the_widest_divisor_within_the_smearing_budget():
     assert plan.chanbin == choose_chanbin(s, math.radians(min(plan.image_half_width_deg,
                                                               plan.field_radius_deg)), 0.005)[0]
     assert plan.chanbin > 1
+
+
+def test_peel_replaces_an_outlying_block_and_keeps_a_steep_spectrum():
+    """One block fitted wildly (it lost most of its data to flags, or kept interference) is
+    replaced from its neighbours; a steep but smooth spectrum with noise keeps every block."""
+    from dsa110_contimg.imaging.peel import replace_outlier_blocks
+
+    freqs = np.linspace(1.31e9, 1.49e9, 16)
+    rng = np.random.default_rng(1)
+    steep = 15.0 * (freqs / 1.4e9) ** -1.0 * (1 + 0.003 * rng.standard_normal(16))
+    faint = 0.3 + 0.05 * rng.standard_normal(16)
+    flux = np.stack([steep, faint], axis=1)
+    diag = np.ones_like(flux)
+    same, replaced = replace_outlier_blocks(flux, diag, freqs)
+    assert not replaced.any() and np.array_equal(same, flux)
+
+    bad = flux.copy()
+    bad[11] = [1175.0, -830.0]
+    diag[4, 1] = 0.0  # no data left for the faint source in block 4
+    fixed, replaced = replace_outlier_blocks(bad, diag, freqs)
+    assert replaced[11].all() and replaced[4, 1] and replaced.sum() == 3
+    assert fixed[11, 0] == pytest.approx(0.5 * (steep[10] + steep[12]), rel=1e-3)
+    assert 0.1 < fixed[11, 1] < 0.5 and 0.1 < fixed[4, 1] < 0.5
+    # fewer than three constrained blocks: left alone (the caller subtracts nothing)
+    few = np.full((16, 1), np.nan)
+    few[:2, 0] = 1.0
+    out, replaced = replace_outlier_blocks(few, np.where(np.isfinite(few), 1.0, 0.0), freqs)
+    assert not replaced.any()
