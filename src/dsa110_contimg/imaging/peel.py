@@ -288,18 +288,17 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         return out
 
     block_freqs = np.add.reduceat(freqs, starts) / (ends - starts)
-    replaced = np.zeros((nblk, nsrc), dtype=bool)
 
-    def solve(normal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-        nonlocal replaced
+    def solve(normal: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fluxes per block and source, which of them were replaced as outliers)."""
         flux = np.full((nblk, nsrc), np.nan)
         for b in range(nblk):
             if np.all(np.diag(normal[b]) > 0):
                 flux[b] = np.linalg.lstsq(normal[b], rhs[b], rcond=None)[0]
-        diag = np.diagonal(normal, axis1=1, axis2=2)
-        flux, replaced = replace_outlier_blocks(flux, np.where(np.isfinite(flux), diag, 0.0),
+        flux, replaced = replace_outlier_blocks(flux, np.diagonal(normal, axis1=1, axis2=2),
                                                 block_freqs)
-        return np.nan_to_num(flux)  # a source without three constrained blocks: not subtracted
+        # a source without three constrained blocks: not subtracted
+        return np.nan_to_num(flux), replaced
 
     selfcal: dict[str, Any] = {"applied": False}
     with open_table(ms, readonly=False) as tb:
@@ -311,7 +310,7 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
         for s0, s1 in chunks:
             data, clean, wt = read(tb, s0, s1 - s0)
             accumulate(models(tb, s0, s1 - s0), clean, wt, normal, rhs)
-        flux = solve(normal, rhs)
+        flux, replaced = solve(normal, rhs)
         apparent = float(np.sum(np.maximum(flux.mean(axis=0), 0.0) * drift))
         if apparent >= selfcal_min_jy and by_time is not None:
             nant = len(info.antenna_names)
@@ -336,7 +335,7 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
                 data = (data * corr[:, None, :]).astype(data.dtype)
                 tb.putcol("DATA", data, s0, nrow)
                 accumulate(m, np.where(wt > 0, data, 0), wt, None, rhs)
-            flux = solve(normal, rhs)
+            flux, replaced = solve(normal, rhs)
             spread = np.concatenate(phases) if phases else np.zeros(1)
             selfcal = {"applied": True, "apparent_jy": round(apparent, 3),
                        "phase_rms_deg": round(float(np.degrees(np.sqrt(np.mean(spread ** 2)))), 3)}

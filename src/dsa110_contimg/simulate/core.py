@@ -185,15 +185,13 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
         avoid = [(s["ra_deg"], s["dec_deg"]) for s in sky]
         sky.extend(_draw_sources(rng, ce, p, avoid, tag=f"G{k}"))
 
+    band = np.concatenate([subband_freqs(sb, p.channels_per_subband, False)
+                           for sb in range(N_SUBBANDS)])
     truths = []
     for k, g0 in enumerate(starts):
-        interference = None
-        if rfi:
-            band = np.concatenate([subband_freqs(sb, p.channels_per_subband, False)
-                                   for sb in range(N_SUBBANDS)])
-            # its own generator: the same seed gives the same sky and noise with or without
-            interference = draw_rfi(np.random.default_rng([seed, k, 0x5F1]), band, p.n_times,
-                                    _noise_sigma(p))
+        # its own generator: the same seed gives the same sky and noise with or without
+        interference = (draw_rfi(np.random.default_rng([seed, k, 0x5F1]), band, p.n_times,
+                                 _noise_sigma(p)) if rfi else None)
         truth = _write_group(outdir, preset, p, g0, stations, dead, enu, gain_params, p_hat,
                              point_dec, sky, rng, jitter_s, write_delay_s, chunks,
                              faults if k == fault_group else {}, descending_channels, seed,
