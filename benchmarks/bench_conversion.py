@@ -27,6 +27,8 @@ from pathlib import Path
 
 from _common import read_once, timed_copies
 
+from dsa110_contimg.qa.options import MSQAThresholds
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     if kept is not None:
         shutil.rmtree(kept, ignore_errors=True)
     inputs = ConversionInputs(group_id=group_id, files=tuple(files), output_dir=out,
-                              scratch_dir=work / "scratch", tmpfs_path=args.tmpfs, work_dir=kept)
+                              scratch_dir=work / "scratch", tmpfs_path=args.tmpfs, work_dir=kept,
+                              cache_integrations=MSQAThresholds().sample_integrations)
     defaults = ConversionOptions()
     options = ConversionOptions(stage_inputs=defaults.stage_inputs and not args.no_stage_inputs,
                                 publish_fsync=defaults.publish_fsync and not args.no_fsync,

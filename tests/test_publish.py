@@ -92,3 +92,55 @@ def test_publish_copies_a_staged_tree_atomically(tmp_path):
         assert not [p for p in final.parent.iterdir() if staging.PARTIAL_MARK in p.name]
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def _resident(path: Path) -> np.ndarray:
+    """Which pages of ``path`` are in the page cache (mincore on a shared mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        vec = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+        try:
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return np.frombuffer(vec, dtype=np.uint8) & 1 == 1
+
+
+def test_segments_split_a_file_into_direct_and_cached_pieces():
+    a = staging.DIRECT_ALIGN
+    # unaligned ranges widen to the alignment, overlapping ones merge, the rest is direct
+    assert staging._segments(10 * a, [(a + 5, a), (2 * a + 1, 10), (7 * a, 0)]) == [
+        (0, a, True), (a, 3 * a, False), (3 * a, 10 * a, True)]
+    assert staging._segments(4 * a, [(3 * a, 5 * a)]) == [(0, 3 * a, True), (3 * a, 4 * a, False)]
+    assert staging._segments(4 * a, []) == [(0, 4 * a, True)]
+
+
+def test_cached_ranges_are_published_through_the_page_cache(tmp_path):
+    """What the MS gate reads right after publishing stays in memory; the rest goes direct,
+    and the copy is byte for byte, across a chunk boundary too."""
+    if not _takes_direct(tmp_path):
+        pytest.skip("the test directory's filesystem refuses O_DIRECT")
+    src, dst = tmp_path / "big", tmp_path / "copy"
+    data = _random_file(src, BIG, 8)
+    page = staging.DIRECT_ALIGN
+    chunk = staging.DIRECT_CHUNK // page
+    ranges = [(7 * page + 100, 20 * page), ((chunk - 3) * page, 5 * page)]
+    assert staging.copy_file(src, dst, cached=ranges) == "direct"
+    res = _resident(dst)
+    assert res[7:28].all() and res[chunk - 3:chunk + 2].all()  # the widened ranges
+    assert not res[30:chunk - 4].any() and not res[chunk + 3:BIG // page - 1].any()  # direct
+    assert dst.read_bytes() == data

@@ -57,6 +57,107 @@ def _damage(src: str, dest: str, kind: str) -> str:
     return dest
 
 
+def _retile(src: str, dest: str) -> str:
+    """Copy the MS with DATA and FLAG tiles that split the channels (worker side): a layout
+    the gate cannot map, so it reads through casacore."""
+    from casacore import tables
+
+    with tables.table(src, ack=False) as t:
+        dm = t.getdminfo()
+        for v in dm.values():
+            if v["NAME"] in ("TiledData", "TiledFlag"):
+                v["SPEC"] = {"DEFAULTTILESHAPE": np.int32([2, 16, 64])}
+        t.copy(dest, deep=True, valuecopy=True, dminfo=dm).close()
+    with tables.table(dest, ack=False) as t:
+        assert list(t.getdminfo("DATA")["SPEC"]["DEFAULTTILESHAPE"]) == [2, 16, 64]
+    return dest
+
+
+def _mapped_vs_casacore(path: str, endian: str, tile_chans: int) -> tuple[bool, bool, bool]:
+    """Write a small table of known DATA and FLAG in the given byte order and tiling, then
+    read it back mapped (worker side): (DATA mapped, equal to casacore; FLAG counts equal)."""
+    from casacore import tables
+
+    from dsa110_contimg.qa import ms as qa_ms
+
+    rng = np.random.default_rng(5)
+    nrow, nchan = 37, 24
+    data = (rng.normal(size=(nrow, nchan, 2)) + 1j * rng.normal(size=(nrow, nchan, 2))
+            ).astype(np.complex64)
+    data[3, 5, 1] = np.nan
+    flag = rng.random((nrow, nchan, 2)) < 0.3
+    cols = [tables.makearrcoldesc("DATA", 0j, valuetype="complex", ndim=2,
+                                  datamanagertype="TiledShapeStMan", datamanagergroup="TD"),
+            tables.makearrcoldesc("FLAG", False, valuetype="boolean", ndim=2,
+                                  datamanagertype="TiledShapeStMan", datamanagergroup="TF")]
+    for c in cols:
+        del c["desc"]["shape"]
+    desc = tables.maketabdesc(cols)
+    dminfo = tables.makedminfo(desc, {"TD": {"DEFAULTTILESHAPE": np.int32([2, tile_chans, 5])},
+                                      "TF": {"DEFAULTTILESHAPE": np.int32([2, tile_chans, 16])}})
+    with tables.table(path, desc, nrow=nrow, dminfo=dminfo, endian=endian, ack=False) as t:
+        t.putcol("DATA", data)
+        t.putcol("FLAG", flag)
+    with tables.table(path, ack=False) as t:
+        view = qa_ms._mapped_rows(t, "DATA", 9, 20, 3)
+        counts = qa_ms._mapped_flag_counts(t)
+    mapped = view is not None and counts is not None
+    same_data = view is not None and np.array_equal(view, data[9:29, ::3], equal_nan=True)
+    same_flags = counts is not None and np.array_equal(counts, flag.reshape(nrow, -1).sum(1))
+    return mapped, same_data, same_flags
+
+
+@pytest.mark.parametrize("endian, tile_chans, mapped", [
+    ("little", 24, True), ("big", 24, True), ("little", 8, False)])
+def test_mapped_reads_equal_casacore(worker, tmp_path, endian, tile_chans, mapped):
+    """Tiles of whole rows are read from the mapped file in either byte order, equal to what
+    was written; tiles that split channels are left to casacore."""
+    got = worker.submit(_mapped_vs_casacore, str(tmp_path / "t.tab"), endian, tile_chans).result()
+    assert got == ((True, True, True) if mapped else (False, False, False))
+
+
+def test_unmappable_layout_gets_the_same_verdict_through_casacore(worker, tiny_ms, expected,
+                                                                 tmp_path):
+    mapped = _check(worker, tiny_ms, expected).metrics
+    copy = worker.submit(_retile, str(tiny_ms), str(tmp_path / "retiled.ms")).result()
+    r = _check(worker, copy, expected)
+    assert r.passed, r.failures
+    assert r.metrics["data_read"] == "casacore"
+    for key in ("flagged_fraction", "zero_fraction", "dead_antennas", "auto_median_amplitude",
+                "n_alive_antennas", "nonfinite_fraction", "zero_channels"):
+        assert r.metrics[key] == mapped[key], key
+
+
+def _cached_and_sampled(ms: str, n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(byte ranges the conversion would publish through the page cache, the ranges of the
+    tiles holding each row the gate samples), worker side."""
+    from casacore import tables
+
+    from dsa110_contimg import mstiles
+    from dsa110_contimg.conversion.convert import _sampled_data_ranges
+    from dsa110_contimg.qa.ms import _sample_rows
+
+    with tables.table(ms, ack=False) as t:
+        tcol = t.getcol("TIME")
+        tf = mstiles.tile_file(t, "DATA")
+    cached = _sampled_data_ranges(Path(ms), tcol, n)
+    assert list(cached) == [tf.path.name]
+    rows = np.concatenate(_sample_rows(tcol, n))
+    return cached[tf.path.name], sorted({tf.byte_range(int(r), 1) for r in rows})
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_conversion_caches_what_the_gate_reads(worker, tiny_ms, n):
+    """The ranges cover exactly the tiles of the sampled rows (the tiny MS has one tile)."""
+    cached, needed = worker.submit(_cached_and_sampled, str(tiny_ms), n).result()
+    assert len(cached) == n
+
+    def covered(ranges):
+        return set().union(*(range(o, o + c, 4096) for o, c in ranges))
+
+    assert covered(cached) == covered(needed)
+
+
 @pytest.fixture(scope="module")
 def worker():
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
@@ -101,6 +202,7 @@ def test_good_ms_passes(worker, tiny_ms, tiny_group, expected):
     # autocorrelations sit at the SEFD (5800 Jy) times the gain amplitude squared
     assert 0.5 * truth["sefd_jy"] < metrics["auto_array_median"] < 1.5 * truth["sefd_jy"]
     assert metrics["sampled_integrations"] == 1
+    assert metrics["data_read"] == "mapped"  # the conversion's tile layout, read without casacore
     assert metrics["flagged_antennas"] == [] and metrics["antennas_flagged_in_some_integrations"] == {}
     assert 0 < r.duration_s < 30
     assert r.as_dict()["gate"] == "ms_after_conversion"

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from .. import mstiles
 from ..errors import BadInputError, ContimgError, StageError
 from ..products import CONVERSION_RECORD, product_dir, safe_stem
 from . import mswrite, parallel, phasing, reader, staging, workarea
@@ -51,6 +52,9 @@ class ConversionInputs:
     scratch_dir: Path
     tmpfs_path: Path
     work_dir: Path | None = None  # tmpfs work area to keep the MS in (None: always publish)
+    # integrations the MS gate will read (qa.ms.sample_time_indices): their DATA is published
+    # through the page cache, the rest with O_DIRECT
+    cache_integrations: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,14 +181,38 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
             os.rename(staged_ms, work)  # same tmpfs: the MS appears complete or not at all
             published = work
         else:
+            cached = (_sampled_data_ranges(staged_ms, meta.uv.time_array[meta.order],
+                                           inputs.cache_integrations)
+                      if options.publish_direct and inputs.cache_integrations else {})
             published = staging.publish(staged_ms, final, fsync=options.publish_fsync,
-                                        direct=options.publish_direct)
+                                        direct=options.publish_direct, cached=cached)
         timings["publish"] = time.perf_counter() - tick
     duration = time.perf_counter() - t0
     blog.info("converted group", ms=str(published), staged_on=kind, seconds=round(duration, 2),
               input_mb=round(layout.input_bytes / 1e6, 1), notes=notes)
     return _result_from_record(group_id, published, record, duration, skipped=False,
                                timings=timings)
+
+
+def _sampled_data_ranges(ms: Path, row_times: np.ndarray,
+                         n: int) -> dict[str, list[tuple[int, int]]]:
+    """Byte ranges of the DATA file holding the integrations the MS gate reads, by file
+    name within the MS (none when DATA is not in the conversion's tile layout)."""
+    from casacore import tables
+
+    from ..qa.ms import sample_time_indices
+
+    if np.any(np.diff(row_times) < 0):
+        return {}  # rows not in time order: integrations are not contiguous
+    times, first = np.unique(row_times, return_index=True)
+    bounds = np.append(first, row_times.size)
+    with tables.table(str(ms), ack=False) as t:
+        tf = mstiles.tile_file(t, "DATA")
+    if tf is None:
+        return {}
+    ranges = [tf.byte_range(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
+              for i in sample_time_indices(times.size, n)]
+    return {tf.path.name: ranges}
 
 
 def _work_ms(inputs: ConversionInputs) -> Path | None:

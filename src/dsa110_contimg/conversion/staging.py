@@ -15,14 +15,13 @@ Leftover temporaries of dead processes in a product directory are removed the sa
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import mmap
 import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,12 +205,15 @@ def same_filesystem(a: Path, b: Path) -> bool:
         return False
 
 
-def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True) -> Path:
+def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True,
+            cached: Mapping[str, Sequence[tuple[int, int]]] | None = None) -> Path:
     """Move ``staged`` (a directory) to ``final`` atomically; return ``final``.
 
     The copy goes to ``.<name>.partial-<pid>`` beside ``final`` then is renamed. An existing
     ``final`` (only ever an invalid one: callers skip valid MSs) is moved aside as
-    ``<name>.invalid-<unix time>``, never deleted. ``direct``: see :func:`copy_file`.
+    ``<name>.invalid-<unix time>``, never deleted. ``direct`` and ``cached`` (byte ranges of
+    files, by path relative to ``staged``, written through the page cache): see
+    :func:`copy_file`.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -224,8 +226,12 @@ def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True) 
         else:
             require_space(final.parent, int(tree_bytes(staged) * 1.02) + (1 << 20),
                           "publishing the MS")
-            shutil.copytree(staged, tmp,
-                            copy_function=functools.partial(copy_file, direct=direct))
+            ranges = {str(Path(staged) / k): v for k, v in (cached or {}).items()}
+
+            def copy(src: str, dst: str) -> str:
+                return copy_file(src, dst, direct=direct, cached=ranges.get(str(src), ()))
+
+            shutil.copytree(staged, tmp, copy_function=copy)
         if fsync:
             _fsync_tree(tmp)
         if final.exists():
@@ -242,18 +248,22 @@ def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True) 
     return final
 
 
-def copy_file(src: str | Path, dst: str | Path, direct: bool = True) -> str:
+def copy_file(src: str | Path, dst: str | Path, direct: bool = True,
+              cached: Sequence[tuple[int, int]] = ()) -> str:
     """Copy one file with its mode and times; return how: ``"direct"`` or ``"buffered"``.
 
     Files of at least :data:`DIRECT_MIN_BYTES` are written with ``O_DIRECT`` from a mapping
     of the source. A buffered copy of a full group's 2 GB DATA file took 8.5 s with its
     fsync on the bench VM, almost all of it faulting in fresh page-cache pages; the direct
-    copy took 0.9 s. The MS then is not in the page cache: the next stage reads it from disk.
+    copy took 0.9 s. The MS then is not in the page cache: the next stage reads it from disk,
+    except the ``cached`` (offset, length) ranges, which are written buffered because the
+    MS gate reads them at once (85 MB of a full group).
     A filesystem that refuses ``O_DIRECT`` gets the buffered copy (with one warning).
     """
     src, dst = str(src), str(dst)
     size = os.path.getsize(src)
-    done = _write_direct(src, dst, size) if direct and size >= DIRECT_MIN_BYTES else None
+    done = (_write_direct(src, dst, size, cached) if direct and size >= DIRECT_MIN_BYTES
+            else None)
     if done is None:
         shutil.copyfile(src, dst)
     elif done < size:  # the unaligned tail (or the rest after a short write)
@@ -265,9 +275,31 @@ def copy_file(src: str | Path, dst: str | Path, direct: bool = True) -> str:
     return "buffered" if done is None else "direct"
 
 
-def _write_direct(src: str, dst: str, size: int) -> int | None:
-    """Write the aligned part of ``src`` to ``dst`` with O_DIRECT; return the bytes written,
-    or None (nothing written) when the target filesystem does not take O_DIRECT."""
+def _segments(size: int, cached: Sequence[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """[start, end) pieces of ``size`` aligned bytes, in order, each direct or not: the
+    ``cached`` ranges widened to the alignment and merged, the rest direct."""
+    spans = sorted((max(0, o - o % DIRECT_ALIGN), min(size, -(-(o + n) // DIRECT_ALIGN) * DIRECT_ALIGN))
+                   for o, n in cached if n > 0)
+    out: list[tuple[int, int, bool]] = []
+    at = 0
+    for lo, hi in spans:
+        lo = max(lo, at)
+        if hi <= lo:
+            continue
+        if lo > at:
+            out.append((at, lo, True))
+        out.append((lo, hi, False))
+        at = hi
+    if at < size:
+        out.append((at, size, True))
+    return out
+
+
+def _write_direct(src: str, dst: str, size: int,
+                  cached: Sequence[tuple[int, int]] = ()) -> int | None:
+    """Write the aligned part of ``src`` to ``dst`` with O_DIRECT, the ``cached`` ranges
+    buffered; return the bytes written from the start, or None (nothing written) when the
+    target filesystem does not take O_DIRECT."""
     try:
         out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
     except OSError as exc:
@@ -276,19 +308,23 @@ def _write_direct(src: str, dst: str, size: int) -> int | None:
         _refused(dst, exc)
         return None
     done = 0
-    aligned = size - size % DIRECT_ALIGN
+    buffered = -1
     try:
         with open(src, "rb") as fin:
-            while done < aligned:
-                # one chunk mapped at a time: mapping the whole file would count its staged
-                # pages (2 GB) in this process's RSS
-                length = min(DIRECT_CHUNK, aligned - done)
-                with mmap.mmap(fin.fileno(), length, prot=mmap.PROT_READ, offset=done) as m, \
-                        memoryview(m) as view:
-                    n = os.write(out, view)
-                done += n
-                if n <= 0 or n % DIRECT_ALIGN:
-                    break  # a short, unaligned write: the caller finishes buffered
+            for _start, end, direct in _segments(size - size % DIRECT_ALIGN, cached):
+                if not direct and buffered < 0:
+                    buffered = os.open(dst, os.O_WRONLY)
+                fd = out if direct else buffered
+                while done < end:
+                    # one chunk mapped at a time: mapping the whole file would count its
+                    # staged pages (2 GB) in this process's RSS
+                    length = min(DIRECT_CHUNK, end - done)
+                    with mmap.mmap(fin.fileno(), length, prot=mmap.PROT_READ,
+                                   offset=done) as m, memoryview(m) as view:
+                        n = os.pwrite(fd, view, done)
+                    done += n
+                    if n <= 0 or n % DIRECT_ALIGN:
+                        return done  # a short, unaligned write: the caller finishes buffered
     except OSError as exc:
         if exc.errno != errno.EINVAL or done:
             raise
@@ -296,6 +332,8 @@ def _write_direct(src: str, dst: str, size: int) -> int | None:
         return None
     finally:
         os.close(out)
+        if buffered >= 0:
+            os.close(buffered)
     return done
 
 

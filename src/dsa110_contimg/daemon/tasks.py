@@ -12,6 +12,7 @@ run. Imports stay inside the functions so a worker loads only its own stage's st
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ def convert_and_check(inputs: ConversionInputs, options: ConversionOptions,
     from ..conversion.convert import convert_group
     from ..qa.ms import check_ms_after_conversion
 
-    res = convert_group(inputs, options)
+    res = convert_group(replace(inputs, cache_integrations=thresholds.sample_integrations),
+                        options)
     expected = {"n_antennas": res.n_antennas, "phase_centre_ra_deg": res.phase_centre_ra_deg,
                 "phase_centre_dec_deg": res.phase_centre_dec_deg}
     return res, check_ms_after_conversion(res.ms_path, thresholds, expected)

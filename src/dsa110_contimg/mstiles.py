@@ -1,0 +1,86 @@
+"""Where a column's rows lie in casacore's tiled storage file, for the layout the conversion
+writes: one TiledShapeStMan hypercube, in row order, whose tiles hold whole rows.
+
+Two users: the conversion publishes the rows the MS gate will sample through the page cache,
+and the gate maps them instead of asking casacore. Any other layout (several hypercubes,
+rows out of cube order, tiles that split channels) gives None, and callers use casacore.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_TYPES = {"boolean": "u1", "complex": "c8", "dcomplex": "c16", "float": "f4", "double": "f8"}
+
+
+@dataclass(frozen=True)
+class TileFile:
+    path: Path
+    npol: int
+    nchan: int
+    tile_rows: int
+    bucket: int  # bytes per tile
+    dtype: np.dtype  # element type in file byte order; uint8 for booleans (one bit each)
+    nrows: int
+
+    @property
+    def bits(self) -> bool:
+        return self.dtype.kind == "u"
+
+    def tiles_of(self, start: int, nrow: int) -> tuple[int, int]:
+        return start // self.tile_rows, (start + nrow - 1) // self.tile_rows
+
+    def byte_range(self, start: int, nrow: int) -> tuple[int, int]:
+        """(offset, length) of the whole tiles holding rows ``start`` … ``start + nrow - 1``."""
+        first, last = self.tiles_of(start, nrow)
+        return first * self.bucket, (last - first + 1) * self.bucket
+
+    def map(self, first: int, last: int) -> memoryview:
+        """Tiles ``first`` … ``last``, mapped read-only (no copy)."""
+        offset = first * self.bucket
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), (last + 1) * self.bucket - aligned,
+                           prot=mmap.PROT_READ, offset=aligned)
+        return memoryview(mm)[offset - aligned:]
+
+
+def tile_file(t: Any, col: str) -> TileFile | None:
+    """The storage file of ``col`` in the open table ``t``, or None for any other layout.
+
+    The file must have exactly the size its tiles need, so it has to be flushed."""
+    try:
+        info = t.getdminfo(col)
+        spec = info["SPEC"]
+        cubes = list(spec["HYPERCUBES"].values())
+        if info["TYPE"] != "TiledShapeStMan" or len(cubes) != 1 or int(spec["IndexSize"]) != 1:
+            return None  # several cubes or row runs: rows are not in cube order
+        cube, tile = (np.asarray(cubes[0][k], dtype=np.int64) for k in ("CubeShape", "TileShape"))
+        nrows = int(t.nrows())
+        if cube.size != 3 or not np.array_equal(tile[:2], cube[:2]) or cube[2] != nrows:
+            return None
+        npol, nchan, tile_rows = (int(v) for v in tile)
+        dtype = np.dtype(_TYPES[t.coldatatype(col)])
+        if dtype.kind == "u":  # booleans: bits, each row starting on a byte
+            if (npol * nchan) % 8:
+                return None
+            size = npol * nchan * tile_rows // 8
+        else:
+            dtype = dtype.newbyteorder("<" if t.endianformat() == "little" else ">")
+            size = npol * nchan * tile_rows * dtype.itemsize
+        bucket = int(cubes[0]["BucketSize"])
+        if bucket != size:
+            return None
+        n_tiles = -(-nrows // tile_rows)
+        files = [f for f in Path(t.name()).glob(f"table.f{int(info['SEQNR'])}_TSM*")
+                 if f.stat().st_size == n_tiles * bucket]
+        if len(files) != 1:
+            return None
+        return TileFile(files[0], npol, nchan, tile_rows, bucket, dtype, nrows)
+    except (KeyError, ValueError, OSError, RuntimeError):
+        return None
