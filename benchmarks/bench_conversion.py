@@ -27,8 +27,6 @@ from pathlib import Path
 
 from _common import read_once, timed_copies
 
-from dsa110_contimg.qa.options import MSQAThresholds
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsa110_contimg.casa_env import prepare_casa
     from dsa110_contimg.conversion.convert import ConversionInputs
     from dsa110_contimg.conversion.options import ConversionOptions
+    from dsa110_contimg.qa.options import MSQAThresholds
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-conversion-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,12 @@ def test_publish_copies_a_staged_tree_atomically(tmp_path):
             "ANTENNA/table.f0": _random_file(staged / "ANTENNA" / "table.f0", 33362, 6),
         }
         final = tmp_path / "products" / "2026-06-01T044410.ms"
-        assert staging.publish(staged, final, fsync=True, direct=True) == final
+        page = staging.DIRECT_ALIGN
+        assert staging.publish(staged, final, fsync=True, direct=True,
+                               cached={"table.f21_TSM1": [(5 * page, 3 * page)]}) == final
+        if _takes_direct(tmp_path):  # the named range, found by its relative path, is cached
+            res = _resident(final / "table.f21_TSM1")
+            assert res[5:8].all() and not res[9:BIG // page - 1].any()
         for rel, data in files.items():
             assert (final / rel).read_bytes() == data, rel
         assert not [p for p in final.parent.iterdir() if staging.PARTIAL_MARK in p.name]

@@ -226,10 +226,9 @@ def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True,
         else:
             require_space(final.parent, int(tree_bytes(staged) * 1.02) + (1 << 20),
                           "publishing the MS")
-            ranges = {str(Path(staged) / k): v for k, v in (cached or {}).items()}
-
             def copy(src: str, dst: str) -> str:
-                return copy_file(src, dst, direct=direct, cached=ranges.get(str(src), ()))
+                ranges = (cached or {}).get(os.path.relpath(src, staged), ())
+                return copy_file(src, dst, direct=direct, cached=ranges)
 
             shutil.copytree(staged, tmp, copy_function=copy)
         if fsync:
