@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-area", action="store_true",
                    help="keep the MS in the tmpfs work area (CONTIMG_TMPFS_KEEP_MS=true) instead "
                         "of publishing it to disk (the default)")
+    p.add_argument("--runs", type=int, default=2,
+                   help="conversions of the group in a row (MS removed in between): the first "
+                        "writes fresh tmpfs pages, later ones the kept tile files of the one "
+                        "before, as the daemon does in steady state (CONTIMG_WARM_COLUMN_SETS); "
+                        "the last is reported, all are listed")
+    p.add_argument("--no-warm", action="store_true",
+                   help="no warm tile files (CONTIMG_WARM_COLUMN_SETS=0)")
     p.add_argument("--keep", action="store_true", help="keep the MS and work directory")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -120,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "products"
     if out.exists():
         shutil.rmtree(out)
-    from dsa110_contimg.conversion.workarea import work_dir
+    from dsa110_contimg.conversion.workarea import work_dir, work_ms_path
 
-    kept = work_dir(args.tmpfs, work / "state") if args.work_area else None
-    if kept is not None:
-        shutil.rmtree(kept, ignore_errors=True)
+    kept = work_dir(args.tmpfs, work / "state")  # also holds the warm tile files
+    shutil.rmtree(kept, ignore_errors=True)
     inputs = ConversionInputs(group_id=group_id, files=tuple(files), output_dir=out,
                               scratch_dir=work / "scratch", tmpfs_path=args.tmpfs, work_dir=kept,
                               cache_integrations=MSQAThresholds().sample_integrations)
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     options = ConversionOptions(stage_inputs=defaults.stage_inputs and not args.no_stage_inputs,
                                 publish_fsync=defaults.publish_fsync and not args.no_fsync,
                                 publish_direct=defaults.publish_direct and not args.no_direct,
-                                parallel_subbands=args.processes, keep_in_tmpfs=args.work_area)
+                                parallel_subbands=args.processes, keep_in_tmpfs=args.work_area,
+                                warm_column_sets=0 if args.no_warm else defaults.warm_column_sets)
     ctx = mp.get_context(args.context)
     if args.context == "forkserver":
         try:
@@ -143,10 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_iers_preload:
             preload.append("dsa110_contimg.conversion.preload")
         ctx.set_forkserver_preload(preload)
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as ex:
-        result, rss_worker, rss_helpers = ex.submit(_convert, inputs, options).result()
-    wall = time.perf_counter() - t0
+    runs = []
+    for _ in range(max(1, args.runs)):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work_ms_path(kept, group_id), ignore_errors=True)
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as ex:
+            result, rss_worker, rss_helpers = ex.submit(_convert, inputs, options).result()
+        wall = time.perf_counter() - t0
+        runs.append({"duration_s": result.duration_s, "warm_columns": list(result.warm_columns),
+                     "timings_s": dict(result.timings_s), "peak_rss_mb": rss_worker})
+        print(f"run {len(runs)}: {result.duration_s:.2f} s, warm columns "
+              f"{list(result.warm_columns) or 'none'}; "
+              + ", ".join(f"{k} {v:.2f}" for k, v in result.timings_s), flush=True)
     conv_mbs = total / result.duration_s / 1e6
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1) as ex:
         qa = ex.submit(_qa, result.ms_path, {"n_channels": result.n_channels,
@@ -163,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f" (+ helper processes, largest: {rss_helpers:.0f} MB)" if rss_helpers else ""))
     print(f"options: stage_inputs={options.stage_inputs} fsync={options.publish_fsync} "
           f"direct={options.publish_direct} "
-          f"kept in tmpfs={result.ms_path.parent == kept} "
+          f"kept in tmpfs={result.ms_path.parent == kept} warm columns={list(result.warm_columns)} "
           f"processes={options.parallel_subbands} worker={args.context}"
           + ("" if args.context != "forkserver" else
              f" (IERS preloaded: {not args.no_iers_preload})"))
@@ -181,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mb": rss_worker, "timings_s": dict(result.timings_s),
             "qa_s": qa.duration_s, "qa_passed": qa.passed, "work_area": args.work_area,
             "publish_direct": options.publish_direct,
+            "warm_columns": list(result.warm_columns), "runs": runs,
             "load_average": os.getloadavg()[0]}, indent=1))
-    if kept is not None and not args.keep:
+    if not args.keep:
         shutil.rmtree(kept, ignore_errors=True)  # the tmpfs work area (RAM)
     if not args.keep and args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -510,6 +510,11 @@ def main() -> int:
               f"{iso['ratio']:.2f} x its own tmpfs copy ({iso['copy_mb_s']:.0f} MB/s), "
               f"{iso['mb_s'] / copy['mb_s']:.2f} x the copy above; MS gate {iso['qa_s']:.2f} s "
               f"({100 * iso['qa_s'] / iso['duration_s']:.1f} %)", flush=True)
+        runs = iso.get("runs") or []
+        if len(runs) > 1:
+            print("  runs in a row (the first into fresh tmpfs pages, then into the kept "
+                  "tile files of the one before): "
+                  + ", ".join(f"{r['duration_s']:.2f} s" for r in runs), flush=True)
 
     if not args.skip_plain:
         print(f"plain chain on {truths[0]['group_id']} ...", flush=True)

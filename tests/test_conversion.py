@@ -634,3 +634,95 @@ def test_clean_stale_staging_removes_only_dead_owners(tmp_path):
     assert sorted(removed) == sorted([dead, recycled])
     assert live.exists() and other.exists() and not dead.exists()
     assert clean_stale_staging(scratch / "missing", tmpfs / "missing") == []
+
+
+def _pool(work: Path) -> list[str]:
+    pool = work / "warm-columns"
+    return sorted(p.name.split("-")[0] for p in pool.iterdir()) if pool.is_dir() else []
+
+
+def _main_files(ms: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in ms.glob("table.f*")}
+
+
+def test_warm_column_files_give_the_same_ms(worker, tiny_two_groups, tmp_path):
+    """After a group is published its DATA/FLAG tile files wait in the work area; the next
+    group of the same shape is written into them, and its MS is byte for byte the one
+    written from scratch. A damaged entry is refused (that column is written fresh), the
+    pool keeps at most CONTIMG_WARM_COLUMN_SETS sets, and none without the memory reserve."""
+    root, truths = tiny_two_groups
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm tmpfs")
+    tmpfs = Path(tempfile.mkdtemp(prefix="contimg-test-", dir=shm))
+    try:
+        work = tmpfs / "contimg-work-test"
+
+        def inputs(truth: dict, out: str, warm: bool = True) -> ConversionInputs:
+            i = _inputs(group_files(root, truth), tmp_path / out, truth["group_id"], tmpfs=tmpfs)
+            return dataclasses.replace(i, work_dir=work) if warm else i
+
+        fresh = _run(worker, inputs(truths[1], "fresh", warm=False))
+        assert fresh["ok"] and fresh["result"].warm_columns == (), fresh
+        want = _main_files(fresh["result"].ms_path)
+
+        a = _run(worker, inputs(truths[0], "a"), tmpfs_reserve_gb=0)
+        assert a["ok"] and a["result"].warm_columns == (), a
+        assert _pool(work) == ["DATA", "FLAG"]
+        b = _run(worker, inputs(truths[1], "b"), tmpfs_reserve_gb=0)
+        assert b["ok"] and b["result"].warm_columns == ("DATA", "FLAG"), b
+        assert _main_files(b["result"].ms_path) == want
+        assert _pool(work) == ["DATA", "FLAG"]  # b's files went back
+
+        data = next((work / "warm-columns").glob("DATA-*"))
+        tiles = next(p for p in data.iterdir() if p.name != "header")
+        os.truncate(tiles, tiles.stat().st_size - 8)  # no longer the size its header says
+        c = _run(worker, inputs(truths[1], "c"), tmpfs_reserve_gb=0)
+        assert c["ok"] and c["result"].warm_columns == ("FLAG",), c
+        assert _main_files(c["result"].ms_path) == want
+        assert _pool(work) == ["DATA", "FLAG"]
+
+        for entry in list((work / "warm-columns").iterdir()):  # as a concurrent group leaves
+            shutil.copytree(entry, entry.with_name(entry.name + "0"))
+        d = _run(worker, inputs(truths[0], "d"), tmpfs_reserve_gb=0, warm_column_sets=2)
+        assert d["ok"] and d["result"].warm_columns == ("DATA", "FLAG")
+        assert _pool(work) == ["DATA", "DATA", "FLAG", "FLAG"]
+        e = _run(worker, inputs(truths[1], "e"), tmpfs_reserve_gb=0, warm_column_sets=1)
+        assert e["ok"] and e["result"].warm_columns == ("DATA", "FLAG")
+        assert _pool(work) == ["DATA", "FLAG"]
+        assert _main_files(e["result"].ms_path) == want
+        gap = tmp_path / "gap"  # a missing subband: its channels must not keep old data
+        gap.mkdir()
+        for p in group_files(root, truths[1]):
+            if not p.name.endswith("_sb07.hdf5"):
+                shutil.copyfile(p, gap / p.name)
+        gap_in = _inputs(sorted(gap.glob("*.hdf5")), tmp_path / "gap-fresh",
+                         truths[1]["group_id"], tmpfs=tmpfs)
+        gap_fresh = _run(worker, gap_in)
+        gap_warm = _run(worker, dataclasses.replace(gap_in, output_dir=tmp_path / "gap-warm",
+                                                    work_dir=work), tmpfs_reserve_gb=0)
+        assert gap_fresh["ok"] and gap_warm["ok"], (gap_fresh, gap_warm)
+        assert gap_warm["result"].warm_columns == ("DATA", "FLAG")
+        assert (_main_files(gap_warm["result"].ms_path)
+                == _main_files(gap_fresh["result"].ms_path))
+
+        g = _run(worker, inputs(truths[1], "g"), tmpfs_reserve_gb=1e6)
+        assert g["ok"] and g["result"].warm_columns == ("DATA", "FLAG")
+        assert _pool(work) == []  # not enough memory to spare: nothing kept
+        assert _main_files(g["result"].ms_path) == want
+    finally:
+        shutil.rmtree(tmpfs, ignore_errors=True)
+
+
+def test_warm_pool_removes_what_killed_conversions_left(tmp_path):
+    from dsa110_contimg.conversion.warmfiles import _remove_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".incoming-{dead.pid}-1"
+    live = tmp_path / f".incoming-{os.getpid()}-2"
+    for d in (orphan, live):
+        d.mkdir()
+        (d / "header").write_bytes(b"x")
+    _remove_orphans(tmp_path)
+    assert not orphan.exists() and live.exists()

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from daemon_harness import Daemon
+from dsa110_contimg.conversion.workarea import work_dir
 from dsa110_contimg.simulate import simulate_groups
 
 pytestmark = pytest.mark.slow
@@ -89,9 +90,15 @@ def test_two_groups_calibrator_then_applied_set_status_api_and_sigterm(tmp_path)
         png = httpx.get(base + "/api/images", timeout=10).json()[0]["quicklook_path"]
         assert png and png.endswith(".png")
 
+    # the last conversion's tile files wait in tmpfs for the next group; a stopped daemon
+    # gives that memory back
+    pool = work_dir(d.tmpfs, d.state) / "warm-columns"
+    assert sorted(p.name.split("-")[0] for p in pool.iterdir()) in (["DATA", "FLAG"],
+                                                                     ["DATA", "DATA", "FLAG", "FLAG"])
     d.terminate()
     assert d.wait(90) == 0
     assert any(e.get("event") == "daemon_stopped" for e in d.events())
+    assert not any(pool.iterdir())
 
 
 def test_sigkill_in_each_stage_then_restart_finishes_exactly_once(tmp_path):

@@ -49,6 +49,26 @@ class TileFile:
                            prot=mmap.PROT_READ, offset=aligned)
         return memoryview(mm)[offset - aligned:]
 
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` … ``stop - 1`` (padding rows of the last tile included), mapped
+        writable as (rows, nchan, npol) with the pages faulted in at once: writes land in
+        the file. Unmapped when the array and its views are gone."""
+        if self.bits:
+            raise ValueError("rows of a bit column cannot be viewed as an array")
+        row_bytes = self.npol * self.nchan * self.dtype.itemsize
+        offset = start * row_bytes
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "r+b") as fh:
+            mm = mmap.mmap(fh.fileno(), stop * row_bytes - aligned,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        return np.frombuffer(mm, dtype=self.dtype, count=(stop - start) * self.npol * self.nchan,
+                             offset=offset - aligned).reshape(stop - start, self.nchan, self.npol)
+
+    @property
+    def padded_rows(self) -> int:
+        return -(-self.nrows // self.tile_rows) * self.tile_rows
+
 
 def tile_file(t: Any, col: str) -> TileFile | None:
     """The storage file of ``col`` in the open table ``t``, or None for any other layout.

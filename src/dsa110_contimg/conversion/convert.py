@@ -33,7 +33,7 @@ import structlog
 from .. import mstiles
 from ..errors import BadInputError, ContimgError, StageError
 from ..products import CONVERSION_RECORD, product_dir, safe_stem
-from . import mswrite, parallel, phasing, reader, staging, workarea
+from . import mswrite, parallel, phasing, reader, staging, warmfiles, workarea
 from .options import ConversionOptions
 from .validate import GroupLayout, validate_group
 
@@ -77,6 +77,7 @@ class ConversionResult:
     notes: tuple[str, ...] = ()
     skipped: bool = False
     timings_s: tuple[tuple[str, float], ...] = field(default=())
+    warm_columns: tuple[str, ...] = ()  # columns written into kept tile files (warmfiles)
 
 
 def ms_path_for(output_dir: Path, group_id: str) -> Path:
@@ -128,6 +129,10 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
         need += parallel.buffer_bytes(max(1, BLOCK_BYTES // row_bytes) + layout.n_bls,
                                       int(layout.freqs_hz.size), layout.n_pols,
                                       not probe.uniform_nsamples)
+    if inputs.work_dir is not None and options.stage_to_tmpfs:  # staging before warm pages
+        warmfiles.make_room(warmfiles.pool_dir(inputs.work_dir),
+                            staging.free_bytes(Path(inputs.tmpfs_path)),
+                            max(need, int(options.tmpfs_headroom * layout.input_bytes)))
     root, kind, reason = staging.choose_staging(
         layout.input_bytes, options.stage_to_tmpfs, options.tmpfs_headroom,
         Path(inputs.tmpfs_path), Path(inputs.scratch_dir), need_bytes=need)
@@ -135,6 +140,9 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
         blog.warning("staging on disk", reason=reason)
         notes.append(reason)
     staging.require_space(root, need, "staging")
+    warm = (warmfiles.WarmColumns(warmfiles.pool_dir(inputs.work_dir))
+            if kind == "tmpfs" and inputs.work_dir is not None and options.warm_column_sets > 0
+            and staging.same_filesystem(root, Path(inputs.work_dir).parent) else None)
     staging.remove_stale_partials(final.parent)
     stem = safe_stem(group_id)
     with staging.staging_dir(root, stem, kind, reason) as stage:
@@ -156,7 +164,7 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
         timings["stage_inputs_wait"] = time.perf_counter() - tick
         staged_ms = stage.root / (stem + ".ms")
         record = write_group_ms(layout, meta, staged_ms, group_id, options, probe, notes,
-                                timings)
+                                timings, warm)
         tick = time.perf_counter()
         work = _work_ms(inputs)
         keep = False
@@ -187,6 +195,14 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
             published = staging.publish(staged_ms, final, fsync=options.publish_fsync,
                                         direct=options.publish_direct, cached=cached)
         timings["publish"] = time.perf_counter() - tick
+        if warm is not None and not keep:
+            tick = time.perf_counter()
+            try:
+                warm.after_publish(staged_ms, options.warm_column_sets,
+                                   int(options.tmpfs_reserve_gb * 1e9))
+            except Exception as exc:  # noqa: BLE001 - a cache: the MS is published already
+                blog.warning("warm_columns_not_kept", error=f"{type(exc).__name__}: {exc}")
+            timings["warm_keep"] = time.perf_counter() - tick
     duration = time.perf_counter() - t0
     blog.info("converted group", ms=str(published), staged_on=kind, seconds=round(duration, 2),
               input_mb=round(layout.input_bytes / 1e6, 1), notes=notes)
@@ -285,7 +301,8 @@ def _result_from_record(group_id: str, ms: Path, rec: dict[str, Any], duration: 
         phase_centre_dec_deg=float(rec["phase_centre_dec_deg"]), mid_mjd=float(rec["mid_mjd"]),
         staged_on=str(rec.get("staged_on", "disk")), input_bytes=int(rec.get("input_bytes", 0)),
         duration_s=duration, notes=tuple(rec.get("notes", ())), skipped=skipped,
-        timings_s=tuple((k, round(v, 4)) for k, v in (timings or {}).items()))
+        timings_s=tuple((k, round(v, 4)) for k, v in (timings or {}).items()),
+        warm_columns=tuple(rec.get("warm_columns", ())))
 
 
 # --------------------------------------------------------------------------- completion
@@ -429,8 +446,10 @@ def build_metadata(layout: GroupLayout, group_id: str, options: ConversionOption
 
 def write_group_ms(layout: GroupLayout, meta: GroupMeta, ms_path: Path, group_id: str,
                    options: ConversionOptions, probe: reader.GroupProbe, notes: list[str],
-                   timings: dict[str, float]) -> dict[str, Any]:
-    """Create the MS and stream the data in; return the completion record."""
+                   timings: dict[str, float],
+                   warm: warmfiles.WarmColumns | None = None) -> dict[str, Any]:
+    """Create the MS and stream the data in; return the completion record. With ``warm``,
+    the big columns are written into tile files of an earlier MS of the same shape."""
     uv, centre, times, order = meta.uv, meta.centre, meta.times_jd, meta.order
     tel = uv.telescope
     uniform_ns = probe.uniform_nsamples
@@ -441,6 +460,8 @@ def write_group_ms(layout: GroupLayout, meta: GroupMeta, ms_path: Path, group_id
         tick = time.perf_counter()
         ms = mswrite.create_ms(ms_path, uv, uv.Nblts, weight_spectrum=not uniform_ns)
         try:
+            if warm is not None:
+                ms = warm.before_write(ms, ms_path, int(layout.freqs_hz.size), layout.n_pols)
             _write_row_metadata(ms, uv, order, meta.a1, meta.a2, meta.uvw_out)
             timings["create_ms"] = time.perf_counter() - tick
             tick = time.perf_counter()
@@ -477,6 +498,7 @@ def write_group_ms(layout: GroupLayout, meta: GroupMeta, ms_path: Path, group_id
         "mid_mjd": float(centre.mid_jd - 2400000.5),
         "field_name": centre.name, "notes": list(notes),
         "weight_spectrum": not uniform_ns, "zeros_flagged": True,
+        "warm_columns": [] if warm is None else list(warm.adopted),
         "converted_unix": time.time(), "pid": os.getpid(),
     }
 
@@ -554,7 +576,7 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
         parallel.ParallelFiller(specs, helpers, workdir, nmax, nchan, npol, not uniform_ns, gaps)
         if helpers > 0 else
         parallel.ThreadFiller(specs, handles, options.fill_threads, nmax, nchan, npol,
-                              not uniform_ns, gaps, freqs, perm))
+                              not uniform_ns, gaps, freqs, perm, _direct_data(ms, nchan, npol)))
     try:
         # exact zeros are dead inputs, never sky: the fill flags them, where every visibility
         # passes anyway, instead of a flagdata clip pass over the MS (16 s at full size)
@@ -577,7 +599,8 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
                         "NaN/Inf (more than CONTIMG_CONVERT_MAX_NONFINITE_FRACTION="
                         f"{options.max_nonfinite_fraction:g} of the file)", path=source)
             t_b = time.perf_counter()
-            ms.putcol("DATA", np.asarray(data), startrow=plan.r0, nrow=n)
+            if filler.direct is None:  # else the fill wrote the rows in place
+                ms.putcol("DATA", np.asarray(data), startrow=plan.r0, nrow=n)
             ms.putcol("FLAG", np.asarray(flags), startrow=plan.r0, nrow=n)
             if nsam is not None:
                 ms.putcol("WEIGHT_SPECTRUM", np.asarray(nsam), startrow=plan.r0, nrow=n)
@@ -597,6 +620,15 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
     acc["write"] += time.perf_counter() - tick
     timings.update({f"data.{k}": v for k, v in acc.items()})
     return nonfinite, zeros
+
+
+def _direct_data(ms: Any, nchan: int, npol: int) -> mstiles.TileFile | None:
+    """DATA's tile file when the fill can write it in place: it exists at its full size
+    (adopted warm, :mod:`.warmfiles`), in the conversion's layout and native byte order."""
+    tf = mstiles.tile_file(ms, "DATA")
+    if tf is None or tf.dtype != np.dtype(np.complex64) or (tf.nchan, tf.npol) != (nchan, npol):
+        return None
+    return tf
 
 
 def _casa_pol_perm(pols: tuple[int, ...]) -> np.ndarray | None:

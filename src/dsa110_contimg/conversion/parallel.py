@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..mstiles import TileFile
 from .reader import BlockGeometry, FillSpec, RowPlan, Share, SubbandReader, fill_block
 
 Counts = tuple[list[tuple[str, int, int]], int]
@@ -55,6 +56,8 @@ def _helper_fill(specs: list[FillSpec], plan: RowPlan, geom: BlockGeometry,
 
 class ParallelFiller:
     """Double-buffered block filling by helper processes."""
+
+    direct: TileFile | None = None  # always fills its shared buffers
 
     def __init__(self, specs: list[FillSpec], helpers: int, workdir: Path, nmax: int,
                  nchan: int, npol: int, want_nsam: bool, gaps: np.ndarray) -> None:
@@ -110,25 +113,38 @@ class ThreadFiller:
     reads the memory-mapped files without Python's lock: two threads use both cores, and
     block k+1 fills while the main thread writes block k to the MS (python-casacore holds
     the lock while it writes). Each thread's files are disjoint channels of the buffers.
+
+    With ``direct`` (the MS's DATA tile file, in the conversion's layout) the threads fill
+    the block's rows of that file in place, mapped, instead of a buffer that the writer
+    would then copy into it: :attr:`direct` tells the writer to leave DATA alone.
     """
 
     def __init__(self, specs: list[FillSpec], readers: list[SubbandReader], threads: int,
                  nmax: int, nchan: int, npol: int, want_nsam: bool, gaps: np.ndarray,
-                 freqs_hz: np.ndarray, pol_perm: np.ndarray) -> None:
+                 freqs_hz: np.ndarray, pol_perm: np.ndarray,
+                 direct: TileFile | None = None) -> None:
         threads = max(1, min(threads, len(specs)))
         self.shares = [Share(specs[i::threads], readers[i::threads], nchan, npol, freqs_hz,
                              pol_perm) for i in range(threads)]
+        self.direct, self.gaps = direct, gaps
         self.sets: list[dict[str, np.ndarray | None]] = []
         for _ in (0, 1):  # fresh 100 MB arrays per block would cost page faults: reuse two
             flags = np.zeros((nmax, nchan, npol), dtype=bool)
             flags[:, gaps, :] = True  # channels no subband fills stay flagged and zero
             self.sets.append({
-                "data": np.zeros((nmax, nchan, npol), dtype=np.complex64), "flags": flags,
+                "data": (None if direct is not None else
+                         np.zeros((nmax, nchan, npol), dtype=np.complex64)), "flags": flags,
                 "nsam": np.zeros((nmax, nchan, npol), dtype=np.float32) if want_nsam else None})
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="contimg-fill")
+        if direct is not None and direct.padded_rows > direct.nrows:
+            direct.rows(direct.nrows, direct.padded_rows)[:] = 0  # the last tile's padding
 
     def submit(self, plan: RowPlan, geom: BlockGeometry, slot: int) -> list[Future]:
         b = self.sets[slot]
+        if self.direct is not None:
+            b["data"] = self.direct.rows(plan.r0, plan.r1)  # the previous map goes with it
+            if self.gaps.any():
+                b["data"][:, self.gaps, :] = 0
         return [self.pool.submit(fill_block, share, plan, geom, b["data"], b["flags"], b["nsam"])
                 for share in self.shares]
 
@@ -136,8 +152,9 @@ class ThreadFiller:
 
     def buffers(self, slot: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         b = self.sets[slot]
-        nsam = b["nsam"]
-        return b["data"][:n], b["flags"][:n], None if nsam is None else nsam[:n]
+        nsam, data = b["nsam"], b["data"]
+        assert data is not None
+        return data[:n], b["flags"][:n], None if nsam is None else nsam[:n]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

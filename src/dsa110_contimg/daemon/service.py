@@ -93,6 +93,14 @@ async def run_daemon(settings: Settings, once: bool = False) -> int:
         lock.release()
 
 
+def _free_warm_columns(s: Settings) -> None:
+    """A stopped daemon holds no RAM: drop the tile files kept for the next conversion."""
+    from ..conversion.warmfiles import clear, pool_dir
+    from ..conversion.workarea import work_dir
+
+    clear(pool_dir(work_dir(s.paths.tmpfs_path, s.paths.state_dir)))
+
+
 async def _serve(s: Settings, once: bool) -> int:
     from ..alerting.monitors import SystemMonitor
     from ..alerting.router import AlertRouter
@@ -240,6 +248,7 @@ async def _serve(s: Settings, once: bool) -> int:
         if released:
             log.warning("released_unfinished", groups=released)
         await executor.shutdown(kill=True)
+        await asyncio.to_thread(_free_warm_columns, s)
         stop.set()
         for t in tasks:
             t.cancel()
