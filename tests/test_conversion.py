@@ -155,6 +155,17 @@ def _run(worker, inputs, **opts) -> dict:
     return worker.submit(_convert, inputs, ConversionOptions(**{"publish_fsync": False, **opts})).result()
 
 
+@pytest.fixture
+def shm_dir():
+    """A directory of its own in the real tmpfs (work-area renames need one filesystem)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm tmpfs")
+    d = Path(tempfile.mkdtemp(prefix="contimg-test-", dir=shm))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_inspected(worker, tiny_ms) -> dict:
     return worker.submit(_inspect, str(tiny_ms)).result()
@@ -329,47 +340,41 @@ def test_rerun_is_skipped_and_disk_fallback_is_reported(worker, tiny_group, tmp_
     assert not any((tmp_path / "scratch").glob(STAGE_PREFIX + "*"))
 
 
-def test_ms_is_kept_in_the_work_area_while_memory_allows(worker, tiny_group, tmp_path):
+def test_ms_is_kept_in_the_work_area_while_memory_allows(worker, tiny_group, tmp_path, shm_dir):
     """With a tmpfs work area the MS is renamed there (no copy to disk); a rerun finds it;
     archive_ms later moves it, with its flag backups, to the product directory. With too
     little memory to spare it is published at once, and the MS says why."""
     from dsa110_contimg.conversion.workarea import archive_ms, flag_versions
 
     root, truth = tiny_group
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        pytest.skip("no /dev/shm tmpfs")
-    tmpfs = Path(tempfile.mkdtemp(prefix="contimg-test-", dir=shm))
-    try:
-        work = tmpfs / "contimg-work-test"
-        inputs = dataclasses.replace(_inputs(group_files(root, truth), tmp_path,
-                                             truth["group_id"], tmpfs=tmpfs), work_dir=work)
-        final = ms_path_for(inputs.output_dir, truth["group_id"])
-        res = _run(worker, inputs, tmpfs_reserve_gb=0, keep_in_tmpfs=True)
-        assert res["ok"], res
-        r = res["result"]
-        assert r.ms_path == work / final.name and (r.ms_path / "table.dat").is_file()
-        assert not final.exists() and r.staged_on == "tmpfs"
-        assert not any(tmpfs.glob(STAGE_PREFIX + "*"))
-        again = _run(worker, inputs, keep_in_tmpfs=True)
-        assert again["ok"] and again["result"].skipped and again["result"].ms_path == r.ms_path
+    tmpfs = shm_dir
+    work = tmpfs / "contimg-work-test"
+    inputs = dataclasses.replace(_inputs(group_files(root, truth), tmp_path,
+                                         truth["group_id"], tmpfs=tmpfs), work_dir=work)
+    final = ms_path_for(inputs.output_dir, truth["group_id"])
+    res = _run(worker, inputs, tmpfs_reserve_gb=0, keep_in_tmpfs=True)
+    assert res["ok"], res
+    r = res["result"]
+    assert r.ms_path == work / final.name and (r.ms_path / "table.dat").is_file()
+    assert not final.exists() and r.staged_on == "tmpfs"
+    assert not any(tmpfs.glob(STAGE_PREFIX + "*"))
+    again = _run(worker, inputs, keep_in_tmpfs=True)
+    assert again["ok"] and again["result"].skipped and again["result"].ms_path == r.ms_path
 
-        flag_versions(r.ms_path).mkdir()  # as flagdata leaves it
-        (flag_versions(r.ms_path) / "FLAG_VERSION_LIST").write_text("main : working copy\n")
-        assert archive_ms(r.ms_path, final, fsync=False) == final
-        assert not r.ms_path.exists() and not flag_versions(r.ms_path).exists()
-        assert (flag_versions(final) / "FLAG_VERSION_LIST").is_file()
-        assert archive_ms(r.ms_path, final) == final  # again: nothing to do
-        d = worker.submit(_inspect, str(final)).result()
-        assert d["nrows"] == r.n_times * (r.n_baselines)
+    flag_versions(r.ms_path).mkdir()  # as flagdata leaves it
+    (flag_versions(r.ms_path) / "FLAG_VERSION_LIST").write_text("main : working copy\n")
+    assert archive_ms(r.ms_path, final, fsync=False) == final
+    assert not r.ms_path.exists() and not flag_versions(r.ms_path).exists()
+    assert (flag_versions(final) / "FLAG_VERSION_LIST").is_file()
+    assert archive_ms(r.ms_path, final) == final  # again: nothing to do
+    d = worker.submit(_inspect, str(final)).result()
+    assert d["nrows"] == r.n_times * (r.n_baselines)
 
-        shutil.rmtree(final.parent)
-        big = _run(worker, inputs, tmpfs_reserve_gb=1e6, keep_in_tmpfs=True)
-        assert big["ok"] and big["result"].ms_path == final, big
-        assert any("not kept in tmpfs" in n for n in big["result"].notes)
-        assert not any(work.glob("*.ms"))
-    finally:
-        shutil.rmtree(tmpfs, ignore_errors=True)
+    shutil.rmtree(final.parent)
+    big = _run(worker, inputs, tmpfs_reserve_gb=1e6, keep_in_tmpfs=True)
+    assert big["ok"] and big["result"].ms_path == final, big
+    assert any("not kept in tmpfs" in n for n in big["result"].notes)
+    assert not any(work.glob("*.ms"))
 
 
 def test_invalid_existing_ms_is_moved_aside_not_deleted(worker, tiny_group, tmp_path):
@@ -645,73 +650,67 @@ def _main_files(ms: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in ms.glob("table.f*")}
 
 
-def test_warm_column_files_give_the_same_ms(worker, tiny_two_groups, tmp_path):
+def test_warm_column_files_give_the_same_ms(worker, tiny_two_groups, tmp_path, shm_dir):
     """After a group is published its DATA/FLAG tile files wait in the work area; the next
     group of the same shape is written into them, and its MS is byte for byte the one
     written from scratch. A damaged entry is refused (that column is written fresh), the
     pool keeps at most CONTIMG_WARM_COLUMN_SETS sets, and none without the memory reserve."""
     root, truths = tiny_two_groups
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        pytest.skip("no /dev/shm tmpfs")
-    tmpfs = Path(tempfile.mkdtemp(prefix="contimg-test-", dir=shm))
-    try:
-        work = tmpfs / "contimg-work-test"
+    tmpfs = shm_dir
+    work = tmpfs / "contimg-work-test"
 
-        def inputs(truth: dict, out: str, warm: bool = True) -> ConversionInputs:
-            i = _inputs(group_files(root, truth), tmp_path / out, truth["group_id"], tmpfs=tmpfs)
-            return dataclasses.replace(i, work_dir=work) if warm else i
+    def inputs(truth: dict, out: str, warm: bool = True) -> ConversionInputs:
+        i = _inputs(group_files(root, truth), tmp_path / out, truth["group_id"], tmpfs=tmpfs)
+        return dataclasses.replace(i, work_dir=work) if warm else i
 
-        fresh = _run(worker, inputs(truths[1], "fresh", warm=False))
-        assert fresh["ok"] and fresh["result"].warm_columns == (), fresh
-        want = _main_files(fresh["result"].ms_path)
+    fresh = _run(worker, inputs(truths[1], "fresh", warm=False))
+    assert fresh["ok"] and fresh["result"].warm_columns == (), fresh
+    want = _main_files(fresh["result"].ms_path)
 
-        a = _run(worker, inputs(truths[0], "a"), tmpfs_reserve_gb=0)
-        assert a["ok"] and a["result"].warm_columns == (), a
-        assert _pool(work) == ["DATA", "FLAG"]
-        b = _run(worker, inputs(truths[1], "b"), tmpfs_reserve_gb=0)
-        assert b["ok"] and b["result"].warm_columns == ("DATA", "FLAG"), b
-        assert _main_files(b["result"].ms_path) == want
-        assert _pool(work) == ["DATA", "FLAG"]  # b's files went back
+    a = _run(worker, inputs(truths[0], "a"), tmpfs_reserve_gb=0)
+    assert a["ok"] and a["result"].warm_columns == (), a
+    assert _pool(work) == ["DATA", "FLAG"]
+    b = _run(worker, inputs(truths[1], "b"), tmpfs_reserve_gb=0)
+    assert b["ok"] and b["result"].warm_columns == ("DATA", "FLAG"), b
+    assert _main_files(b["result"].ms_path) == want
+    assert _pool(work) == ["DATA", "FLAG"]  # b's files went back
 
-        data = next((work / "warm-columns").glob("DATA-*"))
-        tiles = next(p for p in data.iterdir() if p.name != "header")
-        os.truncate(tiles, tiles.stat().st_size - 8)  # no longer the size its header says
-        c = _run(worker, inputs(truths[1], "c"), tmpfs_reserve_gb=0)
-        assert c["ok"] and c["result"].warm_columns == ("FLAG",), c
-        assert _main_files(c["result"].ms_path) == want
-        assert _pool(work) == ["DATA", "FLAG"]
+    data = next((work / "warm-columns").glob("DATA-*"))
+    tiles = next(p for p in data.iterdir() if p.name != "header")
+    os.truncate(tiles, tiles.stat().st_size - 8)  # no longer the size its header says
+    c = _run(worker, inputs(truths[1], "c"), tmpfs_reserve_gb=0)
+    assert c["ok"] and c["result"].warm_columns == ("FLAG",), c
+    assert _main_files(c["result"].ms_path) == want
+    assert _pool(work) == ["DATA", "FLAG"]
 
-        for entry in list((work / "warm-columns").iterdir()):  # as a concurrent group leaves
-            shutil.copytree(entry, entry.with_name(entry.name + "0"))
-        d = _run(worker, inputs(truths[0], "d"), tmpfs_reserve_gb=0, warm_column_sets=2)
-        assert d["ok"] and d["result"].warm_columns == ("DATA", "FLAG")
-        assert _pool(work) == ["DATA", "DATA", "FLAG", "FLAG"]
-        e = _run(worker, inputs(truths[1], "e"), tmpfs_reserve_gb=0, warm_column_sets=1)
-        assert e["ok"] and e["result"].warm_columns == ("DATA", "FLAG")
-        assert _pool(work) == ["DATA", "FLAG"]
-        assert _main_files(e["result"].ms_path) == want
-        gap = tmp_path / "gap"  # a missing subband: its channels must not keep old data
-        gap.mkdir()
-        for p in group_files(root, truths[1]):
-            if not p.name.endswith("_sb07.hdf5"):
-                shutil.copyfile(p, gap / p.name)
-        gap_in = _inputs(sorted(gap.glob("*.hdf5")), tmp_path / "gap-fresh",
-                         truths[1]["group_id"], tmpfs=tmpfs)
-        gap_fresh = _run(worker, gap_in)
-        gap_warm = _run(worker, dataclasses.replace(gap_in, output_dir=tmp_path / "gap-warm",
-                                                    work_dir=work), tmpfs_reserve_gb=0)
-        assert gap_fresh["ok"] and gap_warm["ok"], (gap_fresh, gap_warm)
-        assert gap_warm["result"].warm_columns == ("DATA", "FLAG")
-        assert (_main_files(gap_warm["result"].ms_path)
-                == _main_files(gap_fresh["result"].ms_path))
+    for entry in list((work / "warm-columns").iterdir()):  # as a concurrent group leaves
+        shutil.copytree(entry, entry.with_name(entry.name + "0"))
+    d = _run(worker, inputs(truths[0], "d"), tmpfs_reserve_gb=0, warm_column_sets=2)
+    assert d["ok"] and d["result"].warm_columns == ("DATA", "FLAG")
+    assert _pool(work) == ["DATA", "DATA", "FLAG", "FLAG"]
+    e = _run(worker, inputs(truths[1], "e"), tmpfs_reserve_gb=0, warm_column_sets=1)
+    assert e["ok"] and e["result"].warm_columns == ("DATA", "FLAG")
+    assert _pool(work) == ["DATA", "FLAG"]
+    assert _main_files(e["result"].ms_path) == want
+    gap = tmp_path / "gap"  # a missing subband: its channels must not keep old data
+    gap.mkdir()
+    for p in group_files(root, truths[1]):
+        if not p.name.endswith("_sb07.hdf5"):
+            shutil.copyfile(p, gap / p.name)
+    gap_in = _inputs(sorted(gap.glob("*.hdf5")), tmp_path / "gap-fresh",
+                     truths[1]["group_id"], tmpfs=tmpfs)
+    gap_fresh = _run(worker, gap_in)
+    gap_warm = _run(worker, dataclasses.replace(gap_in, output_dir=tmp_path / "gap-warm",
+                                                work_dir=work), tmpfs_reserve_gb=0)
+    assert gap_fresh["ok"] and gap_warm["ok"], (gap_fresh, gap_warm)
+    assert gap_warm["result"].warm_columns == ("DATA", "FLAG")
+    assert (_main_files(gap_warm["result"].ms_path)
+            == _main_files(gap_fresh["result"].ms_path))
 
-        g = _run(worker, inputs(truths[1], "g"), tmpfs_reserve_gb=1e6)
-        assert g["ok"] and g["result"].warm_columns == ("DATA", "FLAG")
-        assert _pool(work) == []  # not enough memory to spare: nothing kept
-        assert _main_files(g["result"].ms_path) == want
-    finally:
-        shutil.rmtree(tmpfs, ignore_errors=True)
+    g = _run(worker, inputs(truths[1], "g"), tmpfs_reserve_gb=1e6)
+    assert g["ok"] and g["result"].warm_columns == ("DATA", "FLAG")
+    assert _pool(work) == []  # not enough memory to spare: nothing kept
+    assert _main_files(g["result"].ms_path) == want
 
 
 def test_warm_pool_removes_what_killed_conversions_left(tmp_path):
