@@ -713,6 +713,34 @@ def test_warm_column_files_give_the_same_ms(worker, tiny_two_groups, tmp_path, s
     assert _main_files(g["result"].ms_path) == want
 
 
+def test_warm_columns_with_weight_spectrum(worker, tiny_two_groups, tmp_path, shm_dir):
+    """Groups whose nsamples vary by channel get WEIGHT_SPECTRUM, a third tiled column: it
+    is kept and adopted like DATA and FLAG, and the MS is still the one written afresh."""
+    root, truths = tiny_two_groups
+    rng = np.random.default_rng(5)
+    runs = {}
+    for i, truth in enumerate(truths):
+        src = tmp_path / f"in{i}"
+        src.mkdir()
+        for p in group_files(root, truth):
+            shutil.copyfile(p, src / p.name)
+            with h5py.File(src / p.name, "r+") as h:
+                ns = h["Data/nsamples"]
+                ns[...] = rng.choice([0.5, 1.0], size=ns.shape).astype(ns.dtype)
+        runs[i] = _inputs(sorted(src.glob("*.hdf5")), tmp_path / f"out{i}", truth["group_id"],
+                          tmpfs=shm_dir)
+    fresh = _run(worker, runs[1])
+    work = shm_dir / "contimg-work-test"
+    warm = [_run(worker, dataclasses.replace(runs[i], output_dir=tmp_path / f"warm{i}",
+                                             work_dir=work), tmpfs_reserve_gb=0)
+            for i in (0, 1)]
+    assert fresh["ok"] and all(w["ok"] for w in warm), (fresh, warm)
+    assert warm[1]["result"].warm_columns == ("DATA", "FLAG", "WEIGHT_SPECTRUM")
+    files = _main_files(warm[1]["result"].ms_path)
+    assert files == _main_files(fresh["result"].ms_path)
+    assert len([n for n in files if "_TSM" in n]) >= 4  # DATA, FLAG, WEIGHT_SPECTRUM, ...
+
+
 def test_warm_pool_removes_what_killed_conversions_left(tmp_path):
     from dsa110_contimg.conversion.warmfiles import _remove_orphans
 

@@ -236,12 +236,18 @@ def make_room(pool: Path, free: int, need: int) -> int:
     return freed
 
 
-def clear(pool: Path) -> None:
-    """Give the pool's memory back (the daemon does at shutdown)."""
+def clear(pool: Path, remove_dirs: bool = False) -> None:
+    """Give the pool's memory back; at daemon shutdown (``remove_dirs``, nothing else running)
+    also its directory and the work area's, when empty."""
     for entry in _entries(pool):
         _drop(entry)
     for stale in Path(pool).glob(".*"):
         shutil.rmtree(stale, ignore_errors=True)
+    for d in (Path(pool), Path(pool).parent) if remove_dirs else ():
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 class WarmColumns:

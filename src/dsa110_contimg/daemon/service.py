@@ -98,7 +98,7 @@ def _free_warm_columns(s: Settings) -> None:
     from ..conversion.warmfiles import clear, pool_dir
     from ..conversion.workarea import work_dir
 
-    clear(pool_dir(work_dir(s.paths.tmpfs_path, s.paths.state_dir)))
+    clear(pool_dir(work_dir(s.paths.tmpfs_path, s.paths.state_dir)), remove_dirs=True)
 
 
 async def _serve(s: Settings, once: bool) -> int:
