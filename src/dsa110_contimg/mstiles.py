@@ -40,14 +40,24 @@ class TileFile:
         first, last = self.tiles_of(start, nrow)
         return first * self.bucket, (last - first + 1) * self.bucket
 
+    def _mmap(self, start: int, stop: int, writable: bool) -> tuple[mmap.mmap, int]:
+        """Bytes ``start`` … ``stop - 1`` of the file mapped (from the page boundary below
+        ``start``), and where ``start`` lies in the map. Writable maps are shared and
+        faulted in at once."""
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "r+b" if writable else "rb") as fh:
+            if writable:
+                mm = mmap.mmap(fh.fileno(), stop - aligned, offset=aligned,
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            else:
+                mm = mmap.mmap(fh.fileno(), stop - aligned, offset=aligned, prot=mmap.PROT_READ)
+        return mm, start - aligned
+
     def map(self, first: int, last: int) -> memoryview:
         """Tiles ``first`` … ``last``, mapped read-only (no copy)."""
-        offset = first * self.bucket
-        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), (last + 1) * self.bucket - aligned,
-                           prot=mmap.PROT_READ, offset=aligned)
-        return memoryview(mm)[offset - aligned:]
+        mm, skip = self._mmap(first * self.bucket, (last + 1) * self.bucket, writable=False)
+        return memoryview(mm)[skip:]
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start`` … ``stop - 1`` (padding rows of the last tile included), mapped
@@ -56,14 +66,9 @@ class TileFile:
         if self.bits:
             raise ValueError("rows of a bit column cannot be viewed as an array")
         row_bytes = self.npol * self.nchan * self.dtype.itemsize
-        offset = start * row_bytes
-        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "r+b") as fh:
-            mm = mmap.mmap(fh.fileno(), stop * row_bytes - aligned,
-                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        mm, skip = self._mmap(start * row_bytes, stop * row_bytes, writable=True)
         return np.frombuffer(mm, dtype=self.dtype, count=(stop - start) * self.npol * self.nchan,
-                             offset=offset - aligned).reshape(stop - start, self.nchan, self.npol)
+                             offset=skip).reshape(stop - start, self.nchan, self.npol)
 
     @property
     def padded_rows(self) -> int:

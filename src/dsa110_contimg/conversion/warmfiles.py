@@ -37,7 +37,6 @@ HEADER = "header"
 COLUMNS = ("DATA", "FLAG", "WEIGHT_SPECTRUM")
 
 
-
 @dataclass(frozen=True)
 class Column:
     """A tiled column of a new MS, as an entry must match it."""
@@ -95,11 +94,14 @@ def _size(entry: Path) -> int:
         return 0
 
 
+def _matching(pool: Path, key: str) -> list[Path]:
+    """Entries made for ``key`` (named ``<key>-<pid>-<ns>``), oldest first."""
+    return [e for e in _entries(pool) if e.name.startswith(key + "-")]
+
+
 def _claim(pool: Path, key: str, into: Path) -> Path | None:
     """Take an entry for ``key`` out of the pool (a rename: two conversions never share one)."""
-    for entry in _entries(pool):
-        if not entry.name.startswith(key + "-"):
-            continue
+    for entry in _matching(pool, key):
         try:
             os.rename(entry, into)
             return into
@@ -219,10 +221,6 @@ def _drop(entry: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-def pool_bytes(pool: Path) -> int:
-    return sum(_size(e) for e in _entries(pool))
-
-
 def make_room(pool: Path, free: int, need: int) -> int:
     """Drop entries, oldest first, until ``free`` plus what was dropped covers ``need``
     (staging comes before warm pages); return the bytes freed."""
@@ -264,8 +262,7 @@ class WarmColumns:
         from casacore import tables
 
         self.keys = fresh_keys(t, ms, nchan, npol)
-        wanted = [c.key + "-" for c in self.keys.values()]
-        if not any(e.name.startswith(w) for e in _entries(self.pool) for w in wanted):
+        if not any(_matching(self.pool, c.key) for c in self.keys.values()):
             return t
         t.close()
         self.adopted = adopt(ms, self.keys, self.pool)
