@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS of the worker:      {rss_worker:8.0f} MB"
           + (f" (+ helper processes, largest: {rss_helpers:.0f} MB)" if rss_helpers else ""))
     print(f"options: stage_inputs={options.stage_inputs} fsync={options.publish_fsync} "
-          f"direct={options.publish_direct} "
+          f"direct={options.publish_direct} early={options.publish_early} "
           f"kept in tmpfs={result.ms_path.parent == kept} warm columns={list(result.warm_columns)} "
           f"processes={options.parallel_subbands} worker={args.context}"
           + ("" if args.context != "forkserver" else

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import group_files
-from dsa110_contimg.conversion.convert import ConversionInputs, ms_path_for
+from dsa110_contimg.conversion.convert import ConversionInputs, ms_path_for, read_completion
 from dsa110_contimg.conversion.options import ConversionOptions
 from dsa110_contimg.conversion.staging import STAGE_PREFIX, clean_stale_staging
 from dsa110_contimg.conversion.validate import validate_group
@@ -35,15 +35,20 @@ C = 299_792_458.0
 # ----------------------------------------------------------------- worker-side helpers
 
 
-def _convert(inputs: ConversionInputs, options: ConversionOptions) -> dict:
+def _convert(inputs: ConversionInputs, options: ConversionOptions,
+             block_bytes: int | None = None) -> dict:
     """Run convert_group in the worker; return the result or the error as plain data."""
-    from dsa110_contimg.conversion.convert import convert_group
+    from dsa110_contimg.conversion import convert
 
+    default = convert.BLOCK_BYTES
+    convert.BLOCK_BYTES = block_bytes or default
     try:
-        r = convert_group(inputs, options)
+        r = convert.convert_group(inputs, options)
     except Exception as exc:
         return {"ok": False, "type": type(exc).__name__, "message": str(exc),
                 "path": getattr(exc, "path", None)}
+    finally:
+        convert.BLOCK_BYTES = default
     return {"ok": True, "result": r}
 
 
@@ -151,8 +156,10 @@ def _inputs(files, out: Path, group_id: str, tmpfs: Path | None = None,
                             tmpfs_path=tmpfs or out / "tmpfs")
 
 
-def _run(worker, inputs, **opts) -> dict:
-    return worker.submit(_convert, inputs, ConversionOptions(**{"publish_fsync": False, **opts})).result()
+def _run(worker, inputs, block_bytes: int | None = None, **opts) -> dict:
+    """``block_bytes``: fill blocks of about this size (1: one integration each)."""
+    return worker.submit(_convert, inputs, ConversionOptions(**{"publish_fsync": False, **opts}),
+                         block_bytes).result()
 
 
 @pytest.fixture
@@ -650,6 +657,10 @@ def _main_files(ms: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in ms.glob("table.f*")}
 
 
+def _early(ms: Path) -> list[str]:
+    return [str(n) for n in (read_completion(ms) or {})["published_early"] if str(n)]
+
+
 def test_warm_column_files_give_the_same_ms(worker, tiny_two_groups, tmp_path, shm_dir):
     """After a group is published its DATA/FLAG tile files wait in the work area; the next
     group of the same shape is written into them, and its MS is byte for byte the one
@@ -670,9 +681,13 @@ def test_warm_column_files_give_the_same_ms(worker, tiny_two_groups, tmp_path, s
     a = _run(worker, inputs(truths[0], "a"), tmpfs_reserve_gb=0)
     assert a["ok"] and a["result"].warm_columns == (), a
     assert _pool(work) == ["DATA", "FLAG"]
-    b = _run(worker, inputs(truths[1], "b"), tmpfs_reserve_gb=0)
+    # one integration per block: DATA, filled in place, goes to disk while later blocks
+    # fill (over a's data); no partial copy is left
+    b = _run(worker, inputs(truths[1], "b"), block_bytes=1, tmpfs_reserve_gb=0)
     assert b["ok"] and b["result"].warm_columns == ("DATA", "FLAG"), b
     assert _main_files(b["result"].ms_path) == want
+    assert _early(b["result"].ms_path) != [] and _early(a["result"].ms_path) == []
+    assert not list(b["result"].ms_path.parent.glob(".*"))
     assert _pool(work) == ["DATA", "FLAG"]  # b's files went back
 
     data = next((work / "warm-columns").glob("DATA-*"))
@@ -707,6 +722,9 @@ def test_warm_column_files_give_the_same_ms(worker, tiny_two_groups, tmp_path, s
     assert (_main_files(gap_warm["result"].ms_path)
             == _main_files(gap_fresh["result"].ms_path))
 
+    late = _run(worker, inputs(truths[1], "late"), tmpfs_reserve_gb=0, publish_early=False)
+    assert late["ok"] and _early(late["result"].ms_path) == []
+    assert _main_files(late["result"].ms_path) == want
     g = _run(worker, inputs(truths[1], "g"), tmpfs_reserve_gb=1e6)
     assert g["ok"] and g["result"].warm_columns == ("DATA", "FLAG")
     assert _pool(work) == []  # not enough memory to spare: nothing kept

@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +152,56 @@ def test_cached_ranges_are_published_through_the_page_cache(tmp_path):
     assert res[7:28].all() and res[chunk - 3:chunk + 2].all()  # the widened ranges
     assert not res[30:chunk - 4].any() and not res[chunk + 3:BIG // page - 1].any()  # direct
     assert dst.read_bytes() == data
+
+
+def test_early_copy_follows_a_file_as_it_fills(tmp_path):
+    """A file filled front to back is copied as its bytes become final: the copy starts
+    before the fill ends, is byte for byte, keeps its cached ranges in the page cache, and
+    becomes the published file; a stopped copy leaves nothing behind."""
+    if not _takes_direct(tmp_path):
+        pytest.skip("the test directory's filesystem refuses O_DIRECT")
+    page = staging.DIRECT_ALIGN
+    src = tmp_path / "stage" / "table.f21_TSM1"
+    src.parent.mkdir()
+    size = BIG
+    data = np.random.default_rng(9).integers(0, 256, size, dtype=np.uint8).tobytes()
+    src.write_bytes(bytes(size))  # allocated at full size, then filled in place
+    final = tmp_path / "out" / "g.ms"
+    copy = staging.EarlyCopy.start(src, final, size, [(3 * page + 7, page)])
+    assert copy is not None and copy.path.parent == final.parent
+    try:
+        half = size // 2 + 1001  # unaligned: the copy stops at the alignment below
+        with open(src, "r+b") as fh:
+            fh.write(data[:half])
+        copy.advance(half)
+        deadline = time.monotonic() + 30
+        while copy.done < half - half % page and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert copy.done == half - half % page  # copied while the rest is unwritten
+        with open(src, "r+b") as fh:
+            fh.seek(half)
+            fh.write(data[half:])
+        dst = tmp_path / "published"
+        assert copy.finish(str(dst)) == "direct"
+    finally:
+        copy.close()
+    assert dst.read_bytes() == data and not copy.path.exists()
+    assert _resident(dst)[3:5].all()
+
+    stopped = staging.EarlyCopy.start(src, final, size)
+    assert stopped is not None
+    stopped.advance(page * 10)
+    stopped.close()
+    assert not stopped.path.exists()
+    assert not [p for p in final.parent.iterdir() if staging.PARTIAL_MARK in p.name]
+
+
+def test_early_copy_left_by_a_dead_process_is_removed(tmp_path):
+    """Its name ends in .partial-<pid>, so the next conversion's clean-up finds it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    final = tmp_path / "g.ms"
+    left = final.with_name(f".g.ms.table.f21_TSM1{staging.PARTIAL_MARK}{dead.pid}")
+    left.write_bytes(b"x")
+    assert staging.remove_stale_partials(tmp_path) == [left]
+    assert not left.exists()

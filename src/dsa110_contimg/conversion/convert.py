@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ from ..products import CONVERSION_RECORD, product_dir, safe_stem
 from . import mswrite, parallel, phasing, reader, staging, warmfiles, workarea
 from .options import ConversionOptions
 from .validate import GroupLayout, validate_group
+
+EarlyStart = Callable[[mstiles.TileFile], "staging.EarlyCopy | None"]
 
 log = structlog.get_logger(__name__)
 
@@ -145,7 +149,21 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
             and staging.same_filesystem(root, Path(inputs.work_dir).parent) else None)
     staging.remove_stale_partials(final.parent)
     stem = safe_stem(group_id)
-    with staging.staging_dir(root, stem, kind, reason) as stage:
+    work = _work_ms(inputs)
+    # DATA filled in place (warm files) is copied to disk block by block while it fills
+    early: dict[str, staging.EarlyCopy] = {}
+
+    def start_early(tf: mstiles.TileFile) -> staging.EarlyCopy | None:
+        ranges = _sampled_ranges(tf, meta.uv.time_array[meta.order], inputs.cache_integrations)
+        copy = staging.EarlyCopy.start(tf.path, final, tf.path.stat().st_size, ranges)
+        if copy is not None:
+            early[tf.path.name] = copy
+        return copy
+
+    early_ok = (warm is not None and options.publish_direct and options.publish_early
+                and not (options.keep_in_tmpfs and work is not None)
+                and not staging.same_filesystem(root, final.parent))
+    with staging.staging_dir(root, stem, kind, reason) as stage, _closing(early):
         # The input copy is kernel-side (sendfile, no GIL): it runs on the other core while
         # the metadata (pyuvdata, numba, erfa: CPU-bound Python) is built from the header.
         tick = time.perf_counter()
@@ -164,9 +182,8 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
         timings["stage_inputs_wait"] = time.perf_counter() - tick
         staged_ms = stage.root / (stem + ".ms")
         record = write_group_ms(layout, meta, staged_ms, group_id, options, probe, notes,
-                                timings, warm)
+                                timings, warm, start_early if early_ok else None)
         tick = time.perf_counter()
-        work = _work_ms(inputs)
         keep = False
         if options.keep_in_tmpfs and work is not None and kind == "tmpfs":
             keep, why = workarea.room_to_keep(work.parent,
@@ -177,7 +194,7 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
                              reason=why)
                 notes.append(f"published to disk at conversion, not kept in tmpfs: {why}")
         record.update(staged_on=kind, input_bytes=layout.input_bytes, kept_in_tmpfs=keep,
-                      notes=list(notes))
+                      published_early=sorted(early), notes=list(notes))
         mark_complete(staged_ms, record)
         found = _converted(work, final)
         if found is not None:  # converted meanwhile by another worker: keep theirs
@@ -191,9 +208,11 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
         else:
             cached = (_sampled_data_ranges(staged_ms, meta.uv.time_array[meta.order],
                                            inputs.cache_integrations)
-                      if options.publish_direct and inputs.cache_integrations else {})
+                      if options.publish_direct and inputs.cache_integrations and not early
+                      else {})
             published = staging.publish(staged_ms, final, fsync=options.publish_fsync,
-                                        direct=options.publish_direct, cached=cached)
+                                        direct=options.publish_direct, cached=cached,
+                                        early=early)
         timings["publish"] = time.perf_counter() - tick
         if warm is not None and not keep:
             tick = time.perf_counter()
@@ -216,19 +235,30 @@ def _sampled_data_ranges(ms: Path, row_times: np.ndarray,
     name within the MS (none when DATA is not in the conversion's tile layout)."""
     from casacore import tables
 
-    from ..qa.ms import sample_time_indices
-
-    if np.any(np.diff(row_times) < 0):
-        return {}  # rows not in time order: integrations are not contiguous
-    times, first = np.unique(row_times, return_index=True)
-    bounds = np.append(first, row_times.size)
     with tables.table(str(ms), ack=False) as t:
         tf = mstiles.tile_file(t, "DATA")
-    if tf is None:
-        return {}
-    ranges = [tf.byte_range(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
-              for i in sample_time_indices(times.size, n)]
-    return {tf.path.name: ranges}
+    return {} if tf is None else {tf.path.name: _sampled_ranges(tf, row_times, n)}
+
+
+def _sampled_ranges(tf: mstiles.TileFile, row_times: np.ndarray,
+                    n: int) -> list[tuple[int, int]]:
+    from ..qa.ms import sample_time_indices
+
+    if n <= 0 or np.any(np.diff(row_times) < 0):
+        return []  # rows not in time order: integrations are not contiguous
+    times, first = np.unique(row_times, return_index=True)
+    bounds = np.append(first, row_times.size)
+    return [tf.byte_range(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
+            for i in sample_time_indices(times.size, n)]
+
+
+@contextmanager
+def _closing(early: dict[str, staging.EarlyCopy]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for copy in early.values():
+            copy.close()
 
 
 def _work_ms(inputs: ConversionInputs) -> Path | None:
@@ -447,9 +477,11 @@ def build_metadata(layout: GroupLayout, group_id: str, options: ConversionOption
 def write_group_ms(layout: GroupLayout, meta: GroupMeta, ms_path: Path, group_id: str,
                    options: ConversionOptions, probe: reader.GroupProbe, notes: list[str],
                    timings: dict[str, float],
-                   warm: warmfiles.WarmColumns | None = None) -> dict[str, Any]:
+                   warm: warmfiles.WarmColumns | None = None,
+                   start_early: EarlyStart | None = None) -> dict[str, Any]:
     """Create the MS and stream the data in; return the completion record. With ``warm``,
-    the big columns are written into tile files of an earlier MS of the same shape."""
+    the big columns are written into tile files of an earlier MS of the same shape; then
+    ``start_early`` (given DATA's tile file) may start copying it to disk as it fills."""
     uv, centre, times, order = meta.uv, meta.centre, meta.times_jd, meta.order
     tel = uv.telescope
     uniform_ns = probe.uniform_nsamples
@@ -467,7 +499,7 @@ def write_group_ms(layout: GroupLayout, meta: GroupMeta, ms_path: Path, group_id
             tick = time.perf_counter()
             nonfinite, zeros = _stream_data(ms, layout, handles, order, uv.time_array[order],
                                      meta.dw_file, meta.conj_rows, probe, options,
-                                     ms_path.parent, timings)
+                                     ms_path.parent, timings, start_early)
             timings["data"] = time.perf_counter() - tick
         finally:
             ms.close()
@@ -545,7 +577,8 @@ def _time_blocks(order_times: np.ndarray, row_bytes: int) -> list[tuple[int, int
 def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.ndarray,
                  time_of_row: np.ndarray, dw_file: np.ndarray, conj_rows: np.ndarray,
                  probe: reader.GroupProbe, options: ConversionOptions, workdir: Path,
-                 timings: dict[str, float]) -> tuple[dict[str, int], int]:
+                 timings: dict[str, float],
+                 start_early: EarlyStart | None = None) -> tuple[dict[str, int], int]:
     """Read, phase, conjugate and write DATA/FLAG/WEIGHT(_SPECTRUM)/SIGMA block by block;
     return the non-finite count per file and the number of zeros flagged."""
     nchan, npol = int(layout.freqs_hz.size), layout.n_pols
@@ -577,6 +610,8 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
         if helpers > 0 else
         parallel.ThreadFiller(specs, handles, options.fill_threads, nmax, nchan, npol,
                               not uniform_ns, gaps, freqs, perm, _direct_data(ms, nchan, npol)))
+    direct = filler.direct
+    early = None if direct is None or start_early is None else start_early(direct)
     try:
         # exact zeros are dead inputs, never sky: the fill flags them, where every visibility
         # passes anyway, instead of a flagdata clip pass over the MS (16 s at full size)
@@ -585,6 +620,8 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
             t_a = time.perf_counter()
             n = plan.r1 - plan.r0
             counts, nz = filler.wait(pending)
+            if early is not None and direct is not None:  # rows before r1 are final
+                early.advance(plan.r1 * direct.npol * direct.nchan * direct.dtype.itemsize)
             if i + 1 < len(plans):
                 pending = filler.submit(plans[i + 1], geometry(plans[i + 1]), (i + 1) % 2)
             data, flags, nsam = filler.buffers(i % 2, n)

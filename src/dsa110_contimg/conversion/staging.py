@@ -206,14 +206,16 @@ def same_filesystem(a: Path, b: Path) -> bool:
 
 
 def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True,
-            cached: Mapping[str, Sequence[tuple[int, int]]] | None = None) -> Path:
+            cached: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+            early: Mapping[str, EarlyCopy] | None = None) -> Path:
     """Move ``staged`` (a directory) to ``final`` atomically; return ``final``.
 
     The copy goes to ``.<name>.partial-<pid>`` beside ``final`` then is renamed. An existing
     ``final`` (only ever an invalid one: callers skip valid MSs) is moved aside as
     ``<name>.invalid-<unix time>``, never deleted. ``direct`` and ``cached`` (byte ranges of
     files, by path relative to ``staged``, written through the page cache): see
-    :func:`copy_file`.
+    :func:`copy_file`. ``early``: files (by relative path) already being copied, see
+    :class:`EarlyCopy`.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +229,10 @@ def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True,
             require_space(final.parent, int(tree_bytes(staged) * 1.02) + (1 << 20),
                           "publishing the MS")
             def copy(src: str, dst: str) -> str:
-                ranges = (cached or {}).get(os.path.relpath(src, staged), ())
-                return copy_file(src, dst, direct=direct, cached=ranges)
+                rel = os.path.relpath(src, staged)
+                if rel in (early or {}):
+                    return early[rel].finish(dst)  # type: ignore[index]
+                return copy_file(src, dst, direct=direct, cached=(cached or {}).get(rel, ()))
 
             shutil.copytree(staged, tmp, copy_function=copy)
         if fsync:
@@ -334,6 +338,128 @@ def _write_direct(src: str, dst: str, size: int,
         if buffered >= 0:
             os.close(buffered)
     return done
+
+
+class EarlyCopy:
+    """Publishes one big file of a staged MS while the conversion is still filling it.
+
+    The fill writes the file front to back; :meth:`advance` says how far its bytes are final
+    and a thread writes them (``O_DIRECT``, the ``cached`` ranges buffered, as
+    :func:`copy_file`) to ``.<MS name>.<file>.partial-<pid>`` beside the final MS, so the disk
+    works while the cores fill. :func:`publish` then takes the file over with
+    :meth:`finish` (the rest, then a rename into its copy of the MS) instead of copying it.
+    A failure other than a full disk falls back to a plain :func:`copy_file` at
+    :meth:`finish`. Start with :meth:`start`; always :meth:`close`.
+    """
+
+    def __init__(self, src: Path, final: Path, size: int, fd: int,
+                 cached: Sequence[tuple[int, int]]) -> None:
+        self.src, self.size, self._fd = Path(src), size, fd
+        self.path = _early_path(final, self.src.name)
+        self._pieces = _segments(size - size % DIRECT_ALIGN, cached)
+        self._buffered = os.open(self.path, os.O_WRONLY) if any(
+            not d for _, _, d in self._pieces) else -1
+        self._cond = threading.Condition()
+        self._ready = 0
+        self._stop = False
+        self.done = 0  # bytes written from the start
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="contimg-publish-early",
+                                        daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, src: Path, final: Path, size: int,
+              cached: Sequence[tuple[int, int]] = ()) -> EarlyCopy | None:
+        """None when the target filesystem refuses ``O_DIRECT`` (publish copies it then)."""
+        path = _early_path(final, Path(src).name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return None
+        return cls(src, final, size, fd, cached)
+
+    def advance(self, final_bytes: int) -> None:
+        """Bytes ``0 … final_bytes - 1`` of the source will not change any more."""
+        with self._cond:
+            self._ready = max(self._ready, min(final_bytes, self.size))
+            self._cond.notify()
+
+    def _wait_ready(self, at: int) -> int:
+        """How far the copy may go from ``at`` (aligned unless the source is final); ``at``
+        when stopped."""
+        with self._cond:
+            while not self._stop:
+                ready = (self._ready if self._ready >= self.size
+                         else self._ready - self._ready % DIRECT_ALIGN)
+                if ready > at:
+                    return ready
+                self._cond.wait()
+            return at
+
+    def _run(self) -> None:
+        try:
+            with open(self.src, "rb") as fin:
+                for start, end, direct in self._pieces:
+                    at = start
+                    while at < end:
+                        limit = min(end, self._wait_ready(at))
+                        if limit <= at:
+                            return  # stopped
+                        length = min(DIRECT_CHUNK, limit - at)
+                        with mmap.mmap(fin.fileno(), length, prot=mmap.PROT_READ,
+                                       offset=at) as m, memoryview(m) as view:
+                            n = os.pwrite(self._fd if direct else self._buffered, view, at)
+                        if n != length:
+                            raise OSError(errno.EIO, f"short write of {self.path}")
+                        at += n
+                        self.done = at
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+
+    def _join(self) -> None:
+        self._thread.join()
+        for fd in (self._fd, self._buffered):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._buffered = -1
+
+    def finish(self, dst: str) -> str:
+        """Complete the copy once the source is final and move it to ``dst``."""
+        self.advance(self.size)
+        self._join()
+        if self.error is not None:
+            if is_no_space(self.error):
+                raise self.error
+            log.warning("early publish failed; copying the file again", path=str(self.src),
+                        error=f"{type(self.error).__name__}: {self.error}")
+            Path(self.path).unlink(missing_ok=True)
+            return copy_file(self.src, dst)
+        if self.done < self.size:  # the unaligned tail
+            with open(self.src, "rb") as fin, open(self.path, "r+b") as fout:
+                fin.seek(self.done)
+                fout.seek(self.done)
+                shutil.copyfileobj(fin, fout, DIRECT_CHUNK)
+        shutil.copystat(self.src, self.path)
+        os.rename(self.path, dst)
+        return "direct"
+
+    def close(self) -> None:
+        """Stop (if :meth:`finish` did not run) and remove the partial copy."""
+        if self._thread.is_alive() or self._fd >= 0:
+            with self._cond:
+                self._stop = True
+                self._cond.notify()
+            self._join()
+        Path(self.path).unlink(missing_ok=True)
+
+
+def _early_path(final: Path, name: str) -> Path:
+    # ".partial-<pid>" last: remove_stale_partials clears it after a crash
+    return final.with_name(f".{final.name}.{name}{PARTIAL_MARK}{os.getpid()}")
 
 
 def _refused(path: str, exc: OSError) -> None:
