@@ -243,6 +243,8 @@ def _blame_minority(headers: Sequence[_Header], key: Callable[[_Header], Hashabl
                     what: str, describe: Callable[[_Header], str]) -> None:
     """Raise naming the first file whose ``key`` differs from the majority's."""
     keys = [key(h) for h in headers]
+    if all(k == keys[0] for k in keys[1:]):
+        return  # the usual case; comparing is cheaper than hashing MB-sized keys
     common, _ = Counter(keys).most_common(1)[0]
     ref = next(h for h, k in zip(headers, keys, strict=True) if k == common)
     for h, k in zip(headers, keys, strict=True):
