@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                         "writes fresh tmpfs pages, later ones the kept tile files of the one "
                         "before, as the daemon does in steady state (CONTIMG_WARM_COLUMN_SETS); "
                         "the last is reported, all are listed")
+    p.add_argument("--pause-s", type=float, default=0.0,
+                   help="idle this long between runs (309: groups as the telescope spaces them; "
+                        "on a VM whose host reclaims idle memory, shows what that costs)")
     p.add_argument("--no-warm", action="store_true",
                    help="no warm tile files (CONTIMG_WARM_COLUMN_SETS=0)")
     p.add_argument("--keep", action="store_true", help="keep the MS and work directory")
@@ -151,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             preload.append("dsa110_contimg.conversion.preload")
         ctx.set_forkserver_preload(preload)
     runs = []
-    for _ in range(max(1, args.runs)):
+    for i in range(max(1, args.runs)):
+        if i and args.pause_s > 0:
+            time.sleep(args.pause_s)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(work_ms_path(kept, group_id), ignore_errors=True)
         t0 = time.perf_counter()
