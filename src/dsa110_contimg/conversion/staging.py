@@ -52,7 +52,9 @@ def _start_time(pid: int) -> float | None:
         return None
 
 
-def _owner_alive(pid: int, started: float | None) -> bool:
+def owner_alive(pid: int, started: float | None = None) -> bool:
+    """Whether process ``pid`` still runs (and, given its start time, is the same process,
+    not a recycled pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,7 +139,7 @@ def clean_stale_staging(scratch_dir: Path, tmpfs_path: Path) -> list[Path]:
                 pid, started = int(owner["pid"]), owner.get("started")
             except (OSError, ValueError, KeyError, TypeError):
                 pass
-            if pid is None or _owner_alive(pid, started):
+            if pid is None or owner_alive(pid, started):
                 continue
             shutil.rmtree(d, ignore_errors=True)
             if not d.exists():
@@ -157,7 +159,7 @@ def remove_stale_partials(directory: Path) -> list[Path]:
         if PARTIAL_MARK not in p.name or not p.name.startswith("."):
             continue
         pid = _pid_of(p.name)
-        if pid is None or (pid != os.getpid() and _owner_alive(pid, None)):
+        if pid is None or (pid != os.getpid() and owner_alive(pid, None)):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(p)

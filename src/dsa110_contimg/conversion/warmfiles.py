@@ -29,6 +29,7 @@ from pathlib import Path
 import structlog
 
 from .. import mstiles
+from . import staging
 
 log = structlog.get_logger(__name__)
 
@@ -197,12 +198,9 @@ def give_back(ms: Path, keys: Keys, pool: Path, limit: int, reserve_bytes: int) 
 def _remove_orphans(pool: Path) -> None:
     """Half-moved entries of conversions killed mid-way (``.incoming-<pid>-…``)."""
     for stale in Path(pool).glob(".*-*-*"):
-        try:
-            os.kill(int(stale.name.split("-")[1]), 0)
-        except ProcessLookupError:
+        pid = stale.name.split("-")[1]
+        if pid.isdigit() and not staging.owner_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
 
 
 def _evict(pool: Path, col: str, keep: int) -> None:
