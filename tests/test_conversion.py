@@ -622,6 +622,22 @@ def test_full_disk_is_a_stage_error_naming_the_path(worker, tiny_group, tmp_path
     assert not any((tmp_path / "scratch").glob(STAGE_PREFIX + "*")) if (tmp_path / "scratch").exists() else True
 
 
+def test_full_disk_while_publishing_early(worker, tiny_group, tmp_path, small_mount, shm_dir):
+    """DATA copied to the products disk while it fills (warm files) meets a full disk: the
+    same StageError, and neither the MS nor the early partial copy is left behind."""
+    root, truth = tiny_group
+    work = shm_dir / "contimg-work-test"
+    first = dataclasses.replace(_inputs(group_files(root, truth), tmp_path / "a", truth["group_id"],
+                                        tmpfs=shm_dir), work_dir=work)
+    assert _run(worker, first, tmpfs_reserve_gb=0)["ok"]  # fills the warm pool
+    full = dataclasses.replace(first, output_dir=small_mount)
+    res = _run(worker, full, tmpfs_reserve_gb=0, block_bytes=1)
+    assert not res["ok"] and res["type"] == "StageError", res
+    assert "no space left on device" in res["message"] and str(small_mount) in res["message"]
+    assert not any(small_mount.rglob("*.ms")) and not any(small_mount.rglob(".*partial*"))
+    assert not any(p.name.startswith(STAGE_PREFIX) for p in shm_dir.iterdir())
+
+
 # ------------------------------------------------------------------ staging hygiene
 
 
