@@ -612,6 +612,7 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
                               not uniform_ns, gaps, freqs, perm, _direct_data(ms, nchan, npol)))
     direct = filler.direct
     early = None if direct is None or start_early is None else start_early(direct)
+    row_bytes = 0 if direct is None else direct.npol * direct.nchan * direct.dtype.itemsize
     try:
         # exact zeros are dead inputs, never sky: the fill flags them, where every visibility
         # passes anyway, instead of a flagdata clip pass over the MS (16 s at full size)
@@ -620,8 +621,8 @@ def _stream_data(ms: Any, layout: GroupLayout, handles: list[Any], order: np.nda
             t_a = time.perf_counter()
             n = plan.r1 - plan.r0
             counts, nz = filler.wait(pending)
-            if early is not None and direct is not None:  # rows before r1 are final
-                early.advance(plan.r1 * direct.npol * direct.nchan * direct.dtype.itemsize)
+            if early is not None:  # rows before r1 are final
+                early.advance(plan.r1 * row_bytes)
             if i + 1 < len(plans):
                 pending = filler.submit(plans[i + 1], geometry(plans[i + 1]), (i + 1) % 2)
             data, flags, nsam = filler.buffers(i % 2, n)

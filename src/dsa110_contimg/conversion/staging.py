@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -159,7 +160,7 @@ def remove_stale_partials(directory: Path) -> list[Path]:
         if PARTIAL_MARK not in p.name or not p.name.startswith("."):
             continue
         pid = _pid_of(p.name)
-        if pid is None or (pid != os.getpid() and owner_alive(pid, None)):
+        if pid is None or (pid != os.getpid() and owner_alive(pid)):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(p)
@@ -220,6 +221,7 @@ def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True,
     :class:`EarlyCopy`.
     """
     final = Path(final)
+    early = early or {}
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}{PARTIAL_MARK}{os.getpid()}")
     try:
@@ -232,8 +234,8 @@ def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True,
                           "publishing the MS")
             def copy(src: str, dst: str) -> str:
                 rel = os.path.relpath(src, staged)
-                if rel in (early or {}):
-                    return early[rel].finish(dst)  # type: ignore[index]
+                if rel in early:
+                    return early[rel].finish(dst)
                 return copy_file(src, dst, direct=direct, cached=(cached or {}).get(rel, ()))
 
             shutil.copytree(staged, tmp, copy_function=copy)
@@ -272,12 +274,26 @@ def copy_file(src: str | Path, dst: str | Path, direct: bool = True,
     if done is None:
         shutil.copyfile(src, dst)
     elif done < size:  # the unaligned tail (or the rest after a short write)
-        with open(src, "rb") as fin, open(dst, "r+b") as fout:
-            fin.seek(done)
-            fout.seek(done)
-            shutil.copyfileobj(fin, fout, DIRECT_CHUNK)
+        _copy_rest(src, dst, done)
     shutil.copystat(src, dst)
     return "buffered" if done is None else "direct"
+
+
+def _copy_rest(src: str | Path, dst: str | Path, done: int) -> None:
+    """Bytes from ``done`` on, buffered, into the existing ``dst``."""
+    with open(src, "rb") as fin, open(dst, "r+b") as fout:
+        fin.seek(done)
+        fout.seek(done)
+        shutil.copyfileobj(fin, fout, DIRECT_CHUNK)
+
+
+def _write_chunk(fin: Any, fd: int, at: int, length: int) -> int:
+    """Bytes ``at`` … ``at + length - 1`` of ``fin`` to the same offset of ``fd``; the count
+    written. One chunk is mapped at a time: mapping the whole file would count its staged
+    pages (2 GB) in this process's RSS."""
+    with mmap.mmap(fin.fileno(), length, prot=mmap.PROT_READ, offset=at) as m, \
+            memoryview(m) as view:
+        return os.pwrite(fd, view, at)
 
 
 def _segments(size: int, cached: Sequence[tuple[int, int]]) -> list[tuple[int, int, bool]]:
@@ -321,12 +337,7 @@ def _write_direct(src: str, dst: str, size: int,
                     buffered = os.open(dst, os.O_WRONLY)
                 fd = out if direct else buffered
                 while done < end:
-                    # one chunk mapped at a time: mapping the whole file would count its
-                    # staged pages (2 GB) in this process's RSS
-                    length = min(DIRECT_CHUNK, end - done)
-                    with mmap.mmap(fin.fileno(), length, prot=mmap.PROT_READ,
-                                   offset=done) as m, memoryview(m) as view:
-                        n = os.pwrite(fd, view, done)
+                    n = _write_chunk(fin, fd, done, min(DIRECT_CHUNK, end - done))
                     done += n
                     if n <= 0 or n % DIRECT_ALIGN:
                         return done  # a short, unaligned write: the caller finishes buffered
@@ -354,10 +365,9 @@ class EarlyCopy:
     :meth:`finish`. Start with :meth:`start`; always :meth:`close`.
     """
 
-    def __init__(self, src: Path, final: Path, size: int, fd: int,
+    def __init__(self, src: Path, path: Path, size: int, fd: int,
                  cached: Sequence[tuple[int, int]]) -> None:
-        self.src, self.size, self._fd = Path(src), size, fd
-        self.path = _early_path(final, self.src.name)
+        self.src, self.path, self.size, self._fd = Path(src), path, size, fd
         self._pieces = _segments(size - size % DIRECT_ALIGN, cached)
         self._buffered = os.open(self.path, os.O_WRONLY) if any(
             not d for _, _, d in self._pieces) else -1
@@ -382,7 +392,7 @@ class EarlyCopy:
             if exc.errno != errno.EINVAL:
                 raise
             return None
-        return cls(src, final, size, fd, cached)
+        return cls(src, path, size, fd, cached)
 
     def advance(self, final_bytes: int) -> None:
         """Bytes ``0 … final_bytes - 1`` of the source will not change any more."""
@@ -412,9 +422,8 @@ class EarlyCopy:
                         if limit <= at:
                             return  # stopped
                         length = min(DIRECT_CHUNK, limit - at)
-                        with mmap.mmap(fin.fileno(), length, prot=mmap.PROT_READ,
-                                       offset=at) as m, memoryview(m) as view:
-                            n = os.pwrite(self._fd if direct else self._buffered, view, at)
+                        n = _write_chunk(fin, self._fd if direct else self._buffered, at,
+                                         length)
                         if n != length:
                             raise OSError(errno.EIO, f"short write of {self.path}")
                         at += n
@@ -441,10 +450,7 @@ class EarlyCopy:
             Path(self.path).unlink(missing_ok=True)
             return copy_file(self.src, dst)
         if self.done < self.size:  # the unaligned tail
-            with open(self.src, "rb") as fin, open(self.path, "r+b") as fout:
-                fin.seek(self.done)
-                fout.seek(self.done)
-                shutil.copyfileobj(fin, fout, DIRECT_CHUNK)
+            _copy_rest(self.src, self.path, self.done)
         shutil.copystat(self.src, self.path)
         os.rename(self.path, dst)
         return "direct"
