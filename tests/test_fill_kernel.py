@@ -68,7 +68,6 @@ def _expected(vis, specs, freqs, perm, a, n, dw, flip, flags_in):
 @pytest.mark.parametrize(("a", "n"), [(0, NROW), (13, 200), (70, 140), (299, 1)])
 def test_fill_matches_numpy(files, a, n):
     rng = np.random.default_rng(a + n)
-    readers = [reader.SubbandReader(p) for p, _ in files]
     nf = len(files)
     freqs = np.linspace(1.3e9, 1.5e9, NCHAN * nf)
     freqs[NCHAN + 5] += 1e5  # the second file's channels are not evenly spaced
@@ -76,22 +75,26 @@ def test_fill_matches_numpy(files, a, n):
                              nchan=NCHAN, descending=bool(i % 2), flag_const=FLAG_CONST[i],
                              nsam_const=1.0) for i, (p, _) in enumerate(files)]
     perm = np.array([1, 0])
-    share = reader.Share(specs, readers, NCHAN * nf, NPOL, freqs, perm)
-    assert len(share.raw) == nf  # every file read in place, by the kernel
     dw = rng.normal(0, 50, n)
     flip = rng.random(n) < 0.5
     flags_in = rng.random((n, NCHAN * nf, NPOL)) < 0.3
     data = np.full((n, NCHAN * nf, NPOL), 7 + 7j, np.complex64)
     flags = flags_in.copy()
     counts = np.zeros(nf, np.int64)
-    zeros = kernel.fill_files(share.srcs, share.starts, share.crs, share.strides, share.m_of,
-                              share.inner, share.chan_of, share.doffs, share.freqs,
-                              share.regular, share.flag_const, a, n, data.reshape(-1),
-                              flags.reshape(-1), NCHAN * nf * NPOL, dw, flip, counts)
+    readers = [reader.SubbandReader(p) for p, _ in files]
+    try:
+        share = reader.Share(specs, readers, NCHAN * nf, NPOL, freqs, perm)
+        assert len(share.raw) == nf  # every file read in place, by the kernel
+        zeros = kernel.fill_files(share.srcs, share.starts, share.crs, share.strides,
+                                  share.m_of, share.inner, share.chan_of, share.doffs,
+                                  share.freqs, share.regular, share.flag_const, a, n,
+                                  data.reshape(-1), flags.reshape(-1), NCHAN * nf * NPOL, dw,
+                                  flip, counts)
+    finally:
+        for rd in readers:
+            rd.close()
     want = _expected([v for _, v in files], specs, freqs, perm, a, n, dw, flip, flags_in)
     np.testing.assert_allclose(data, want[0], rtol=0, atol=2e-5)
     assert np.array_equal(flags, want[1])
     assert counts.tolist() == want[2]
     assert zeros == want[3]
-    for rd in readers:
-        rd.close()

@@ -117,18 +117,13 @@ def fill_files(srcs, starts, crs, strides, m_of, inner, chan_of, doffs, freqs, r
                         so = uintp(t) * ss
                         dro = uintp(row) * ds
                         p = phs[t - t0]
-                        if flip[row]:
-                            for e in range(g0, g1):
-                                v = src[base[e] + so]
-                                if not (np.isfinite(v.real) and np.isfinite(v.imag)):
-                                    v = np.complex64(0)
-                                data[uintp(do[e]) + dro] = (v * p[co[e]]).conjugate()
-                        else:
-                            for e in range(g0, g1):
-                                v = src[base[e] + so]
-                                if not (np.isfinite(v.real) and np.isfinite(v.imag)):
-                                    v = np.complex64(0)
-                                data[uintp(do[e]) + dro] = v * p[co[e]]
+                        fl = flip[row]
+                        for e in range(g0, g1):
+                            v = src[base[e] + so]
+                            if not (np.isfinite(v.real) and np.isfinite(v.imag)):
+                                v = np.complex64(0)
+                            out = v * p[co[e]]
+                            data[uintp(do[e]) + dro] = out.conjugate() if fl else out
                 for t in range(t0, t1):
                     so = uintp(t) * ss
                     dro = uintp(r + t - a) * ds
