@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv demo test test-fast lint bench bench-e2e faults clean clean-bench
+.PHONY: venv demo test test-fast lint bench bench-e2e bench-catalogue bench-day faults clean clean-bench
 
 venv: $(STAMP)
 
@@ -35,6 +35,14 @@ bench: venv
 # plain chain vs the daemon on 3 groups, speed and accuracy, one run (BENCH_ARGS="--preset tiny")
 bench-e2e: venv
 	$(BIN)/python benchmarks/bench_e2e.py $(BENCH_ARGS)
+
+# the sky catalogue at NVSS size (1.8 M rows): build time and cone-search latency vs 50 ms
+bench-catalogue: venv
+	$(BIN)/python benchmarks/bench_catalogue.py $(BENCH_ARGS)
+
+# a simulated day at one declination (one calibrator transit, gains drifting): coverage and accuracy
+bench-day: venv
+	$(BIN)/python benchmarks/bench_day.py $(BENCH_ARGS)
 
 faults: venv
 	$(BIN)/python tests/faults/run.py

@@ -100,8 +100,11 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
     try:
         from .daemon import commands
     except ImportError:
-        return
-    commands.register(sub, _settings, _add_path_flags)
+        commands = None
+    if commands is not None:
+        commands.register(sub, _settings, _add_path_flags)
+    from .catalogue import cli as catalogue_cli
+    catalogue_cli.register(sub, _settings, _add_path_flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
