@@ -155,3 +155,39 @@ def test_sigterm_drains_and_a_failing_gate_stops_only_its_group(tmp_path):
     assert alerts, "the quarantine raised an alert"
     r = d.cli("requeue", bad["group_id"])
     assert r.returncode == 0 and "requeued" in r.stdout
+
+
+def test_group_hours_after_the_transit_is_calibrated_on_its_field(tmp_path):
+    """Lights-out: with a sky catalogue a group 3 h after the last transit ends done in mode
+    'field'; without one it is held, and the alert names the missing catalogue."""
+    d = Daemon(tmp_path / "with")
+    cal = simulate_groups(d.input, preset="tiny", groups=1, seed=21, gain_drift=True)[0]
+    start = datetime.fromisoformat(cal["group_id"]) + timedelta(hours=3)
+    field = simulate_groups(d.input, preset="tiny", groups=1, seed=21, gain_drift=True,
+                            calibrator="none", dec_deg=cal["pointing"]["dec_deg"],
+                            start=start)[0]
+    survey = d.input / "sky_nvss.tdat"  # the field group's sky, as NVSS lists it
+    r = d.cli("catalog", "build", "--no-bundled", str(survey))
+    assert r.returncode == 0, r.stderr
+    d.start("--once")
+    assert d.wait(STAGE_TIMEOUT) == 0, d.log_tail()
+    assert d.states() == {cal["group_id"]: "done", field["group_id"]: "done"}, d.log_tail()
+    c1 = _group_row(d, cal["group_id"])["flags"]["calibration"]
+    c2 = _group_row(d, field["group_id"])["flags"]["calibration"]
+    assert c1["mode"] == "solved" and c2["mode"] == "field", (c1, c2)
+    qa = json.loads((_products(d, field["group_id"]) / "qa.json").read_text())
+    assert qa["stages"]["calibration"]["metrics"]["field_model_apparent_jy"] > 0.2
+
+    bare = Daemon(tmp_path / "without")
+    for name in cal["files"] + field["files"]:
+        shutil.copy(d.input / name, bare.input / name)
+    bare.start("--once")
+    assert bare.wait(STAGE_TIMEOUT) == 0, bare.log_tail()
+    states = bare.states()
+    assert states[cal["group_id"]] == "done" and states[field["group_id"]] == "converted"
+    held = _group_row(bare, field["group_id"])["flags"].get("held") or ""
+    assert "no sky catalogue" in held, held
+    alerts = [e for e in bare.events() if e.get("event") == "alert"
+              and e.get("category") == "calibration.stale"
+              and field["group_id"] in json.dumps(e)]
+    assert any("no sky catalogue" in json.dumps(a) for a in alerts), alerts

@@ -121,6 +121,9 @@ class _FakeRegistry:
     async def find_valid(self, mid_mjd, dec_deg, options):
         return self.in_force
 
+    async def find_bandpass(self, mid_mjd, dec_deg, options):
+        return self.in_force
+
     async def mark_failed(self, name, reason):
         self.failed.append((name, reason))
         return True

@@ -23,6 +23,7 @@ from dsa110_contimg.imaging.options import ImagingOptions
 from dsa110_contimg.imaging.pbcor import quiet_wcs as WCS
 from dsa110_contimg.imaging.simcal import apply_truth_gains
 from dsa110_contimg.imaging.stage import ImagingInputs, _finished, image_group, product_names
+from dsa110_contimg.instrument import PrimaryBeam
 from dsa110_contimg.products import product_dir
 from dsa110_contimg.qa.image import Beam, check_image_quality, fit_point_source
 from dsa110_contimg.qa.options import ImageQAThresholds
@@ -233,13 +234,13 @@ def test_peeling_subtracts_the_fitted_source_from_the_visibilities(tiny_calibrat
                               times)
     w = np.asarray(s.time_weights)
     ref = (s.freq_min_hz + s.freq_max_hz) / 2
-    bright = select_bright(tra, tdec, w, ref, s.dish_diameter_m, 0.5)
+    bright = select_bright(tra, tdec, w, ref, PrimaryBeam.airy(s.dish_diameter_m), 0.5)
     assert [c.name for c in bright] == ["3C286"]
-    assert select_bright(tra, tdec, w, ref, s.dish_diameter_m, 0.0) == []  # 0: off
+    assert select_bright(tra, tdec, w, ref, PrimaryBeam.airy(s.dish_diameter_m), 0.0) == []  # 0: off
     with open_table(copy) as tb:
         before = tb.getcol("DATA")
     (p,), _ = peel_sources(copy, bright, s.pointing_az_deg, s.pointing_alt_deg, ref,
-                        s.dish_diameter_m, tra, tdec, w)
+                        PrimaryBeam.airy(s.dish_diameter_m), tra, tdec, w)
     cal = next(x for x in truth["sources"] if x["name"] == "3C286")
     assert p.flux_jy == pytest.approx(cal["flux_at_band_centre_jy"], rel=0.01)
     assert p.catalogue_jy == pytest.approx(get_calibrator("3C286").flux_at(ref))
@@ -249,7 +250,7 @@ def test_peeling_subtracts_the_fitted_source_from_the_visibilities(tiny_calibrat
     assert np.abs(after).mean() < 0.25 * np.abs(before).mean()
     # fitting again finds (almost) nothing more of it
     (again,), _ = peel_sources(copy, bright, s.pointing_az_deg, s.pointing_alt_deg, ref,
-                            s.dish_diameter_m, tra, tdec, w)
+                            PrimaryBeam.airy(s.dish_diameter_m), tra, tdec, w)
     assert abs(again.flux_jy) < 0.01 * p.flux_jy
 
 
@@ -267,8 +268,8 @@ def _peel_setup(ms: Path, tmp_path: Path, name: str):
                               np.asarray(s.times_mjd_s))
     w = np.asarray(s.time_weights)
     ref = (s.freq_min_hz + s.freq_max_hz) / 2
-    bright = select_bright(tra, tdec, w, ref, s.dish_diameter_m, 0.5)
-    args = (bright, s.pointing_az_deg, s.pointing_alt_deg, ref, s.dish_diameter_m, tra, tdec, w)
+    bright = select_bright(tra, tdec, w, ref, PrimaryBeam.airy(s.dish_diameter_m), 0.5)
+    args = (bright, s.pointing_az_deg, s.pointing_alt_deg, ref, PrimaryBeam.airy(s.dish_diameter_m), tra, tdec, w)
     return copy, args
 
 

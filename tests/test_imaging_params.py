@@ -17,11 +17,11 @@ from dsa110_contimg.imaging.params import (
     cell_size_arcsec,
     choose_chanbin,
     fast_fft_size,
-    pb_radius_deg,
     plan_imaging,
     smearing_loss,
     wproj_planes,
 )
+from dsa110_contimg.instrument import PrimaryBeam
 from dsa110_contimg.simulate.sky import C_M_S, airy_power
 
 F_LO, F_HI = 1311.37e6, 1498.63e6
@@ -68,6 +68,10 @@ def test_cell_is_a_quarter_of_the_beam_from_the_longest_baseline_at_the_top_freq
         pytest.approx(plan.cell_arcsec * 4 / 3, rel=1e-3)
     with pytest.raises(ValueError):
         cell_size_arcsec(0.0, F_HI, 5)
+
+
+def pb_radius_deg(level: float, freq_hz: float, diameter_m: float) -> float:
+    return PrimaryBeam.airy(diameter_m).radius_at_level(level, freq_hz)
 
 
 def test_pb_radius_inverts_the_airy_pattern():

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dsa110_contimg.imaging.msinfo import offline_astropy, pointing_icrs
+from dsa110_contimg.imaging.msinfo import pointing_icrs
 from dsa110_contimg.imaging.pbcor import beam_on_wcs, drift_averaged_beam
+from dsa110_contimg.instrument import PrimaryBeam, offline_astropy
 from dsa110_contimg.simulate.array import OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG
 from dsa110_contimg.simulate.sky import airy_power, enu_unit, pointing_altaz
 
+AIRY = PrimaryBeam.airy(4.65)
 FREQ = 1.405e9
 
 
@@ -52,11 +54,11 @@ def test_drift_averaged_beam_matches_altaz_truth_over_a_full_group():
         ra = float(ra_t[mid]) + d_ra
         dec = float(dec_t[mid]) + d_dec
         truth = _altaz_truth(ra, dec, times, az, alt)
-        ours = float(drift_averaged_beam(ra, dec, ra_t, dec_t, None, FREQ, 4.65))
+        ours = float(drift_averaged_beam(ra, dec, ra_t, dec_t, None, FREQ, AIRY))
         assert ours == pytest.approx(truth, abs=2e-4)
         # and the difference from a single mid-group beam is large enough to matter
         single = float(drift_averaged_beam(ra, dec, ra_t[mid:mid + 1], dec_t[mid:mid + 1], None,
-                                           FREQ, 4.65))
+                                           FREQ, AIRY))
         if d_ra or d_dec:
             assert abs(single - truth) > 5 * abs(ours - truth)
 
@@ -64,7 +66,7 @@ def test_drift_averaged_beam_matches_altaz_truth_over_a_full_group():
 def test_weights_follow_the_unflagged_data():
     times, az, alt, ra_t, dec_t = _track(30.7, n=4)
     ra, dec = float(ra_t[0]), float(dec_t[0])
-    only_first = drift_averaged_beam(ra, dec, ra_t, dec_t, np.array([1, 0, 0, 0]), FREQ, 4.65)
+    only_first = drift_averaged_beam(ra, dec, ra_t, dec_t, np.array([1, 0, 0, 0]), FREQ, AIRY)
     assert float(only_first) == pytest.approx(1.0, abs=1e-9)
 
 
@@ -78,10 +80,10 @@ def test_beam_on_a_wcs_grid_interpolates_accurately():
     w.wcs.crpix = [601.0, 601.0]
     w.wcs.cdelt = [-12.0 / 3600, 12.0 / 3600]
     shape = (1200, 1200)
-    fast = beam_on_wcs(w, shape, ra_t, dec_t, None, FREQ, 4.65, max_nodes=128)
+    fast = beam_on_wcs(w, shape, ra_t, dec_t, None, FREQ, AIRY, max_nodes=128)
     ys, xs = np.mgrid[0:1200:37, 0:1200:41]
     ra, dec = w.pixel_to_world_values(xs, ys)
-    exact = drift_averaged_beam(ra, dec, ra_t, dec_t, None, FREQ, 4.65)
+    exact = drift_averaged_beam(ra, dec, ra_t, dec_t, None, FREQ, AIRY)
     assert np.max(np.abs(fast[ys, xs] - exact)) < 1e-4
     # 1.1 deg of drift in a full group smears the beam: its peak is ~0.96, not 1
     assert 0.9 < fast.max() < 0.99

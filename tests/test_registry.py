@@ -63,10 +63,15 @@ async def test_validity_windows(reg):
     assert (await reg.find_valid(100.0 + 0.5 * h, 30.5, OPT)).name == "A"
     assert (await reg.find_valid(100.0 - 0.9 * h, 29.2, OPT)).name == "A"
     assert await reg.find_valid(100.0 + 1.2 * h, 30.0, OPT) is None, "G expired after 1 h"
-    assert await reg.find_valid(100.0 + 0.5 * h, 31.5, OPT) is None, "BP only within 1 deg"
-    # A set solved at another declination: its gain serves, the bandpass must come from A.
+    # the bandpass is instrumental: by default it serves any declination
+    assert (await reg.find_valid(100.0 + 0.5 * h, 31.5, OPT)).name == "A"
+    limited = replace(OPT, bp_max_dec_offset_deg=1.0)
+    assert await reg.find_valid(100.0 + 0.5 * h, 31.5, limited) is None, "BP only within 1 deg"
+    # A set solved at another declination: its gain serves; with the limit the bandpass must
+    # come from A, without it B's newer bandpass is used.
     await reg.register(make_set("B", 100.5, 36.0, refant="25"))
-    both = await reg.find_valid(100.5 + 0.2 * h, 30.0, OPT)
+    assert (await reg.find_valid(100.5 + 0.2 * h, 30.0, OPT)).name == "B"
+    both = await reg.find_valid(100.5 + 0.2 * h, 30.0, limited)
     assert both.name == "A+B" and both.refant == "25"
     assert {t.kind: t.path.name for t in both.tables} == {"K": "A.K", "BP": "A.B", "G": "B.G",
                                                          "Gp": "B.Gp"}

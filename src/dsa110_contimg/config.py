@@ -20,6 +20,7 @@ from .conversion.options import ConversionOptions
 from .daemon.options import ApiOptions, ExecutorOptions, IngestOptions, QueueOptions
 from .errors import ConfigError
 from .imaging.options import ImagingOptions
+from .instrument import BeamOptions
 from .qa.options import CalQAThresholds, ImageQAThresholds, MSQAThresholds
 
 
@@ -46,6 +47,7 @@ SLICES: dict[str, type] = {
     "executor": ExecutorOptions,
     "api": ApiOptions,
     "conversion": ConversionOptions,
+    "beam": BeamOptions,
     "calibration": CalibrationOptions,
     "imaging": ImagingOptions,
     "qa_ms": MSQAThresholds,
@@ -65,6 +67,7 @@ class Settings:
     executor: ExecutorOptions
     api: ApiOptions
     conversion: ConversionOptions
+    beam: BeamOptions
     calibration: CalibrationOptions
     imaging: ImagingOptions
     qa_ms: MSQAThresholds
@@ -76,6 +79,11 @@ class Settings:
     @property
     def queue_db(self) -> Path:
         return self.paths.state_dir / "contimg.sqlite"
+
+    @property
+    def catalogue_db(self) -> Path:
+        """The sky catalogue `contimg catalog build` writes (NVSS, calibrator lists)."""
+        return self.paths.state_dir / "catalogue.sqlite"
 
 
 def known_variables() -> set[str]:
@@ -102,9 +110,18 @@ def _cross_check(s: Settings) -> None:
     if s.ingest.min_subbands > s.ingest.expected_subbands:
         raise ConfigError("CONTIMG_MIN_SUBBANDS: must not exceed CONTIMG_EXPECTED_SUBBANDS")
     if s.calibration.field_catalogue:
-        from .calibration.catalog import load_sky_catalogue
+        # Cheap: the file is there and is a format the catalogue builder reads; the daemon
+        # parses it fully when it builds the catalogue at start-up.
+        from .catalogue import CatalogueFormatError, detect_format
 
-        load_sky_catalogue(s.calibration.field_catalogue)  # ConfigError now, not per group later
+        source = Path(s.calibration.field_catalogue)
+        if not source.is_file():
+            raise ConfigError(f"CONTIMG_CAL_FIELD_CATALOGUE: {source} does not exist or is not "
+                              "a file")
+        try:
+            detect_format(source)
+        except CatalogueFormatError as exc:
+            raise ConfigError(f"CONTIMG_CAL_FIELD_CATALOGUE: {exc}") from None
     ex = s.executor.executor
     if ex != "local" and not ex.startswith("dask://") and not ex.startswith("tcp://"):
         raise ConfigError(f"CONTIMG_EXECUTOR: {ex!r} is neither 'local' nor 'dask://host:port'")

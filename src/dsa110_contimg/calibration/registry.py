@@ -8,9 +8,12 @@ Validity: a table is valid at a group's mid-time when that time lies inside the 
 registered with (``valid_start_mjd``..``valid_end_mjd``, from the options of the run that
 solved it) *and* within the window configured now (``bp_validity_h`` / ``g_validity_h``
 either side of the set's mid-time), so tightening a window by configuration takes effect
-at once. A bandpass (with the delay table solved beside it) also needs the set within
-``bp_max_dec_offset_deg`` of the group's pointing declination. ``find_valid`` combines the
-newest valid bandpass with the newest valid gain, possibly from different sets.
+at once. A bandpass (with the delay table solved beside it) is instrumental: by default it
+applies at any declination; ``bp_max_dec_offset_deg`` > 0 restricts it to sets solved within
+that offset of the group's pointing. ``find_valid`` combines the newest valid bandpass with the
+newest valid gain, possibly from different sets (a field solution registers its gain only);
+``find_bandpass`` returns the calibrator solution a field solve takes K, BP and its flux scale
+from.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ _NEWEST_VALID = (
     " AND abs(s.dec_deg - ?) <= ?"
     " ORDER BY s.mid_mjd DESC, s.created DESC LIMIT 1"
 )
+NO_DEC_LIMIT = 180.0  # bp_max_dec_offset_deg = 0: a bandpass applies at any declination
 
 
 class RegistryError(ContimgError):
@@ -160,10 +164,9 @@ class CalRegistry(SQLiteComponent):
         o = options or self.options
         mid, dec = float(mid_mjd), float(dec_deg)
         async with self._read() as db:
-            bp = await _one(db, _NEWEST_VALID, ("BP", mid, mid, mid, o.bp_validity_h / 24.0,
-                                                dec, o.bp_max_dec_offset_deg))
+            bp = await _one(db, _NEWEST_VALID, _bp_args(mid, dec, o))
             g = await _one(db, _NEWEST_VALID, ("G", mid, mid, mid, o.g_validity_h / 24.0,
-                                               dec, 180.0))
+                                               dec, NO_DEC_LIMIT))
             if bp is None or g is None:
                 return None
             bp_set = await _load_set(db, bp["name"])
@@ -179,6 +182,15 @@ class CalRegistry(SQLiteComponent):
                       params={"bp_set": bp_set.name, "g_set": g_set.name,
                               "bp_params": bp_set.params, "g_params": g_set.params},
                       qa={"bp_set": bp_set.qa, "g_set": g_set.qa})
+
+    async def find_bandpass(self, mid_mjd: float, dec_deg: float,
+                            options: CalibrationOptions | None = None) -> CalSet | None:
+        """The calibrator solution holding the newest valid bandpass, whole (K, BP and the G
+        whose amplitudes carry the flux scale), else None."""
+        o = options or self.options
+        async with self._read() as db:
+            bp = await _one(db, _NEWEST_VALID, _bp_args(float(mid_mjd), float(dec_deg), o))
+            return None if bp is None else await _load_set(db, bp["name"])
 
     async def list_sets(self, active_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
         """Newest first, as JSON-able rows (status, reason, created time and the set itself)."""
@@ -210,6 +222,11 @@ class CalRegistry(SQLiteComponent):
 
 
 # ---------------------------------------------------------------------- helpers
+def _bp_args(mid: float, dec: float, o: CalibrationOptions) -> tuple[Any, ...]:
+    limit = o.bp_max_dec_offset_deg if o.bp_max_dec_offset_deg > 0 else NO_DEC_LIMIT
+    return ("BP", mid, mid, mid, o.bp_validity_h / 24.0, dec, limit)
+
+
 def _dumps(obj: Any) -> str:
     return json.dumps(jsonable(obj), sort_keys=True, allow_nan=False)
 

@@ -25,23 +25,28 @@ from typing import Any
 import numpy as np
 import structlog
 
-from ..simulate.array import DISH_DIAMETER_M, OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG
-from ..simulate.sky import C_M_S, airy_power, enu_unit, pointing_altaz
+from ..instrument import (
+    BAND_CENTRE_HZ,
+    C_M_S,
+    OVRO_ALT_M,
+    OVRO_LAT_DEG,
+    OVRO_LON_DEG,
+    PrimaryBeam,
+    dish_axes_enu,
+    enu_unit,
+    offline_astropy,
+    pointing_altaz,
+)
 from .casarun import MJD_S, MSInfo, open_table, read_ms_info
 from .catalog import Calibrator, angular_separation_deg, load_calibrators
 from .options import CalibrationOptions
 
 log = structlog.get_logger(__name__)
 
-# Band centre of DSA-110 (1311.25-1498.75 MHz), used when no MS says otherwise.
-DEFAULT_FREQ_HZ = 1405.0e6
+DEFAULT_FREQ_HZ = BAND_CENTRE_HZ
+AIRY = PrimaryBeam()
 _ROWS_PER_CHUNK = 8192
 
-
-def _offline_astropy() -> None:
-    from astropy.utils import iers
-
-    iers.conf.auto_download = False
 
 
 def _location(itrf_m: tuple[float, float, float] | None) -> Any:
@@ -60,7 +65,7 @@ def hour_angle_deg(ra_deg: float, dec_deg: float, mjd: np.ndarray, location: Any
     from astropy.coordinates import TETE, SkyCoord
     from astropy.time import Time
 
-    _offline_astropy()
+    offline_astropy()
     t = Time(np.atleast_1d(mjd), format="mjd", scale="utc")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # IERS-A out of range: UT1-UTC < 1 s, harmless here
@@ -69,17 +74,29 @@ def hour_angle_deg(ra_deg: float, dec_deg: float, mjd: np.ndarray, location: Any
     return (last - app.ra.deg + 180.0) % 360.0 - 180.0
 
 
-def apparent_flux_at_transit(cal: Calibrator, pointing_dec_deg: float, freq_hz: float) -> float:
+def apparent_flux_at_transit(cal: Calibrator, pointing_dec_deg: float, freq_hz: float,
+                             beam: PrimaryBeam = AIRY) -> float:
     """Catalogue flux at ``freq_hz`` times the beam at transit (offset = declination offset)."""
-    theta = np.radians(abs(cal.dec_deg - pointing_dec_deg))
-    return float(cal.flux_at(freq_hz) * airy_power(theta, freq_hz))
+    return float(cal.flux_at(freq_hz) * transit_power(beam, cal.dec_deg, pointing_dec_deg,
+                                                      freq_hz))
+
+
+def transit_power(beam: PrimaryBeam, dec_deg: float, pointing_dec_deg: float,
+                  freq_hz: float, lat_deg: float = OVRO_LAT_DEG) -> float:
+    """The beam toward a source as it transits: on the meridian, offset in elevation only
+    (toward the zenith when its declination lies between the pointing's and the latitude)."""
+    towards_zenith = 1.0 if pointing_dec_deg <= lat_deg else -1.0
+    dm = towards_zenith * np.sin(np.radians(dec_deg - pointing_dec_deg))
+    return float(beam.power_lm(0.0, dm, freq_hz))
 
 
 def find_transiting_calibrator(source: Path | str | MSInfo | tuple[float, Sequence[float]],
                                options: CalibrationOptions, *,
                                pointing_dec_deg: float | None = None,
                                interval_s: float | None = None,
-                               freq_hz: float | None = None) -> Calibrator | None:
+                               freq_hz: float | None = None,
+                               candidates: Sequence[Calibrator] | None = None,
+                               beam: PrimaryBeam = AIRY) -> Calibrator | None:
     """The brightest catalogue calibrator transiting during the group, or None.
 
     ``source`` is an MS (path or :class:`MSInfo`: times, band and pointing are read from it,
@@ -87,6 +104,7 @@ def find_transiting_calibrator(source: Path | str | MSInfo | tuple[float, Sequen
     integration-centre MJDs)``. A calibrator qualifies when its hour angle changes sign within
     the group's time span, it lies within ``calibrator_radius_deg`` of the pointing at
     transit, and its beam-attenuated flux is at least ``min_calibrator_flux_jy``.
+    ``candidates`` default to the bundled list.
     """
     itrf = None
     if isinstance(source, tuple):
@@ -105,52 +123,70 @@ def find_transiting_calibrator(source: Path | str | MSInfo | tuple[float, Sequen
     t0 = float(times.min()) - interval_s / 2 / MJD_S
     t1 = float(times.max()) + interval_s / 2 / MJD_S
     loc = _location(itrf)
-    candidates: list[tuple[float, Calibrator]] = []
-    for cal in load_calibrators():
+    found: list[tuple[float, Calibrator]] = []
+    for cal in (load_calibrators() if candidates is None else candidates):
         if abs(cal.dec_deg - point_dec) > options.calibrator_radius_deg:
             continue
-        flux = apparent_flux_at_transit(cal, point_dec, freq)
+        flux = apparent_flux_at_transit(cal, point_dec, freq, beam)
         if flux < options.min_calibrator_flux_jy:
             continue
         ha0, ha1 = hour_angle_deg(cal.ra_deg, cal.dec_deg, np.array([t0, t1]), loc)
         if ha0 <= 0.0 < ha1 and ha1 - ha0 < 90.0:
-            candidates.append((flux, cal))
-    if not candidates:
+            found.append((flux, cal))
+    if not found:
         return None
-    flux, best = max(candidates, key=lambda c: c[0])
+    flux, best = max(found, key=lambda c: c[0])
     log.info("calibrator_transits", calibrator=best.name, apparent_flux_jy=round(flux, 3),
-             others=[c.name for _, c in candidates if c is not best])
+             others=[c.name for _, c in found if c is not best])
     return best
 
 
-def beam_response(cal: Calibrator, info: MSInfo, pointing_dec_deg: float) -> np.ndarray:
+def beam_response(cal: Calibrator, info: MSInfo, pointing_dec_deg: float,
+                  beam: PrimaryBeam = AIRY) -> np.ndarray:
     """Primary-beam power toward ``cal`` per integration and channel, shape (ntime, nchan).
 
     The pointing is fixed in (az, alt) (transit pointing at ``pointing_dec_deg``); the source
     position is computed per integration exactly as the sky moves (ICRS -> AltAz, astropy).
     """
+    return beam_responses([cal], info, pointing_dec_deg, beam)[0]
+
+
+def beam_responses(sources: Sequence[Calibrator], info: MSInfo, pointing_dec_deg: float,
+                   beam: PrimaryBeam = AIRY) -> np.ndarray:
+    """:func:`beam_response` of many sources in one coordinate transform, (nsrc, ntime, nchan)."""
     loc = _location(info.itrf_centre_m)
     az_p, alt_p = pointing_altaz(pointing_dec_deg, float(loc.lat.deg))
-    return beam_along_drift(cal.ra_deg, cal.dec_deg, info, az_p, alt_p)
+    dl, dm = _offsets_along_drift(np.array([s.ra_deg for s in sources], dtype=float),
+                                  np.array([s.dec_deg for s in sources], dtype=float),
+                                  info, az_p, alt_p)
+    return beam.power_lm(dl[:, :, None], dm[:, :, None], info.freqs_hz[None, None, :])
 
 
-def beam_along_drift(ra_deg: float, dec_deg: float, info: MSInfo, az_deg: float, alt_deg: float,
-                     diameter_m: float = DISH_DIAMETER_M) -> np.ndarray:
-    """Airy power toward (ra, dec) for a dish fixed at (az, alt), shape (ntime, nchan)."""
+def _offsets_along_drift(ra_deg: np.ndarray, dec_deg: np.ndarray, info: MSInfo, az_deg: float,
+                         alt_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """Dish-frame direction cosines (l, m) of each source for a dish fixed at (az, alt),
+    each (nsrc, ntime)."""
     import astropy.units as u
     from astropy.coordinates import AltAz, SkyCoord
     from astropy.time import Time
 
-    _offline_astropy()
+    offline_astropy()
     loc = _location(info.itrf_centre_m)
-    p_hat = enu_unit(np.array(az_deg), np.array(alt_deg))
-    frame = AltAz(obstime=Time(info.times_mjd, format="mjd", scale="utc"), location=loc)
+    _, e_l, e_m = dish_axes_enu(az_deg, alt_deg)
+    frame = AltAz(obstime=Time(info.times_mjd[None, :], format="mjd", scale="utc"), location=loc)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        c = SkyCoord(ra_deg * u.deg, dec_deg * u.deg, frame="icrs").transform_to(frame)
-    s_hat = enu_unit(c.az.deg, c.alt.deg)  # (ntime, 3)
-    theta = np.arccos(np.clip(s_hat @ p_hat, -1.0, 1.0))
-    return airy_power(theta[:, None], info.freqs_hz[None, :], diameter_m)
+        c = SkyCoord(np.atleast_1d(ra_deg)[:, None] * u.deg,
+                     np.atleast_1d(dec_deg)[:, None] * u.deg, frame="icrs").transform_to(frame)
+    s_hat = enu_unit(c.az.deg, c.alt.deg)  # (nsrc, ntime, 3)
+    return s_hat @ e_l, s_hat @ e_m
+
+
+def beam_along_drift(ra_deg: float, dec_deg: float, info: MSInfo, az_deg: float, alt_deg: float,
+                     beam: PrimaryBeam = AIRY) -> np.ndarray:
+    """Beam power toward (ra, dec) for a dish fixed at (az, alt), shape (ntime, nchan)."""
+    dl, dm = _offsets_along_drift(np.array([ra_deg]), np.array([dec_deg]), info, az_deg, alt_deg)
+    return beam.power_lm(dl[0][:, None], dm[0][:, None], info.freqs_hz[None, :])
 
 
 def delay_path_m(uvw: np.ndarray, lmn: tuple[float, float, float]) -> np.ndarray:
@@ -242,7 +278,8 @@ def averaging_factor(path_m: np.ndarray, n_avg: int, native_width_hz: float) -> 
 
 def write_model(ms: Path, cal: Calibrator, pointing_dec_deg: float,
                 info: MSInfo | None = None, n_avg: int = 1,
-                native_width_hz: float = 0.0, field: Sequence[Calibrator] = ()) -> dict[str, Any]:
+                native_width_hz: float = 0.0, field: Sequence[Calibrator] = (),
+                beam: PrimaryBeam = AIRY) -> dict[str, Any]:
     """MODEL_DATA = sum over ``cal`` and ``field`` of
     S(nu) B(t, nu) exp(+2 pi i (u l + v m + w (n - 1)) nu / c).
 
@@ -258,7 +295,7 @@ def write_model(ms: Path, cal: Calibrator, pointing_dec_deg: float,
     freqs = info.freqs_hz
     sources = [cal, *field]
     spectra = [np.array([s.flux_at(f) for f in freqs]) for s in sources]
-    beams = [beam_response(s, info, pointing_dec_deg) for s in sources]  # (ntime, nchan) each
+    beams = list(beam_responses(sources, info, pointing_dec_deg, beam))  # (ntime, nchan) each
     lmns = [direction_cosines(s.ra_deg, s.dec_deg, *info.phase_centre_deg) for s in sources]
     with open_table(ms, readonly=False) as tb:
         npol = int(tb.getcell("DATA", 0).shape[0])
@@ -269,42 +306,55 @@ def write_model(ms: Path, cal: Calibrator, pointing_dec_deg: float,
             it = rows_to_integrations(info.times_mjd, tb.getcol("TIME", start, nrow))
             uvw = tb.getcol("UVW", start, nrow)  # (3, nrow)
             vis = np.zeros((len(freqs), nrow), dtype=complex)
-            for spectrum, beam, lmn in zip(spectra, beams, lmns, strict=True):
+            for spectrum, power, lmn in zip(spectra, beams, lmns, strict=True):
                 path = delay_path_m(uvw, lmn)
                 one = phasors(path, freqs)
-                one *= spectrum[:, None] * beam[it].T
+                one *= spectrum[:, None] * power[it].T
                 if n_avg > 1:
                     one *= averaging_factor(path, n_avg, native_width_hz)[None, :]
                 vis += one
             tb.putcol("MODEL_DATA", np.broadcast_to(vis.astype(np.complex64), (npol,) + vis.shape),
                       start, nrow)
-    beam = beams[0]
+    first = beams[0]
     facts = {"calibrator": cal.name, "flux_jy": cal.flux_jy, "spectral_index": cal.spectral_index,
              "ref_freq_hz": cal.ref_freq_hz, "offset_from_phase_centre_deg":
-             float(np.degrees(np.arccos(np.clip(lmns[0][2], -1, 1)))), "beam_min": float(beam.min()),
-             "beam_max": float(beam.max()), "field_sources": len(field),
+             float(np.degrees(np.arccos(np.clip(lmns[0][2], -1, 1)))), "beam_min": float(first.min()),
+             "beam_max": float(first.max()), "field_sources": len(field),
              "field_apparent_jy": float(sum(sp.mean() * b.mean() for sp, b in
                                             zip(spectra[1:], beams[1:], strict=True))),
+             "model_apparent_jy": float(sum((sp[None, :] * b).mean() for sp, b in
+                                            zip(spectra, beams, strict=True))),
+             "beam": beam.describe(),
              "duration_s": time.perf_counter() - t0}
     log.info("model_written", ms=str(ms), **{k_: (round(v, 4) if isinstance(v, float) else v)
                                             for k_, v in facts.items()})
     return facts
 
 
-def field_sources(catalogue: Sequence[Calibrator], cal: Calibrator, info: MSInfo,
+def field_sources(catalogue: Sequence[Calibrator], cal: Calibrator | None, info: MSInfo,
                   pointing_dec_deg: float, min_apparent_jy: float,
-                  radius_deg: float = 6.0) -> list[Calibrator]:
+                  radius_deg: float = 6.0, beam: PrimaryBeam = AIRY) -> list[Calibrator]:
     """Catalogue sources other than ``cal`` whose mean apparent flux over the group (beam per
     integration, band centre) is at least ``min_apparent_jy``, brightest first."""
+    return [s for s, _ in apparent_sources(catalogue, cal, info, pointing_dec_deg,
+                                           min_apparent_jy, radius_deg, beam)]
+
+
+def apparent_sources(catalogue: Sequence[Calibrator], cal: Calibrator | None, info: MSInfo,
+                     pointing_dec_deg: float, min_apparent_jy: float, radius_deg: float = 6.0,
+                     beam: PrimaryBeam = AIRY) -> list[tuple[Calibrator, float]]:
+    """(source, mean apparent flux in Jy over the group at the band centre) for catalogue
+    sources within ``radius_deg`` of the phase centre, other than ``cal``, at least
+    ``min_apparent_jy`` bright through the beam; brightest first."""
     centre = info.phase_centre_deg
     near = [s for s in catalogue
             if angular_separation_deg(s.ra_deg, s.dec_deg, *centre) < radius_deg
-            and angular_separation_deg(s.ra_deg, s.dec_deg, cal.ra_deg, cal.dec_deg) > 1 / 60]
+            and (cal is None
+                 or angular_separation_deg(s.ra_deg, s.dec_deg, cal.ra_deg, cal.dec_deg) > 1 / 60)]
+    if not near:
+        return []
     fc = float(np.median(info.freqs_hz))
     probe = dataclasses.replace(info, freqs_hz=np.array([fc]))
-    out = []
-    for s in near:
-        apparent = s.flux_at(fc) * float(beam_response(s, probe, pointing_dec_deg).mean())
-        if apparent >= min_apparent_jy:
-            out.append((apparent, s))
-    return [s for _, s in sorted(out, key=lambda x: -x[0])]
+    power = beam_responses(near, probe, pointing_dec_deg, beam)[:, :, 0].mean(axis=1)
+    out = [(s, float(s.flux_at(fc) * b)) for s, b in zip(near, power, strict=True)]
+    return sorted([x for x in out if x[1] >= min_apparent_jy], key=lambda x: -x[1])

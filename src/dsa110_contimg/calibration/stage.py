@@ -26,6 +26,8 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,16 +35,29 @@ from typing import Any
 import numpy as np
 import structlog
 
+from ..catalogue import CatalogueFormatError, CatalogueUnavailable, survey_sources
 from ..errors import BadInputError, CalibrationUnavailable, StageError
+from ..instrument import PrimaryBeam
 from ..products import safe_stem
 from .apply import apply_calset
 from .calset import BANDPASS_KINDS, CalSet, CalTable
+from .candidates import as_calibrator, calibrator_candidates
 from .casarun import MSInfo, open_table, read_ms_info, run_task
-from .catalog import Calibrator, load_sky_catalogue
+from .catalog import (
+    Calibrator,
+)
+from .fieldsolve import (
+    FieldModel,
+    field_calset,
+    field_model,
+    reference_gain_scale,
+    rescale_gain_table,
+    solve_field,
+)
 from .flagging import FlagReport, flag_ms
 from .options import CalibrationOptions
 from .skymodel import field_sources, find_transiting_calibrator, write_model
-from .solve import choose_refant, solve_tables
+from .solve import RefantChoice, choose_refant, solve_tables
 
 log = structlog.get_logger(__name__)
 
@@ -57,14 +72,17 @@ class CalibrationInputs:
     caltable_dir: Path
     pointing_dec_deg: float
     mid_mjd: float
-    apply_set: CalSet | None = None
+    apply_set: CalSet | None = None      # newest valid BP + newest valid G (carried over)
+    bandpass_set: CalSet | None = None   # newest valid calibrator solution (its K, BP, G scale)
+    catalogue_db: Path | None = None     # the sky catalogue (catalogue.store), for field models
+    beam: PrimaryBeam = PrimaryBeam()
 
 
 @dataclass(frozen=True)
 class CalibrationResult:
     group_id: str
     ms_path: Path
-    mode: str  # 'solved' | 'applied' | 'uncalibrated'
+    mode: str  # 'solved' | 'field' | 'applied' | 'uncalibrated'
     calibrator: str | None
     new_set: CalSet | None
     applied_set: str | None
@@ -111,7 +129,7 @@ def _finished(inputs: CalibrationInputs, options: CalibrationOptions) -> Calibra
     if doc.get("options_digest") != options_digest(options):
         return None
     mode = doc.get("mode")
-    if mode not in ("solved", "applied"):
+    if mode not in ("solved", "field", "applied"):
         return None  # 'uncalibrated' is cheap to redo and a set may have appeared since
     if mode == "applied" and (inputs.apply_set is None
                               or doc.get("applied_set") != inputs.apply_set.name):
@@ -137,10 +155,11 @@ def _write_marker(inputs: CalibrationInputs, result: CalibrationResult,
     tmp.replace(marker)
 
 
-def _unavailable(inputs: CalibrationInputs) -> str:
+def _unavailable(inputs: CalibrationInputs, missing: list[str]) -> str:
     return (f"no valid calibration set for MJD {inputs.mid_mjd:.5f} / dec "
-            f"{inputs.pointing_dec_deg:+.2f} deg (group {inputs.group_id}): no calibrator transits "
-            f"and no registered bandpass+gain is within its validity window")
+            f"{inputs.pointing_dec_deg:+.2f} deg (group {inputs.group_id}): no calibrator "
+            f"transits, no field solve is possible ({'; '.join(missing)}), and no registered "
+            f"bandpass+gain is within its validity window")
 
 
 def solve_chanbin(info: MSInfo, max_width_hz: float) -> tuple[int, float]:
@@ -160,67 +179,191 @@ def solve_chanbin(info: MSInfo, max_width_hz: float) -> tuple[int, float]:
     return best, width
 
 
-def _solve(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo, cal: Calibrator,
-           flags: FlagReport, durations: dict[str, float],
-           notes: list[str]) -> CalSet:
-    """Rephase a scratch copy to ``cal``, model it, solve; return the new (unregistered) set."""
-    stem = safe_stem(inputs.group_id)
-    caldir = Path(inputs.caltable_dir)
-    scratch = caldir / f"{stem}.solve.ms"
+def _catalogue_sources(inputs: CalibrationInputs, info: MSInfo, radius_deg: float,
+                       options: CalibrationOptions) -> tuple[list[Calibrator] | None, str | None]:
+    """The survey's sources around the group's phase centre, or (None, why not). The built
+    catalogue is used when there is one; a direct call may name a file instead."""
+    source = inputs.catalogue_db or (Path(options.field_catalogue) if options.field_catalogue
+                                     else None)
+    if source is None:
+        return None, ("no sky catalogue: build one with `contimg catalog build` (e.g. NVSS) or "
+                      "set CONTIMG_CAL_FIELD_CATALOGUE")
+    try:
+        found = survey_sources(source, *info.phase_centre_deg, radius_deg)
+    except (CatalogueUnavailable, CatalogueFormatError, OSError) as exc:
+        return None, f"sky catalogue unusable: {exc}"
+    return [as_calibrator(s) for s in found], None
+
+
+@dataclass(frozen=True)
+class SolveCopy:
+    """The scratch copy solves run on: its MSInfo and how its channels were averaged."""
+
+    info: MSInfo
+    n_avg: int
+    native_width_hz: float
+
+
+@contextmanager
+def _solve_setup(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
+                 flags: FlagReport, durations: dict[str, float],
+                 notes: list[str]) -> Iterator[tuple[Path, SolveCopy, tuple[int, ...],
+                                                     RefantChoice]]:
+    """The scratch copy (``<stem>.solve.ms`` beside the caltables, removed afterwards), the
+    antennas with data and the reference antenna, for one solve."""
+    scratch = Path(inputs.caltable_dir) / f"{safe_stem(inputs.group_id)}.solve.ms"
     shutil.rmtree(scratch, ignore_errors=True)
-    live = tuple(i for i in info.antennas_in_data
-                 if flags.antenna_fractions.get(info.name_of(i), 1.0) < 1.0)
+    live = _live(info, flags)
     refant = choose_refant(tuple(options.refant_chain), info, flags.antenna_fractions)
     notes.extend(refant.notes)
     try:
+        yield scratch, _solve_copy(inputs, options, info, scratch, durations), live, refant
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _solve_copy(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
+                scratch: Path, durations: dict[str, float]) -> SolveCopy:
+    """Split the unflagged DATA, channel-averaged, into ``scratch``."""
+    t0 = time.perf_counter()
+    n_avg, native = solve_chanbin(info, options.solve_max_chan_width_hz)
+    run_task("split", vis=str(inputs.ms_path), outputvis=str(scratch), datacolumn="data",
+             keepflags=False, width=n_avg)
+    if not (scratch / "table.dat").exists():
+        raise StageError(f"split of the unflagged data produced no MS at {scratch}")
+    sinfo = read_ms_info(scratch)
+    if sinfo.antenna_names != info.antenna_names:
+        raise StageError("the solve copy's ANTENNA table differs from the group's: tables "
+                         "solved on it would not apply")
+    if len(sinfo.freqs_hz) * n_avg != len(info.freqs_hz):
+        raise StageError(f"the solve copy has {len(sinfo.freqs_hz)} channels, expected "
+                         f"{len(info.freqs_hz)} / {n_avg}")
+    durations["copy"] = time.perf_counter() - t0
+    return SolveCopy(sinfo, n_avg, native)
+
+
+def _live(info: MSInfo, flags: FlagReport) -> tuple[int, ...]:
+    return tuple(i for i in info.antennas_in_data
+                 if flags.antenna_fractions.get(info.name_of(i), 1.0) < 1.0)
+
+
+def _solve(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo, cal: Calibrator,
+           flags: FlagReport, durations: dict[str, float],
+           notes: list[str]) -> CalSet:
+    """Model a scratch copy with ``cal`` (and its field), solve; return the new set."""
+    with _solve_setup(inputs, options, info, flags, durations, notes) as (scratch, copy,
+                                                                            live, refant):
+        stem, caldir = safe_stem(inputs.group_id), Path(inputs.caltable_dir)
+        n_avg, native = copy.n_avg, copy.native_width_hz
         t0 = time.perf_counter()
-        n_avg, native = solve_chanbin(info, options.solve_max_chan_width_hz)
-        run_task("split", vis=str(inputs.ms_path), outputvis=str(scratch), datacolumn="data",
-                 keepflags=False, width=n_avg)
-        if not (scratch / "table.dat").exists():
-            raise StageError(f"split of the unflagged data produced no MS at {scratch}")
-        sinfo = read_ms_info(scratch)
-        if sinfo.antenna_names != info.antenna_names:
-            raise StageError("the solve copy's ANTENNA table differs from the group's: tables "
-                             "solved on it would not apply")
-        durations["copy"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if len(sinfo.freqs_hz) * n_avg != len(info.freqs_hz):
-            raise StageError(f"the solve copy has {len(sinfo.freqs_hz)} channels, expected "
-                             f"{len(info.freqs_hz)} / {n_avg}")
-        field = []
-        if options.field_catalogue:
-            field = field_sources(load_sky_catalogue(options.field_catalogue), cal, sinfo,
-                                  inputs.pointing_dec_deg, options.field_min_apparent_jy)
-        model = write_model(scratch, cal, inputs.pointing_dec_deg, sinfo, n_avg, native, field)
+        field: list[Calibrator] = []
+        near, _ = _catalogue_sources(inputs, copy.info, options.field_radius_deg, options)
+        if near:
+            field = field_sources(near, cal, copy.info, inputs.pointing_dec_deg,
+                                  options.field_min_apparent_jy, options.field_radius_deg,
+                                  inputs.beam)[:options.field_max_sources]
+        model = write_model(scratch, cal, inputs.pointing_dec_deg, copy.info, n_avg, native,
+                            field, inputs.beam)
         durations["model"] = time.perf_counter() - t0
         solved = solve_tables(scratch, caldir, stem, refant, options, live)
         durations.update(solved.durations)
         notes.extend(solved.notes)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    flux_scale = _carry_flux_scale(inputs, cal, solved.tables["G"],
+                                   {info.name_of(i) for i in live}, notes)
     mid = float(inputs.mid_mjd)
     tables = []
     for kind, path in solved.tables.items():
         half = (options.bp_validity_h if kind in BANDPASS_KINDS else options.g_validity_h) / 24.0
         tables.append(CalTable(kind, path, mid - half, mid + half))
-    params = {**solved.params, "group_id": inputs.group_id,
+    params = {**solved.params, "group_id": inputs.group_id, "mode": "solved",
               "model": {k: v for k, v in model.items() if k != "duration_s"},
               "solve_chanbin": n_avg,
               "live_antennas": [info.name_of(i) for i in live],
               "antennas_in_data": list(info.names_in_data),
-              "flag_fractions": flags.fractions}
+              "flag_fractions": flags.fractions, "beam": inputs.beam.as_dict(),
+              "flux_scale": flux_scale}
     return CalSet(name=f"{stem}_{cal.name}", tables=tuple(tables), refant=solved.refant,
                   calibrator=cal.name, mid_mjd=mid, dec_deg=float(inputs.pointing_dec_deg),
                   params=params, qa={})
 
 
+def _carry_flux_scale(inputs: CalibrationInputs, cal: Calibrator, g_table: Path,
+                      live_names: set[str], notes: list[str]) -> dict[str, Any]:
+    """Where the new set's amplitude scale comes from. A flux standard sets it. Any other
+    calibrator's catalogue flux is good to tens of per cent at best (they vary), so when a
+    solution traced to a standard is in force its array-mean gain amplitude is kept: the
+    new G is rescaled to it, and the calibrator's flux implied is recorded."""
+    if cal.kind == "standard":
+        return {"from": "standard", "calibrator": cal.name}
+    if inputs.bandpass_set is None:
+        notes.append(f"flux scale from the catalogue flux of {cal.name} ({cal.flux_jy:g} Jy): "
+                     "no solution on a flux standard is in force")
+        return {"from": "catalogue", "calibrator": cal.name}
+    ref = reference_gain_scale(inputs.bandpass_set, live_names)
+    ratio = rescale_gain_table(g_table, ref, live_names)
+    implied = [round(cal.flux_jy / r ** 2, 4) for r in ratio]
+    notes.append(f"flux scale carried from {inputs.bandpass_set.name}; {cal.name} implies "
+                 f"{implied} Jy against {cal.flux_jy:g} Jy catalogued")
+    return {"from": inputs.bandpass_set.name, "calibrator": cal.name,
+            "gain_ratio_to_reference": [round(float(r), 5) for r in ratio],
+            "implied_flux_jy": implied}
+
+
+def _plan_field(inputs: CalibrationInputs, options: CalibrationOptions,
+                info: MSInfo) -> tuple[FieldModel | None, str | None, float]:
+    """The field model for this group, or (None, why no field solve); and its seconds."""
+    t0 = time.perf_counter()
+    if not options.field_solve:
+        return None, "field solves are off (CONTIMG_CAL_FIELD_SOLVE)", 0.0
+    if inputs.bandpass_set is None:
+        return None, "no valid bandpass yet (it comes from a calibrator transit)", 0.0
+    near, why = _catalogue_sources(inputs, info, options.field_radius_deg, options)
+    if near is None:
+        return None, why, time.perf_counter() - t0
+    model = field_model(near, info, inputs.pointing_dec_deg, options, inputs.beam)
+    took = time.perf_counter() - t0
+    if not model.sources or model.total_apparent_jy < options.field_min_model_jy:
+        return None, (f"the catalogue's field model is too faint: {model.total_apparent_jy:.3f} Jy "
+                      f"through the beam from {len(model.sources)} source(s), below "
+                      f"CONTIMG_CAL_FIELD_MIN_MODEL_JY={options.field_min_model_jy:g}"), took
+    return model, None, took
+
+
+def _solve_on_field(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
+                    model: FieldModel, flags: FlagReport, durations: dict[str, float],
+                    notes: list[str]) -> CalSet:
+    """Solve this group's gains against ``model`` with the newest K and BP; the new set."""
+    assert inputs.bandpass_set is not None  # checked by _plan_field
+    with _solve_setup(inputs, options, info, flags, durations, notes) as (scratch, copy,
+                                                                            live, refant):
+        n_avg = copy.n_avg
+        paths, params = solve_field(inputs.ms_path, scratch, Path(inputs.caltable_dir),
+                                    safe_stem(inputs.group_id), model, inputs.bandpass_set,
+                                    refant, options, inputs.pointing_dec_deg, n_avg,
+                                    copy.native_width_hz, live, inputs.beam, durations)
+    notes.extend(params.pop("notes", []))
+    params.update({"group_id": inputs.group_id, "mode": "field", "solve_chanbin": n_avg,
+                   "refant": refant.refant, "refant_chain": list(refant.chain),
+                   "live_antennas": [info.name_of(i) for i in live],
+                   "antennas_in_data": list(info.names_in_data),
+                   "flag_fractions": flags.fractions, "beam": inputs.beam.as_dict()})
+    return field_calset(f"{safe_stem(inputs.group_id)}_field", paths["G"], inputs.bandpass_set, refant.refant,
+                        float(inputs.mid_mjd), float(inputs.pointing_dec_deg),
+                        options.g_validity_h, params)
+
+
 def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> CalibrationResult:
-    """Calibrate one group: solve on a transiting calibrator, else apply ``inputs.apply_set``.
+    """Calibrate one group, in this order of preference:
+
+    1. ``solved``: a calibrator transits: solve K, BP and G on it (and its field);
+    2. ``field``: solve G on the group's own field with the newest valid K and BP;
+    3. ``applied``: the field model is too faint (or the field solve failed): apply the
+       newest valid bandpass + gain (``inputs.apply_set``).
 
     Raises ``BadInputError`` (unreadable MS, everything flagged), ``StageError`` (a CASA step
     failed or left no usable solutions, and no set in force to fall back on) and
-    ``CalibrationUnavailable`` (no calibrator, no set, stale_policy 'hold').
+    ``CalibrationUnavailable`` (none of the three is possible, stale_policy 'hold'; the
+    message says what is missing).
     """
     t_start = time.perf_counter()
     ms = Path(inputs.ms_path)
@@ -241,35 +384,56 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
     info = read_ms_info(ms)
     if "DATA" not in info.columns:
         raise BadInputError("measurement set has no DATA column", path=str(ms))
-    cal = find_transiting_calibrator(info, options, pointing_dec_deg=inputs.pointing_dec_deg)
+    try:
+        candidates = calibrator_candidates(inputs.catalogue_db, inputs.pointing_dec_deg, options,
+                                           inputs.beam)
+    except CatalogueUnavailable as exc:
+        candidates = None
+        notes.append(f"calibrators from the bundled list only: {exc}")
+    cal = find_transiting_calibrator(info, options, pointing_dec_deg=inputs.pointing_dec_deg,
+                                     candidates=candidates, beam=inputs.beam)
     durations["find_calibrator"] = time.perf_counter() - t0
+    model, no_field, durations["field_model"] = (None, "a calibrator transits", 0.0)
+    if cal is None:
+        model, no_field, durations["field_model"] = _plan_field(inputs, options, info)
     # A group that will be held is flagged first: the pass does not need a calibration set, it
     # runs while the calibrator group is still solving, and flag_ms leaves a marker so the
     # retries (and the final apply) skip it.
     flags = flag_ms(ms, options)
     durations["flagging"] = flags.duration_s
-    if cal is None and inputs.apply_set is None and options.stale_policy == "hold":
-        raise CalibrationUnavailable(_unavailable(inputs))
+    missing = [m for m in (no_field,) if m and cal is None]
+    if cal is None and model is None and inputs.apply_set is None and options.stale_policy == "hold":
+        raise CalibrationUnavailable(_unavailable(inputs, missing))
 
     mode, new_set, applied, refant = "uncalibrated", None, None, None
+    attempts: list[tuple[str, Any]] = []
     if cal is not None:
+        attempts.append(("solved", lambda: _solve(inputs, options, info, cal, flags, durations,
+                                                  notes)))
+    elif model is not None:
+        attempts.append(("field", lambda: _solve_on_field(inputs, options, info, model, flags,
+                                                          durations, notes)))
+    else:
+        notes.append(f"no field solve: {no_field}")
+    for what, run in attempts:
         try:
-            new_set = _solve(inputs, options, info, cal, flags, durations, notes)
+            new_set = run()
             durations["applycal"] = apply_calset(ms, new_set, same_group=True)
-            mode, applied, refant = "solved", new_set.name, new_set.refant
+            mode, applied, refant = what, new_set.name, new_set.refant
         except StageError as exc:
             if inputs.apply_set is None:
                 raise
             new_set = None
-            notes.append(f"solve on {cal.name} failed ({exc}); applied the set in force")
-            log.warning("solve_failed_fallback", calibrator=cal.name, error=str(exc),
+            source = cal.name if cal is not None else "the field"
+            notes.append(f"solve on {source} failed ({exc}); applied the set in force")
+            log.warning("solve_failed_fallback", source=source, error=str(exc),
                         apply_set=inputs.apply_set.name)
-    if mode != "solved" and inputs.apply_set is not None:
+    if mode == "uncalibrated" and inputs.apply_set is not None:
         durations["applycal"] = apply_calset(ms, inputs.apply_set, same_group=False)
         mode, applied, refant = "applied", inputs.apply_set.name, inputs.apply_set.refant
-    elif mode != "solved":
+    elif mode == "uncalibrated":
         if options.stale_policy == "hold":
-            raise CalibrationUnavailable(_unavailable(inputs))
+            raise CalibrationUnavailable(_unavailable(inputs, missing))
         notes.append("no valid calibration set: left uncalibrated (imaging uses DATA)")
         log.warning("calibration_uncalibrated", group_id=inputs.group_id)
 

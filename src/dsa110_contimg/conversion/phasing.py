@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ..instrument import offline_astropy
+
 C_M_S = 299_792_458.0
 #: Channels per block of the phase recurrence: exact exp at each block start, then
 #: repeated multiplication by exp(-2 pi i dw df / c) (error < 1e-7 rad after 64 steps).
@@ -42,11 +44,6 @@ class PhaseCentre:
     name: str
     source: str  # where the pointing declination came from
 
-
-def _offline_astropy() -> None:
-    from astropy.utils import iers
-
-    iers.conf.auto_download = False
 
 
 def meridian_centre(location: Any, mid_jd: float, pointing_dec_deg: float) -> tuple[float, float]:
@@ -67,7 +64,7 @@ def drift_pointing(location: Any, times_jd: np.ndarray, pointing_dec_deg: float
     from pyuvdata.utils.phasing import transform_app_to_icrs
     from pyuvdata.utils.times import get_lst_for_time
 
-    _offline_astropy()
+    offline_astropy()
     t = np.atleast_1d(np.asarray(times_jd, dtype=float))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -121,7 +118,7 @@ def old_w(uv: Any) -> np.ndarray:
 def phase_metadata(uv: Any, centre: PhaseCentre) -> None:
     """Phase the metadata-only ``uv`` to ``centre``: new catalogue, app coords, UVW from
     antenna positions (pyuvdata's own code path; no visibilities are touched)."""
-    _offline_astropy()
+    offline_astropy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         uv.phase(lon=np.radians(centre.ra_deg), lat=np.radians(centre.dec_deg), epoch="J2000",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from astropy.utils import iers
 
-iers.conf.auto_download = False
+from ..instrument import offline_astropy
+
+offline_astropy()
 iers.earth_orientation_table.get()
 
 # The conversion's compiled kernel: importing numba and loading the cached machine code

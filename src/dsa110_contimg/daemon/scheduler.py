@@ -330,16 +330,22 @@ class Scheduler:
         return info, qa
 
     async def _calibration(self, claim: Claim) -> tuple[dict, QAResult]:
+        from ..calibration.fieldsolve import registered_part
         from ..calibration.stage import CalibrationInputs
+        from ..instrument import PrimaryBeam
 
         conv = claim.flags["conversion"]
         gid = claim.group_id
-        apply_set = await self.registry.find_valid(conv["mid_mjd"], conv["pointing_dec_deg"],
-                                                   self.s.calibration)
+        mid, dec = conv["mid_mjd"], conv["pointing_dec_deg"]
+        apply_set = await self.registry.find_valid(mid, dec, self.s.calibration)
+        bandpass_set = await self.registry.find_bandpass(mid, dec, self.s.calibration)
+        catalogue = self.s.catalogue_db
         inputs = CalibrationInputs(group_id=gid, ms_path=await self._locate_ms(claim),
                                    caltable_dir=product_dir(self.s.paths.output_dir, gid) / "caltables",
-                                   pointing_dec_deg=conv["pointing_dec_deg"],
-                                   mid_mjd=conv["mid_mjd"], apply_set=apply_set)
+                                   pointing_dec_deg=dec, mid_mjd=mid, apply_set=apply_set,
+                                   bandpass_set=bandpass_set,
+                                   catalogue_db=catalogue if catalogue.exists() else None,
+                                   beam=PrimaryBeam.from_options(self.s.beam))
         res, qa = await self._run(claim, calibrate_and_check, inputs, self.s.calibration,
                                   self.s.qa_cal, nice=self.s.executor.background_nice)
         if res.mode == "uncalibrated":
@@ -358,14 +364,16 @@ class Scheduler:
                     await self.registry.mark_failed(res.new_set.name, "calibration QA failed")
                 raise
             if res.new_set is not None:
-                await self.registry.register(dataclasses.replace(res.new_set, qa=qa.metrics))
+                await self.registry.register(registered_part(
+                    dataclasses.replace(res.new_set, qa=qa.metrics)))
                 woken = await self.queue.wake_flagged(HOLD_FLAG)
                 if woken:
                     log.info("held_groups_released", groups=woken)
                     self.wake()
-                self.emit(Alert(Severity.INFO, "calibration.new",
-                                f"New calibration set {res.new_set.name}",
-                                f"solved on {res.calibrator} in {gid}", {"group_id": gid}))
+                if res.mode == "solved":
+                    self.emit(Alert(Severity.INFO, "calibration.new",
+                                    f"New calibration set {res.new_set.name}",
+                                    f"solved on {res.calibrator} in {gid}", {"group_id": gid}))
         info = {"mode": res.mode, "calibrator": res.calibrator, "applied_set": res.applied_set,
                 "new_set": res.new_set.name if res.new_set else None, "refant": res.refant,
                 "flag_fractions": res.flag_fractions, "step_durations": res.step_durations,
@@ -375,8 +383,15 @@ class Scheduler:
             await self.queue.set_flag(gid, HOLD_FLAG, None)
         return jsonable(info), qa
 
+    def _sky_catalogue(self) -> str | None:
+        """The built sky catalogue, else the catalogue file named in the settings."""
+        if self.s.catalogue_db.exists():
+            return str(self.s.catalogue_db)
+        return self.s.calibration.field_catalogue or None
+
     async def _imaging(self, claim: Claim) -> tuple[dict, QAResult]:
         from ..imaging.stage import ImagingInputs
+        from ..instrument import PrimaryBeam
 
         cal = claim.flags.get("calibration", {})
         gid = claim.group_id
@@ -386,7 +401,8 @@ class Scheduler:
                                ms_final=self._final_ms(gid),
                                product_dir=product_dir(self.s.paths.output_dir, gid),
                                datacolumn=datacolumn, calibrator=calibrator,
-                               field_catalogue=self.s.calibration.field_catalogue or None)
+                               field_catalogue=self._sky_catalogue(),
+                               beam=PrimaryBeam.from_options(self.s.beam))
         res, qa = await self._run(claim, image_and_check, inputs, self.s.imaging, self.s.qa_img,
                                   calibrator, nice=self.s.executor.background_nice)
         qa = await self._judge("imaging", claim, qa)

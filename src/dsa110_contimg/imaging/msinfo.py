@@ -20,8 +20,8 @@ import numpy as np
 import structlog
 
 from ..errors import BadInputError
+from ..instrument import offline_astropy, pointing_altaz
 from ..products import CONVERSION_RECORD
-from ..simulate.sky import pointing_altaz
 from .params import MSSummary
 
 log = structlog.get_logger(__name__)
@@ -36,13 +36,6 @@ def data_column_name(datacolumn: str) -> str:
         return _COLUMNS[datacolumn.lower()]
     except KeyError:
         raise ValueError(f"datacolumn {datacolumn!r} is not one of {', '.join(_COLUMNS)}") from None
-
-
-def offline_astropy() -> None:
-    """No IERS downloads on the telescope host (same policy as the simulator)."""
-    from astropy.utils import iers
-
-    iers.conf.auto_download = False
 
 
 def summarize_ms(ms_path: Path, datacolumn: str = "corrected") -> MSSummary:

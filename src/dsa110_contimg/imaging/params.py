@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from ..simulate.sky import C_M_S, airy_power
+from ..instrument import C_M_S, PrimaryBeam
 from .options import ImagingOptions
 
 ARCSEC_PER_RAD = 180.0 / math.pi * 3600.0
@@ -197,17 +197,6 @@ def cell_size_arcsec(max_uv_m: float, freq_max_hz: float, pixels_per_beam: float
     return float(f"{beam / pixels_per_beam:.4g}")
 
 
-def pb_radius_deg(level: float, freq_hz: float, diameter_m: float) -> float:
-    """Angle where the Airy power pattern first falls to ``level`` (0 < level < 1)."""
-    from scipy.optimize import brentq
-    from scipy.special import j1
-
-    # (2 J1(x)/x)^2 falls monotonically from 1 to 0 on 0 < x < 3.8317 (first null)
-    x0 = brentq(lambda x: (2.0 * j1(x) / x) ** 2 - level, 1e-6, 3.8317)
-    scale = math.pi * diameter_m * freq_hz / C_M_S  # x = scale * sin(theta)
-    return math.degrees(math.asin(min(1.0, x0 / scale)))
-
-
 def drift_deg(duration_s: float, dec_deg: float) -> float:
     """Great-circle distance the sky moves through a fixed beam in ``duration_s``."""
     return duration_s * SIDEREAL_RATE_DEG_PER_S * math.cos(math.radians(dec_deg))
@@ -291,13 +280,16 @@ def _direction(ra_deg: float, dec_deg: float) -> str:
 
 
 # ----------------------------------------------------------------- the builder
-def plan_imaging(s: MSSummary, options: ImagingOptions) -> ImagingPlan:
-    """Derive every imaging number from the summary (see the module docstring)."""
+def plan_imaging(s: MSSummary, options: ImagingOptions,
+                 primary_beam: PrimaryBeam | None = None) -> ImagingPlan:
+    """Derive every imaging number from the summary (see the module docstring); the primary
+    beam defaults to an Airy pattern of the MS's dish diameter."""
+    pbm = primary_beam or PrimaryBeam.airy(s.dish_diameter_m)
     tier = TIERS[options.tier]
     cell = cell_size_arcsec(s.max_uv_m, s.freq_max_hz, options.pixels_per_beam)
     beam = cell * options.pixels_per_beam
     drift = drift_deg(s.duration_s, s.pointing_dec_deg)
-    radius = pb_radius_deg(options.pb_level, s.freq_min_hz, s.dish_diameter_m) + drift / 2
+    radius = pbm.radius_at_level(options.pb_level, s.freq_min_hz) + drift / 2
     # an MS rephased away from the beam centre is imaged on the beam centre instead
     offset = _separation_deg(s.phase_centre_ra_deg, s.phase_centre_dec_deg,
                              s.pointing_ra_deg, s.pointing_dec_deg)
@@ -307,7 +299,7 @@ def plan_imaging(s: MSSummary, options: ImagingOptions) -> ImagingPlan:
     imsize -= imsize % 2
     half = imsize * cell / 2.0 / 3600.0
     # at the north/south edges (no drift there), lowest frequency: the beam the image reaches
-    pb_edge = float(airy_power(math.radians(half), s.freq_min_hz, s.dish_diameter_m))
+    pb_edge = float(pbm.power(math.radians(half), s.freq_min_hz))
 
     freqs = np.linspace(s.freq_min_hz, s.freq_max_hz, min(8, max(1, s.n_channels)))
     uv_cell = 1.0 / math.radians(imsize * cell / 3600.0)

@@ -1,4 +1,4 @@
-"""Primary-beam correction for a drift scan: the 4.65 m Airy beam averaged over the group.
+"""Primary-beam correction for a drift scan: the configured beam model averaged over the group.
 
 DSA-110 dishes stay at a fixed (az, alt) while the sky drifts through the beam (0.3 deg in a
 tiny group, 1.1 deg in a full one at dec 30). Each integration sees the sky through a beam
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from ..simulate.sky import airy_power
+from ..instrument import PrimaryBeam, dish_axes_icrs
 
 log = structlog.get_logger(__name__)
 
@@ -43,21 +43,21 @@ def _unit(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
 
 def drift_averaged_beam(ra_deg: np.ndarray, dec_deg: np.ndarray, track_ra_deg: np.ndarray,
                         track_dec_deg: np.ndarray, weights: np.ndarray | None, freq_hz: float,
-                        diameter_m: float) -> np.ndarray:
-    """Mean Airy power over the beam-centre track at each (ra, dec) (any array shape)."""
+                        beam: PrimaryBeam) -> np.ndarray:
+    """Mean beam power over the beam-centre track at each (ra, dec) (any array shape)."""
     x = _unit(np.asarray(ra_deg, float), np.asarray(dec_deg, float))
-    p = _unit(np.asarray(track_ra_deg, float), np.asarray(track_dec_deg, float))  # (k, 3)
-    w = np.ones(len(p)) if weights is None else np.asarray(weights, float)
+    _, e_l, e_m = dish_axes_icrs(np.atleast_1d(np.asarray(track_ra_deg, float)),
+                                 np.atleast_1d(np.asarray(track_dec_deg, float)))  # (k, 3)
+    w = np.ones(len(e_l)) if weights is None else np.asarray(weights, float)
     w = w / w.sum()
     out = np.zeros(x.shape[:-1])
-    for pk, wk in zip(p, w, strict=True):
-        theta = np.arccos(np.clip(x @ pk, -1.0, 1.0))
-        out += wk * airy_power(theta, freq_hz, diameter_m)
+    for lk, mk, wk in zip(e_l, e_m, w, strict=True):
+        out += wk * beam.power_lm(x @ lk, x @ mk, freq_hz)
     return out
 
 
 def beam_on_wcs(wcs, shape: tuple[int, int], track_ra_deg: np.ndarray, track_dec_deg: np.ndarray,
-                weights: np.ndarray | None, freq_hz: float, diameter_m: float,
+                weights: np.ndarray | None, freq_hz: float, beam: PrimaryBeam,
                 max_nodes: int = 256) -> np.ndarray:
     """The drift-averaged beam on every pixel of a celestial WCS grid of ``shape`` (ny, nx)."""
     from scipy.interpolate import RectBivariateSpline
@@ -68,8 +68,7 @@ def beam_on_wcs(wcs, shape: tuple[int, int], track_ra_deg: np.ndarray, track_dec
     ys = np.unique(np.append(np.arange(0, ny, step), ny - 1))
     gx, gy = np.meshgrid(xs, ys)
     ra, dec = wcs.celestial.pixel_to_world_values(gx, gy)
-    coarse = drift_averaged_beam(ra, dec, track_ra_deg, track_dec_deg, weights, freq_hz,
-                                 diameter_m)
+    coarse = drift_averaged_beam(ra, dec, track_ra_deg, track_dec_deg, weights, freq_hz, beam)
     if step == 1:
         return coarse
     k = min(3, len(xs) - 1, len(ys) - 1)
@@ -78,7 +77,7 @@ def beam_on_wcs(wcs, shape: tuple[int, int], track_ra_deg: np.ndarray, track_dec
 
 
 def write_beam_and_pbcor(image_fits: Path, pb_fits: Path, pbcor_fits: Path, track_ra_deg,
-                         track_dec_deg, weights, freq_hz: float, diameter_m: float,
+                         track_dec_deg, weights, freq_hz: float, beam: PrimaryBeam,
                          cutoff: float) -> np.ndarray:
     """Write the beam model and image / beam (blank below ``cutoff``); return the 2-D beam."""
     from astropy.io import fits
@@ -88,21 +87,21 @@ def write_beam_and_pbcor(image_fits: Path, pb_fits: Path, pbcor_fits: Path, trac
         data = hdul[0].data.astype(np.float32)
     wcs = quiet_wcs(header)
     ny, nx = data.shape[-2:]
-    pb = beam_on_wcs(wcs, (ny, nx), track_ra_deg, track_dec_deg, weights, freq_hz, diameter_m)
-    desc = (f"Airy {diameter_m:g}m, mean of {len(np.atleast_1d(track_ra_deg))} drift "
-            f"pointings, {freq_hz / 1e6:.2f} MHz")
+    pb = beam_on_wcs(wcs, (ny, nx), track_ra_deg, track_dec_deg, weights, freq_hz, beam)
+    desc = beam.describe()
     pb_header = header.copy()
     pb_header["BUNIT"] = ""
     for key in ("BMAJ", "BMIN", "BPA"):
         pb_header.remove(key, ignore_missing=True)
-    pb_header["PBMODEL"] = desc[:68]
+    pb_header["PBMODEL"] = (desc[:68], "CONTIMG_BEAM_*")
+    pb_header["PBTRACK"] = (len(np.atleast_1d(track_ra_deg)), "drift pointings averaged")
     fits.PrimaryHDU(pb.astype(np.float32).reshape(data.shape), pb_header).writeto(
         pb_fits, overwrite=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.where(pb >= cutoff, data / pb.reshape(data.shape[-2:]), np.nan)
     header["PBCOR"] = (True, "divided by the drift-averaged primary beam")
     header["PBLEVEL"] = (float(cutoff), "blanked where the beam is below this")
-    header["PBMODEL"] = desc[:68]
+    header["PBMODEL"] = (desc[:68], "CONTIMG_BEAM_*")
     fits.PrimaryHDU(corr.astype(np.float32), header).writeto(pbcor_fits, overwrite=True)
     log.info("imaging.pbcor", pbcor=str(pbcor_fits), pb_min=float(pb.min()),
              pb_max=float(pb.max()), cutoff=cutoff)

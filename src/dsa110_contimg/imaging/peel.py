@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import structlog
 
+from ..calibration.candidates import as_calibrator
 from ..calibration.casarun import open_table, read_ms_info
 from ..calibration.catalog import (
     Calibrator,
     angular_separation_deg,
     load_calibrators,
-    load_sky_catalogue,
 )
 from ..calibration.skymodel import (
     beam_along_drift,
@@ -52,12 +52,15 @@ from ..calibration.skymodel import (
     phasors,
     rows_to_integrations,
 )
+from ..catalogue import CatalogueFormatError, CatalogueUnavailable, survey_sources
 from ..errors import StageError
+from ..instrument import PrimaryBeam
 from .pbcor import drift_averaged_beam, quiet_wcs
 
 log = structlog.get_logger(__name__)
 
 N_BLOCKS = 16            # frequency blocks fitted independently (a subband each at full size)
+PEEL_SEARCH_RADIUS_DEG = 6.0  # beyond, the beam is ~1e-4: nothing to peel
 MAX_SOURCES = 40         # fitted jointly; cost grows with the square in the normal equations
 #: A block whose fitted flux lies this many robust deviations (1.4826 MAD) from the source's
 #: other blocks is replaced by interpolation between them: a block that lost most of its data
@@ -87,20 +90,27 @@ class PeeledSource:
                 "block_flux_jy": [round(v, 4) for v in self.block_flux_jy]}
 
 
-def peel_candidates(field_catalogue: str | None = None) -> tuple[Calibrator, ...]:
-    """The bundled calibrators plus a survey catalogue's sources (those within 1 arcmin of a
-    calibrator are the calibrator)."""
+def peel_candidates(field_catalogue: str | Path | None = None,
+                    centre: tuple[float, float] | None = None,
+                    radius_deg: float = PEEL_SEARCH_RADIUS_DEG) -> tuple[Calibrator, ...]:
+    """The bundled calibrators plus the survey's sources within ``radius_deg`` of ``centre``
+    (those within 1 arcmin of a calibrator are the calibrator). ``field_catalogue`` is the
+    built sky catalogue or a catalogue file; an unusable one is a StageError (retried)."""
     cals = load_calibrators()
-    if not field_catalogue:
+    if not field_catalogue or centre is None:
         return cals
-    field = [s for s in load_sky_catalogue(field_catalogue)
+    try:
+        rows = survey_sources(Path(field_catalogue), centre[0], centre[1], radius_deg)
+    except (CatalogueUnavailable, CatalogueFormatError, OSError) as exc:
+        raise StageError(f"sky catalogue for peeling unusable: {exc}") from exc
+    field = [as_calibrator(s) for s in rows
              if all(angular_separation_deg(s.ra_deg, s.dec_deg, c.ra_deg, c.dec_deg) > 1 / 60
                     for c in cals)]
     return (*cals, *field)
 
 
 def select_bright(track_ra_deg: np.ndarray, track_dec_deg: np.ndarray, weights: np.ndarray,
-                  freq_hz: float, diameter_m: float, min_apparent_jy: float,
+                  freq_hz: float, beam: PrimaryBeam, min_apparent_jy: float,
                   catalogue: tuple[Calibrator, ...] | None = None) -> list[Calibrator]:
     """Catalogue sources at least ``min_apparent_jy`` through the drift-averaged beam, the
     brightest ``MAX_SOURCES`` of them, brightest first."""
@@ -109,8 +119,8 @@ def select_bright(track_ra_deg: np.ndarray, track_dec_deg: np.ndarray, weights: 
     cands = catalogue if catalogue is not None else load_calibrators()
     ra = np.array([c.ra_deg for c in cands])
     dec = np.array([c.dec_deg for c in cands])
-    beam = drift_averaged_beam(ra, dec, track_ra_deg, track_dec_deg, weights, freq_hz, diameter_m)
-    apparent = np.array([c.flux_at(freq_hz) for c in cands]) * beam
+    power = drift_averaged_beam(ra, dec, track_ra_deg, track_dec_deg, weights, freq_hz, beam)
+    apparent = np.array([c.flux_at(freq_hz) for c in cands]) * power
     order = [i for i in np.argsort(-apparent) if apparent[i] >= min_apparent_jy]
     return [cands[i] for i in order[:MAX_SOURCES]]
 
@@ -204,7 +214,7 @@ def phase_gains(x: np.ndarray, a1: np.ndarray, a2: np.ndarray, nant: int,
 
 
 def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: float,
-                 ref_freq_hz: float, diameter_m: float, track_ra_deg: np.ndarray,
+                 ref_freq_hz: float, beam: PrimaryBeam, track_ra_deg: np.ndarray,
                  track_dec_deg: np.ndarray, weights: np.ndarray,
                  selfcal_min_jy: float = float("inf")) -> tuple[list[PeeledSource], dict[str, Any]]:
     """Fit ``sources`` to DATA of ``ms`` and subtract them in place (see the module docstring).
@@ -221,12 +231,12 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
     starts = _blocks(len(freqs))
     ends = np.append(starts[1:], len(freqs))
     nsrc, nblk = len(sources), len(starts)
-    beams = [beam_along_drift(s.ra_deg, s.dec_deg, info, az_deg, alt_deg, diameter_m)
+    beams = [beam_along_drift(s.ra_deg, s.dec_deg, info, az_deg, alt_deg, beam)
              for s in sources]
     lmns = [direction_cosines(s.ra_deg, s.dec_deg, *info.phase_centre_deg) for s in sources]
     drift = drift_averaged_beam(np.array([s.ra_deg for s in sources]),
                                 np.array([s.dec_deg for s in sources]), track_ra_deg,
-                                track_dec_deg, weights, ref_freq_hz, diameter_m)
+                                track_dec_deg, weights, ref_freq_hz, beam)
 
     scratch: list[np.ndarray] = []
 

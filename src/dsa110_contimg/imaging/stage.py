@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import structlog
 
+from ..catalogue import is_catalogue_db
 from ..errors import BadInputError, ContimgError, StageError
+from ..instrument import PrimaryBeam
 from ..products import safe_stem
 from ..qa.image import image_statistics
 from .average import make_imaging_copy
@@ -59,8 +61,9 @@ class ImagingInputs:
     product_dir: Path
     datacolumn: str = "corrected"   # 'corrected' | 'data'
     calibrator: str | None = None   # catalogue name, for the QA flux check
-    field_catalogue: str | None = None  # survey catalogue: its bright sources are peeled too
+    field_catalogue: str | None = None  # built sky catalogue or a catalogue file: its survey sources are peeled too
     ms_final: Path | None = None  # where the MS ends up, if imaged from the tmpfs work area
+    beam: PrimaryBeam = PrimaryBeam()  # the one beam model (CONTIMG_BEAM_*)
 
 
 @dataclass(frozen=True)
@@ -119,17 +122,24 @@ def product_names(product_dir: Path, group_id: str) -> dict[str, Path]:
 
 
 def options_fingerprint(options: ImagingOptions, datacolumn: str,
-                        field_catalogue: str | None = None) -> str:
+                        field_catalogue: str | None = None,
+                        beam: PrimaryBeam | None = None) -> str:
     """What decides the image besides the MS: a different survey catalogue peels other
-    sources, so its content (not its name) is part of it."""
+    sources, so its content (not its name) is part of it; so is the primary-beam model."""
     cat = None
     if field_catalogue:
         try:
-            cat = hashlib.sha256(Path(field_catalogue).read_bytes()).hexdigest()
+            path = Path(field_catalogue)
+            if is_catalogue_db(path):  # rebuilt by an atomic replace: a new file each time
+                st = path.stat()
+                cat = f"db:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+            else:
+                cat = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError:
             cat = f"unreadable:{field_catalogue}"
+    extra = {"beam": beam.as_dict()} if beam is not None and beam != PrimaryBeam() else {}
     blob = json.dumps({**dataclasses.asdict(options), "datacolumn": datacolumn,
-                       "field_catalogue": cat}, sort_keys=True)
+                       "field_catalogue": cat, **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -153,7 +163,7 @@ def _finished(inputs: ImagingInputs, options: ImagingOptions) -> ImagingResult |
         log.warning("imaging.record_unreadable", path=str(names["record"]), error=str(exc))
         return None
     if rec.get("fingerprint") != options_fingerprint(options, inputs.datacolumn,
-                                                     inputs.field_catalogue):
+                                                     inputs.field_catalogue, inputs.beam):
         log.info("imaging.redo", group_id=inputs.group_id,
                  reason="imaging options or field catalogue changed")
         return None
@@ -222,7 +232,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
 
     mtime = ms_mtime(ms_path)
     summary = summarize_ms(ms_path, inputs.datacolumn)
-    plan = plan_imaging(summary, options)
+    plan = plan_imaging(summary, options, inputs.beam)
     imagename = str(staging / stem)
     params = params_from_plan(summary, plan, options, imagename)
     lap("summarize_and_plan")
@@ -233,8 +243,10 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
     bright = []
     if inputs.datacolumn == "corrected":  # fitting fluxes to uncalibrated data means nothing
         bright = select_bright(track_ra, track_dec, tweights, plan.ref_freq_hz,
-                               summary.dish_diameter_m, options.peel_min_apparent_jy,
-                               peel_candidates(inputs.field_catalogue))
+                               inputs.beam, options.peel_min_apparent_jy,
+                               peel_candidates(inputs.field_catalogue,
+                                               (float(np.mean(track_ra)),
+                                                float(np.mean(track_dec)))))
     peeled: list[PeeledSource] = []
     selfcal: dict[str, Any] = {"applied": False}
     if options.max_smearing_loss > 0 or bright:
@@ -246,7 +258,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         if bright:
             peeled, selfcal = peel_sources(copy, bright, summary.pointing_az_deg,
                                            summary.pointing_alt_deg, plan.ref_freq_hz,
-                                           summary.dish_diameter_m, track_ra, track_dec, tweights,
+                                           inputs.beam, track_ra, track_dec, tweights,
                                            _selfcal_threshold(inputs, options))
             if peeled and params.get("usemask") == "auto-multithresh":
                 # only faint emission is left for clean (see imaging.params)
@@ -305,7 +317,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
 
     pb = write_beam_and_pbcor(staged["image"], staged["pb"], staged["pbcor"], track_ra,
                               track_dec, tweights, plan.ref_freq_hz,
-                              summary.dish_diameter_m, options.pb_level)
+                              inputs.beam, options.pb_level)
     from astropy.io import fits
 
     with fits.open(staged["image"]) as hdul:
@@ -346,10 +358,12 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         centre_dec_deg=centre[1], tclean_params=params, duration_s=time.monotonic() - t0,
         skipped=False, tier=plan.tier, noise_expected_jy=plan.noise_expected_jy,
         tclean_s=out.duration_s, iterdone=out.iterdone, nmajordone=out.nmajordone,
-        stopreason=out.stopreason, plan=plan.as_dict(), timings_s=timings,
+        stopreason=out.stopreason, plan={**plan.as_dict(), "beam": inputs.beam.as_dict()},
+        timings_s=timings,
         peeled=[p.as_dict() for p in peeled], selfcal=selfcal, masks=masks)
-    record = {"version": RECORD_VERSION, "fingerprint": options_fingerprint(options, inputs.datacolumn,
-                                                                   inputs.field_catalogue),
+    record = {"version": RECORD_VERSION,
+              "fingerprint": options_fingerprint(options, inputs.datacolumn,
+                                                 inputs.field_catalogue, inputs.beam),
               "ms_mtime": mtime, "ms_path": str(inputs.ms_final or ms_path), "pointing_source": summary.pointing_source,
               "result": result.as_dict()}
     staged["record"].write_text(json.dumps(record, indent=1, default=_json_default))

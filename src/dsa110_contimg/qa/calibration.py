@@ -195,6 +195,32 @@ def corrected_metrics(ms: Path) -> dict[str, Any]:
     return m
 
 
+def _field_checks(g: GateBuilder, params: dict[str, Any], th: CalQAThresholds) -> None:
+    """A field solution: enough model flux, and a bandpass in force that fits this group."""
+    model = params.get("field_model") or {}
+    flux = float(model.get("model_apparent_jy") or 0.0)
+    g.metrics["field_model_apparent_jy"] = flux
+    g.metrics["field_model_sources"] = model.get("n_sources")
+    g.metrics["model_scale_ratio"] = params.get("model_scale_ratio")
+    g.fail_if(flux < th.min_field_model_jy,
+              f"field model {flux:.3f} Jy through the beam < {th.min_field_model_jy} Jy")
+    res = params.get("bandpass_residual") or {}
+    if not res.get("available"):
+        return
+    g.metrics["bp_residual_phase_rms_deg"] = res["phase_rms_deg"]
+    g.metrics["bp_residual_amp_rms"] = res["amp_rms"]
+    noise = res.get("noise_phase_rms_deg") or 0.0
+    g.metrics["bp_residual_noise_deg"] = noise
+    phase_limit = max(th.max_bp_residual_phase_deg, 3.0 * noise)
+    amp_limit = max(th.max_bp_residual_amp, 3.0 * np.radians(noise))
+    g.fail_if(res["phase_rms_deg"] > phase_limit,
+              f"the bandpass in force does not fit: residual phase {res['phase_rms_deg']:.1f} deg "
+              f"rms > {phase_limit:.1f} deg (bandpass set {params.get('bandpass_set')})")
+    g.fail_if(res["amp_rms"] > amp_limit,
+              f"the bandpass in force does not fit: residual amplitude {res['amp_rms']:.1%} rms "
+              f"> {amp_limit:.1%} (bandpass set {params.get('bandpass_set')})")
+
+
 def check_calibration_quality(calset: CalSet | None, ms: Path,
                               thresholds: CalQAThresholds) -> QAResult:
     """The calibration gate: solution statistics of ``calset`` and the CORRECTED_DATA of ``ms``."""
@@ -230,6 +256,9 @@ def check_calibration_quality(calset: CalSet | None, ms: Path,
     noisy = {a: s for a, s in (sm.get("phase_scatter_deg") or {}).items()
              if s > th.max_phase_scatter_deg}
     g.warn_if(bool(noisy), f"gain phase scatters > {th.max_phase_scatter_deg} deg on {sorted(noisy)}")
+
+    if calset.params.get("mode") == "field":
+        _field_checks(g, calset.params, th)
 
     cm = corrected_metrics(Path(ms))
     g.metrics.update(cm)

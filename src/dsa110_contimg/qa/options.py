@@ -32,6 +32,9 @@ class CalQAThresholds:
     min_antenna_fraction: float = setting("CONTIMG_QA_CAL_MIN_ANTENNA_FRACTION", 0.7, "Fail when fewer than this fraction of antennas have good solutions", minimum=0, maximum=1)
     corrected_ratio_min: float = setting("CONTIMG_QA_CAL_CORRECTED_RATIO_MIN", 0.01, "Fail when median |CORRECTED|/|DATA| is below this", minimum=0)
     corrected_ratio_max: float = setting("CONTIMG_QA_CAL_CORRECTED_RATIO_MAX", 100.0, "Fail when median |CORRECTED|/|DATA| is above this", minimum=0)
+    max_bp_residual_phase_deg: float = setting("CONTIMG_QA_CAL_MAX_BP_RESIDUAL_PHASE_DEG", 5.0, "Field solutions: fail when the residual bandpass (solved through the applied K, BP and gain, in 8 frequency blocks) has an rms phase above this and above 3x its noise: the bandpass in force does not fit the group", minimum=0)
+    max_bp_residual_amp: float = setting("CONTIMG_QA_CAL_MAX_BP_RESIDUAL_AMP", 0.05, "Field solutions: fail when the residual bandpass amplitude deviates (rms) by more than this fraction and more than 3x its noise", minimum=0)
+    min_field_model_jy: float = setting("CONTIMG_QA_CAL_MIN_FIELD_MODEL_JY", 0.1, "Field solutions: fail when the field model had less apparent flux than this (Jy)", minimum=0)
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-OVRO_LAT_DEG = 37.2339
-OVRO_LON_DEG = -118.2825
-OVRO_ALT_M = 1222.0
-DISH_DIAMETER_M = 4.65
+from ..instrument import DISH_DIAMETER_M, OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG
+
+__all__ = ["DISH_DIAMETER_M", "OVRO_ALT_M", "OVRO_LAT_DEG", "OVRO_LON_DEG", "station_enu",
+           "preset_stations"]
 N_STATIONS = 117
 LIVE_STATIONS = tuple(range(1, 97))
 

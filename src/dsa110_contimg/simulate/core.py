@@ -19,11 +19,14 @@ from typing import Any
 import numpy as np
 
 from ..calibration.catalog import angular_separation_deg, get_calibrator, load_calibrators
+from ..instrument import offline_astropy
 from .array import OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG, preset_stations, station_enu
-from .gains import draw_gain_params, evaluate_gains
+from .counts import draw_counts_sky
+from .fastsky import sum_point_sources
+from .gains import draw_drift_params, draw_gain_params, evaluate_gains
 from .rfi import RfiModel, draw_rfi
-from .sky import C_M_S, airy_power, enu_unit, pointing_altaz
-from .survey import CATALOGUE_NAME, write_survey_catalogue
+from .sky import airy_power, enu_unit, pointing_altaz
+from .survey import CATALOGUE_NAME, NVSS_NAME, survey_view, write_nvss_tdat, write_survey_catalogue
 
 N_SUBBANDS = 16
 INTEGRATION_S = 12.884902
@@ -31,6 +34,11 @@ BAND_TOP_HZ = 1498.75e6
 SUBBAND_WIDTH_HZ = 11.71875e6
 BAND_CENTRE_HZ = BAND_TOP_HZ - N_SUBBANDS * SUBBAND_WIDTH_HZ / 2
 BAND_WIDTH_HZ = N_SUBBANDS * SUBBAND_WIDTH_HZ
+SKY_MODELS = ("preset", "counts")
+COUNTS_RADIUS_DEG = 3.0  # beyond, the Airy main lobe is below 0.2 %
+# sources never brighter than this through the beam are left out of the visibilities: far
+# below the thermal noise of any image (they stay in the sky catalogues)
+APPARENT_FLOOR_JY = 2e-5
 FAULT_KINDS = ("truncated", "nothdf5", "channels", "nan", "inf", "zeros", "times", "antennas",
                "duplicate", "missing")
 
@@ -67,14 +75,10 @@ def _location():
     return EarthLocation.from_geodetic(OVRO_LON_DEG * u.deg, OVRO_LAT_DEG * u.deg, OVRO_ALT_M * u.m)
 
 
-def _offline_astropy() -> None:
-    from astropy.utils import iers
-
-    iers.conf.auto_download = False
-
 
 def transit_time(ra_deg: float, dec_deg: float, after: datetime) -> datetime:
     """First meridian transit of (ra, dec) after ``after`` at OVRO."""
+    offline_astropy()
     import astropy.units as u
     from astropy.coordinates import TETE, SkyCoord
     from astropy.time import Time
@@ -133,13 +137,22 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
                     jitter_s: float = 0.0, write_delay_s: float = 0.0, chunks: int = 8,
                     faults: dict[int, str] | None = None, fault_group: int = 0,
                     descending_channels: bool = True, rfi: bool = False,
-                    log=None) -> list[dict[str, Any]]:
-    """Write ``groups`` consecutive groups into ``outdir``; return their truth records.
+                    gain_drift: bool = False, sky_model: str = "preset",
+                    cadence_s: float | None = None, log=None) -> list[dict[str, Any]]:
+    """Write ``groups`` groups into ``outdir``; return their truth records.
 
     ``rfi`` adds interference of known footprint to every group (:mod:`.rfi`), recorded in
-    the truth under ``rfi``.
+    the truth under ``rfi``. ``gain_drift`` adds the slow absolute-time gain drift of
+    :func:`.gains.draw_drift_params` (the same for every run with this seed).
+    ``sky_model`` 'preset' places the preset's few sources per group; 'counts' draws a
+    realistic sky from 1.4 GHz source counts (:mod:`.counts`: hundreds per field, 2 mJy to a
+    few Jy, with spectral indices). ``cadence_s`` spaces the group starts (default: back to
+    back, as the telescope writes them), e.g. 3600 for one group an hour.
+    Besides the truth, the sky is written as the project's CSV (``sky_catalogue.csv``) and as
+    an NVSS-format TDAT survey of it (``sky_nvss.tdat``: >= 5 mJy, 3 % flux and NVSS-like
+    position errors, no spectral indices).
     """
-    _offline_astropy()
+    offline_astropy()
     p = PRESETS[preset]
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -166,10 +179,17 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
     enu_all = station_enu()
     enu = np.array([enu_all[s] for s in stations])
     gain_params = draw_gain_params(stations, 2, rng)
+    if gain_drift:
+        gain_params["drift"] = draw_drift_params(len(stations), 2, seed)
     az_p, alt_p = pointing_altaz(point_dec, OVRO_LAT_DEG)
     p_hat = enu_unit(np.array(az_p), np.array(alt_p))
 
-    starts = [start + timedelta(seconds=k * group_len) for k in range(groups)]
+    if sky_model not in SKY_MODELS:
+        raise ValueError(f"unknown sky model {sky_model!r}; one of {', '.join(SKY_MODELS)}")
+    step = group_len if cadence_s is None else float(cadence_s)
+    if step < group_len:
+        raise ValueError(f"cadence {step} s is shorter than a group ({group_len:.1f} s)")
+    starts = [start + timedelta(seconds=k * step) for k in range(groups)]
     # One sky for the whole run: catalogue calibrators near the strip plus faint sources per group.
     sky: list[dict[str, Any]] = []
     centres = []
@@ -181,9 +201,14 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
             sky.append({"name": c.name, "ra_deg": c.ra_deg, "dec_deg": c.dec_deg,
                         "flux_jy": c.flux_jy, "spectral_index": c.spectral_index,
                         "ref_freq_hz": c.ref_freq_hz, "is_calibrator": True})
-    for k, ce in enumerate(centres):
-        avoid = [(s["ra_deg"], s["dec_deg"]) for s in sky]
-        sky.extend(_draw_sources(rng, ce, p, avoid, tag=f"G{k}"))
+    if sky_model == "counts":
+        sky.extend(draw_counts_sky(np.random.default_rng([seed, 0xC0]), centres,
+                                   COUNTS_RADIUS_DEG,
+                                   avoid=[(s["ra_deg"], s["dec_deg"]) for s in sky]))
+    else:
+        for k, ce in enumerate(centres):
+            avoid = [(s["ra_deg"], s["dec_deg"]) for s in sky]
+            sky.extend(_draw_sources(rng, ce, p, avoid, tag=f"G{k}"))
 
     band = np.concatenate([subband_freqs(sb, p.channels_per_subband, False)
                            for sb in range(N_SUBBANDS)])
@@ -195,9 +220,11 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
         truth = _write_group(outdir, preset, p, g0, stations, dead, enu, gain_params, p_hat,
                              point_dec, sky, rng, jitter_s, write_delay_s, chunks,
                              faults if k == fault_group else {}, descending_channels, seed,
-                             interference, log)
+                             interference, log,
+                             APPARENT_FLOOR_JY if sky_model == "counts" else 0.0)
         truths.append(truth)
     write_survey_catalogue(outdir / CATALOGUE_NAME, sky, seed=seed)
+    write_nvss_tdat(outdir / NVSS_NAME, survey_view(sky, seed=seed))
     return truths
 
 
@@ -212,7 +239,8 @@ def _jd(dt: datetime) -> float:
 
 def _write_group(outdir, preset_name, p: Preset, g0: datetime, stations, dead, enu, gain_params,
                  p_hat, point_dec, sky, rng, jitter_s, write_delay_s, chunks, faults,
-                 descending, seed, rfi: RfiModel | None, log) -> dict[str, Any]:
+                 descending, seed, rfi: RfiModel | None, log,
+                 floor_jy: float = 0.0) -> dict[str, Any]:
     from pyuvdata import Telescope, UVData
     from pyuvdata.utils import ECEF_from_ENU
 
@@ -249,15 +277,24 @@ def _write_group(outdir, preset_name, p: Preset, g0: datetime, stations, dead, e
 
     gains_all = None
     truth_sources = []
+    visible = []
     for s_i, src in enumerate(sky):
         pb_c = airy_power(theta[s_i], BAND_CENTRE_HZ)
         flux_c = src["flux_jy"] * (BAND_CENTRE_HZ / src["ref_freq_hz"]) ** src["spectral_index"]
+        if floor_jy > 0 and flux_c * max(float(pb_c.max()), float(airy_power(
+                theta[s_i], BAND_TOP_HZ - BAND_WIDTH_HZ).max())) < floor_jy:
+            continue
+        visible.append(s_i)
         truth_sources.append({**src, "flux_at_band_centre_jy": flux_c,
                               "pb_mean": float(pb_c.mean()),
                               "apparent_flux_jy": float(flux_c * pb_c.mean()),
                               "transits_in_group": bool(src["is_calibrator"] and _transits(
                                   az[s_i], alt[s_i]))})
 
+    s_flux = np.array([sky[i]["flux_jy"] for i in visible], dtype=float)
+    s_ref = np.array([sky[i]["ref_freq_hz"] for i in visible], dtype=float)
+    s_index = np.array([sky[i]["spectral_index"] for i in visible], dtype=float)
+    dgeo_visible = np.ascontiguousarray(dgeo[visible])
     files = []
     sb_jitter = {sb: (float(rng.uniform(0, jitter_s)) if jitter_s > 0 else 0.0)
                  for sb in range(N_SUBBANDS)}
@@ -271,11 +308,11 @@ def _write_group(outdir, preset_name, p: Preset, g0: datetime, stations, dead, e
         all_freqs.append(freqs)
         width = (-1 if descending else 1) * SUBBAND_WIDTH_HZ / p.channels_per_subband
         vis = np.zeros((p.n_times, nbl, nchan), dtype=np.complex128)
-        for s_i, src in enumerate(sky):
-            spec = src["flux_jy"] * (freqs / src["ref_freq_hz"]) ** src["spectral_index"]
-            pb = airy_power(theta[s_i][:, None], freqs[None, :])  # (nt, nf)
-            phase = 2j * np.pi * dgeo[s_i][:, :, None] * (freqs / C_M_S)[None, None, :]
-            vis += (spec * pb)[:, None, :] * np.exp(phase)
+        if visible:
+            spec = s_flux[:, None] * (freqs[None, :] / s_ref[:, None]) ** s_index[:, None]
+            amp = spec[:, None, :] * airy_power(theta[visible][:, :, None],
+                                                freqs[None, None, :])  # (nsrc, nt, nf)
+            sum_point_sources(amp, dgeo_visible, freqs, vis)
         if rfi is not None:
             interference = rfi.visibilities(freqs, p.n_times, bvec, ~auto)
             if interference is not None:

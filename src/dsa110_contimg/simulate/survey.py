@@ -50,3 +50,75 @@ def write_survey_catalogue(path: Path, sources: Iterable[dict[str, Any]], flux_e
         w.writerows(rows)
     tmp.replace(path)
     return path
+
+
+NVSS_NAME = "sky_nvss.tdat"
+NVSS_NOISE_MJY = 0.45      # NVSS's rms in Stokes I
+NVSS_BEAM_ARCSEC = 45.0
+
+
+def survey_view(sources: Iterable[dict[str, Any]], seed: int = 0, min_flux_jy: float = 0.005,
+                flux_error: float = 0.03, noise_mjy: float = NVSS_NOISE_MJY,
+                position_errors: bool = True) -> list[dict[str, Any]]:
+    """What a 1.4 GHz survey like NVSS lists of the simulated sky: each source's 1.4 GHz flux
+    with ``flux_error`` fractional and ``noise_mjy`` additive errors, positions shifted by
+    NVSS-like errors (sigma per coordinate sqrt(0.5^2 + (0.5 beam / SNR)^2) arcsec), nothing
+    below ``min_flux_jy``, and no spectral index. One generator per seed, drawn per source in
+    order, so the same sky gives the same survey."""
+    rng = np.random.default_rng([seed, 0x5E7])
+    out = []
+    for s in sources:
+        true = s["flux_jy"] * (SURVEY_FREQ_HZ / s["ref_freq_hz"]) ** s["spectral_index"]
+        flux = true * (1.0 + rng.normal(0.0, flux_error)) + rng.normal(0.0, noise_mjy * 1e-3)
+        snr = max(flux / (noise_mjy * 1e-3), 1.0)
+        sigma = np.hypot(0.5, 0.5 * NVSS_BEAM_ARCSEC / snr) if position_errors else 0.0
+        d_ra, d_dec = rng.normal(0.0, sigma, 2) / 3600.0
+        if flux < min_flux_jy:
+            continue
+        dec = s["dec_deg"] + d_dec
+        ra = (s["ra_deg"] + d_ra / max(np.cos(np.radians(dec)), 1e-6)) % 360.0
+        out.append({"name": s["name"], "ra_deg": ra, "dec_deg": dec, "flux_jy": flux,
+                    "flux_error_jy": np.hypot(flux_error * flux, noise_mjy * 1e-3),
+                    "major_arcsec": s.get("major_arcsec"), "minor_arcsec": s.get("minor_arcsec")})
+    return out
+
+
+def write_nvss_tdat(path: Path, listed: Iterable[dict[str, Any]]) -> Path:
+    """Write survey rows (:func:`survey_view`) as HEASARC distributes NVSS: a TDAT file with
+    its ``<HEADER>`` of ``field[...]`` definitions and ``line[1]`` layout, ``|``-separated
+    records after ``<DATA>``, fluxes in mJy, and ``<END>``."""
+    path = Path(path)
+    header = [
+        "<HEADER>",
+        "#",
+        "# TABLE: heasarc_nvss (simulated sky, written by dsa110-contimg simulate)",
+        "#",
+        "table_name = heasarc_nvss",
+        'table_description = "NRAO VLA Sky Survey Catalog (NVSS), simulated"',
+        "table_security = public",
+        "#",
+        "field[name] = char14 (index) // Source Designation",
+        "field[ra] = float8:.5f_degree (key) // Right Ascension",
+        "field[dec] = float8:.5f_degree (key) // Declination",
+        "field[flux_20_cm] = float4:.2f_mJy // Integrated 1.4 GHz Flux Density",
+        "field[flux_20_cm_error] = float4:.2f_mJy // Error in Flux Density",
+        "field[major_axis] = float4:.1f_arcsec // Deconvolved Major Axis",
+        "field[minor_axis] = float4:.1f_arcsec // Deconvolved Minor Axis",
+        "#",
+        "parameter_defaults = name ra dec flux_20_cm",
+        "#",
+        "line[1] = name ra dec flux_20_cm flux_20_cm_error major_axis minor_axis",
+        "#",
+        "<DATA>",
+    ]
+
+    def size(v: Any) -> str:
+        return "" if v is None else f"{float(v):.1f}"
+
+    rows = [f"{r['name'].replace('|', '_')}|{r['ra_deg']:.5f}|{r['dec_deg']:.5f}|"
+            f"{r['flux_jy'] * 1e3:.2f}|{r['flux_error_jy'] * 1e3:.2f}|"
+            f"{size(r.get('major_arcsec'))}|{size(r.get('minor_arcsec'))}|" for r in listed]
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text("\n".join(header + rows + ["<END>", ""]))
+    tmp.replace(path)
+    return path
