@@ -1,4 +1,5 @@
-"""System monitors: disk, tmpfs, queue backlog, stuck groups, calibration age.
+"""System monitors: disk, tmpfs, queue backlog, stuck groups, calibration age, and the
+calibration outlook (gaps ahead, :class:`CalibrationOutlookMonitor`).
 
 Each condition alerts once when it starts, once more if it escalates WARNING -> CRITICAL,
 and once (INFO, "Cleared: ...") when it clears; nothing in between, however often the
@@ -17,8 +18,10 @@ GB here means 10^9 bytes (as ``df -H``); thresholds may be fractional.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,3 +338,113 @@ class SystemMonitor:
                      f"{o.cal_age_warn_h:g} h); no calibrator transit has been solved since."
                      if level else f"The newest calibration set is {age_h:.1f} h old."),
             context={"age_h": round(float(age_h), 2), "warn_h": o.cal_age_warn_h})]
+
+
+MJD_UNIX_EPOCH = 40587.0
+_DAY_S = 86400.0
+
+
+class CalibrationOutlookMonitor:
+    """Warns ahead of time when groups are about to go without calibration.
+
+    ``outlook(now_mjd)`` returns the calibration outlook as JSON (``Outlook.as_dict()``; None
+    when there is nothing to say yet, e.g. no group converted, so no pointing). Each gap
+    starting within ``cal_outlook_lead_h`` hours raises one WARNING in category
+    ``calibration.gap``. A gap is remembered by its start rounded to the minute, and a later
+    gap of the same kind that overlaps a remembered one (its start moves by minutes as the
+    groups around it are solved; once it has begun the outlook sees it start "now") is the
+    same gap: no repeat.
+    """
+
+    CATEGORY = "calibration.gap"
+    SAME_GAP_TOLERANCE_D = 10.0 / 1440.0
+    FORGET_AFTER_D = 1.0
+
+    def __init__(self, options: MonitorOptions,
+                 outlook: Callable[[float], Awaitable[dict[str, Any] | None]],
+                 emit: Callable[[Alert], None] | None = None) -> None:
+        self._o = options
+        self._outlook = outlook
+        self._emit = emit
+        self._alerted: dict[str, tuple[str, float, float]] = {}  # key -> (missing, start, end)
+
+    @staticmethod
+    def gap_key(start_mjd: float) -> str:
+        """The gap's identity: its start, rounded to the minute (UTC)."""
+        minute = round((start_mjd - MJD_UNIX_EPOCH) * 1440.0)
+        return time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(minute * 60))
+
+    async def run(self, stop_event: asyncio.Event, first_delay_s: float = 60.0) -> None:
+        """Check every ``cal_outlook_interval_s`` until ``stop_event``; never raises."""
+        delay = min(first_delay_s, self._o.cal_outlook_interval_s)
+        while not stop_event.is_set():
+            try:
+                await asyncio.wait_for(stop_event.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.check()
+            except Exception:
+                log.exception("calibration_outlook_failed")
+            delay = self._o.cal_outlook_interval_s
+
+    async def check(self, now_mjd: float | None = None) -> list[Alert]:
+        """Compute the outlook at ``now_mjd`` (default: now); emit and return new alerts."""
+        now = time.time() / _DAY_S + MJD_UNIX_EPOCH if now_mjd is None else float(now_mjd)
+        doc = await self._outlook(now)
+        self._forget(now)
+        if not doc:
+            return []
+        lead = self._o.cal_outlook_lead_h / 24.0
+        alerts = []
+        for gap in doc.get("gaps") or ():
+            start, end = float(gap["start_mjd"]), float(gap["end_mjd"])
+            if not (math.isfinite(start) and math.isfinite(end)) or start > now + lead:
+                continue
+            missing = str(gap.get("missing", ""))
+            if self._seen(missing, start, end):
+                continue
+            key = self.gap_key(start)
+            self._alerted[key] = (missing, start, end)
+            alert = self._alert(gap, key, doc, now)
+            alerts.append(alert)
+            log.warning("calibration_gap_ahead", gap_start=gap.get("start"),
+                        gap_end=gap.get("end"), missing=gap.get("missing"))
+            if self._emit is not None:
+                try:
+                    self._emit(alert)
+                except Exception:
+                    log.exception("monitor_emit_failed", condition=self.CATEGORY)
+        return alerts
+
+    def _seen(self, missing: str, start: float, end: float) -> bool:
+        if self.gap_key(start) in self._alerted:
+            return True
+        tol = self.SAME_GAP_TOLERANCE_D
+        for key, (kind, s0, e0) in self._alerted.items():
+            if kind == missing and start <= e0 + tol and end >= s0 - tol:
+                self._alerted[key] = (kind, min(s0, start), max(e0, end))
+                return True
+        return False
+
+    def _forget(self, now: float) -> None:
+        for key, (_, _, end) in list(self._alerted.items()):
+            if end < now - self.FORGET_AFTER_D:
+                del self._alerted[key]
+
+    def _alert(self, gap: dict[str, Any], key: str, doc: dict[str, Any], now: float) -> Alert:
+        start, end = gap.get("start", key), gap.get("end", "?")
+        held = ("held" if (doc.get("options") or {}).get("stale_policy", "hold") == "hold"
+                else "imaged uncalibrated")
+        when = ("now" if gap.get("ongoing") else
+                f"in {(float(gap['start_mjd']) - now) * 24.0:.1f} h")
+        dec = doc.get("pointing_dec_deg")
+        where = f" at dec {dec:+.2f} deg" if isinstance(dec, int | float) else ""
+        return Alert(
+            Severity.WARNING, self.CATEGORY,
+            f"Calibration gap from {start} ({when}): no {gap.get('missing', 'calibration')}",
+            f"Groups{where} from {start} to {end} will be {held}: {gap.get('reason', '')}",
+            {"gap_key": key, "gap_start": start, "gap_end": end,
+             "missing": gap.get("missing"), "reason": gap.get("reason"),
+             "ongoing": bool(gap.get("ongoing")), "pointing_dec_deg": dec})

@@ -45,3 +45,5 @@ class MonitorOptions:
     cal_age_warn_h: float = setting("CONTIMG_CAL_AGE_WARN_H", 24.0, "WARNING when the newest calibration set is older than this", minimum=0)
     hysteresis_pct: float = setting("CONTIMG_MONITOR_HYSTERESIS_PCT", 5.0, "A raised condition clears only once the value is this percentage of its warning threshold back on the good side (stops flapping)", minimum=0, maximum=50)
     probe_timeout_s: float = setting("CONTIMG_MONITOR_PROBE_TIMEOUT_S", 10.0, "A disk or queue probe not answering within this is reported (hung NFS mount, busy database)", minimum=0.1)
+    cal_outlook_interval_s: float = setting("CONTIMG_CAL_OUTLOOK_INTERVAL_S", 600.0, "How often the daemon computes the calibration outlook (sets in force, calibrator transits, field model at the pointing) to warn of calibration gaps ahead", minimum=10)
+    cal_outlook_lead_h: float = setting("CONTIMG_CAL_OUTLOOK_LEAD_H", 2.0, "WARNING, once per gap, when the calibration outlook shows groups going without calibration (held) within this many hours", minimum=0)

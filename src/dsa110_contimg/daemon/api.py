@@ -20,14 +20,14 @@ from typing import Any
 
 import structlog
 
-from ..errors import BadInputError
+from ..errors import BadInputError, ContimgError
 from ..products import product_dir
 
 log = structlog.get_logger(__name__)
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
             404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-            413: "Payload Too Large", 500: "Internal Server Error"}
+            413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 @dataclass
@@ -155,11 +155,25 @@ class StatusAPI:
             return _json(200, await self.p["alerts"]())
         if seg == ["api", "calibration"]:
             return _json(200, await self.p["calibration"]())
+        if seg == ["api", "calibration", "outlook"] and "calibration_outlook" in self.p:
+            return await self._outlook()
         if seg == ["api", "images"]:
             return _json(200, await self.p["images"]())
         if seg and seg[0] == "products":
             return self._product(seg[1:])
         return _json(404, {"error": "no such endpoint"})
+
+    async def _outlook(self) -> Response:
+        """The calibration outlook; 503 while it cannot be computed (no pointing known yet,
+        catalogue unreadable)."""
+        try:
+            doc = await self.p["calibration_outlook"]()
+        except ContimgError as exc:
+            return _json(503, {"error": str(exc)})
+        if doc is None:
+            return _json(503, {"error": "no converted group yet: the pointing declination "
+                                        "is unknown"})
+        return _json(200, doc)
 
     def _product(self, rel: list[str]) -> Response:
         """Serve quick-look PNGs only, and only from under the output directory."""

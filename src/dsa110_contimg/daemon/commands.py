@@ -1,9 +1,12 @@
-"""CLI subcommands backed by the daemon package: run, status, requeue, alert-test."""
+"""CLI subcommands backed by the daemon package: run, status, requeue, alert-test, calibration."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -64,3 +67,69 @@ def register(sub: argparse._SubParsersAction, settings_from: Callable[[argparse.
         return 0 if all(ok for _, ok, _ in results) else 1
 
     p.set_defaults(func=alert_test)
+
+    p = sub.add_parser("calibration", help="calibration outlook: sets in force, next calibrator "
+                       "transits, and when groups would go without calibration")
+    add_common(p)
+    p.add_argument("--json", action="store_true", help="print the outlook as JSON")
+    p.add_argument("--hours", type=float, default=24.0, help="look this far ahead (default 24)")
+    p.add_argument("--dec", type=float, help="pointing declination (deg); default: that of the "
+                   "newest converted group in the queue")
+
+    def calibration(args: argparse.Namespace) -> int:
+        if not args.hours > 0:
+            print("contimg calibration: --hours must be positive", file=sys.stderr)
+            return 2
+        if args.json:
+            _logs_to_stderr()  # stdout carries the JSON only
+        outlook = asyncio.run(calibration_outlook(settings_from(args), args.dec, args.hours))
+        if outlook is None:
+            print("contimg calibration: no converted group in the queue to take the pointing "
+                  "declination from; give it with --dec DEG", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(outlook.as_dict(), indent=1))
+        else:
+            from ..calibration.outlook import format_outlook
+
+            print(format_outlook(outlook))
+        return 0
+
+    p.set_defaults(func=calibration)
+
+
+def _logs_to_stderr() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
+async def calibration_outlook(settings: Any, dec_deg: float | None, hours: float) -> Any:
+    """The outlook at ``dec_deg`` (default: the newest converted group's pointing), read from
+    the state directory without changing it; None when no pointing is known."""
+    from ..calibration.outlook import gather_outlook, newest_pointing_dec
+    from ..calibration.registry import CalRegistry
+    from ..instrument import PrimaryBeam
+    from .options import QueueOptions
+    from .queue import GroupQueue
+
+    db = settings.queue_db
+    source = "--dec"
+    if dec_deg is None:
+        if not db.is_file():  # opening would create an empty queue
+            return None
+        async with await GroupQueue.open(db, QueueOptions()) as queue:
+            found = newest_pointing_dec(await queue.list_groups(limit=200))
+        if found is None:
+            return None
+        dec_deg, gid = found
+        source = f"group {gid}"
+    registry = await CalRegistry.open(db, settings.calibration) if db.is_file() else None
+    try:
+        catalogue = settings.catalogue_db if settings.catalogue_db.is_file() else None
+        return await gather_outlook(registry, catalogue, float(dec_deg), settings.calibration,
+                                    PrimaryBeam.from_options(settings.beam), hours=hours,
+                                    pointing_source=source)
+    finally:
+        if registry is not None:
+            await registry.close()

@@ -1,7 +1,8 @@
 """``contimg run``: one event loop running ingest, the scheduler, monitors and the status API.
 
 Start-up: check directories, take the state-dir lock (one daemon per state dir), clean stale
-staging, take back claims a dead predecessor held, then serve. Shutdown (SIGTERM/SIGINT):
+staging, build the sky catalogue from ``CONTIMG_CAL_FIELD_CATALOGUE`` when it is missing or
+out of date, take back claims a dead predecessor held, then serve. Shutdown (SIGTERM/SIGINT):
 stop intake, let in-flight stages finish up to a timeout, give the rest back to the queue,
 kill abandoned workers (their output only ever lives in staging), close everything.
 """
@@ -12,10 +13,12 @@ import asyncio
 import fcntl
 import os
 import signal
+import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -29,7 +32,14 @@ from .queue import ACTIVE_STATES, RESTING_STATES, GroupQueue
 from .scheduler import HOLD_FLAG, Scheduler, new_worker_id
 from .sdnotify import Notifier, watchdog_interval_s, watchdog_loop
 
+if TYPE_CHECKING:
+    from ..calibration.registry import CalRegistry
+    from ..catalogue import BuildReport
+
 log = structlog.get_logger(__name__)
+
+OUTLOOK_CACHE_S = 60.0
+_EXTEND_START_S = 60  # each notice during a catalogue build gives systemd this much more time
 
 
 class StateLock:
@@ -81,6 +91,79 @@ async def sweep_work_area(s: Settings, queue: GroupQueue) -> list[Path]:
     return archived
 
 
+async def ensure_catalogue(s: Settings, notifier: Notifier | None = None,
+                           progress_s: float = 20.0) -> BuildReport | None:
+    """Build ``<state_dir>/catalogue.sqlite`` from ``CONTIMG_CAL_FIELD_CATALOGUE`` unless it
+    is already built from that file as it is now; None when nothing was built.
+
+    The build runs in a thread (NVSS takes a while); meanwhile systemd is asked for more
+    start-up time. A file that does not parse is a configuration error naming file and line;
+    a build that fails otherwise (disk full) is logged and the daemon runs on with the
+    catalogue it had, since builds replace the file atomically.
+    """
+    from ..catalogue import CatalogueFormatError, build_catalogue, catalogue_is_current
+
+    name = s.calibration.field_catalogue
+    if not name:
+        return None
+    source, db = Path(name), s.catalogue_db
+    if await asyncio.to_thread(catalogue_is_current, db, [source]):
+        log.info("catalogue_current", catalogue=str(db), source=str(source))
+        return None
+    log.info("catalogue_building", catalogue=str(db), source=str(source))
+    build = asyncio.ensure_future(asyncio.to_thread(build_catalogue, db, [source]))
+    try:
+        while True:
+            done, _ = await asyncio.wait({build}, timeout=progress_s)
+            if done:
+                break
+            if notifier is not None:
+                notifier.send(extend_timeout_usec=_EXTEND_START_S * 1_000_000,
+                              status=f"building the sky catalogue from {source}")
+        report = build.result()
+    except CatalogueFormatError as exc:
+        raise ConfigError(f"CONTIMG_CAL_FIELD_CATALOGUE: {exc}") from None
+    except (OSError, sqlite3.Error) as exc:  # e.g. a full disk: the old catalogue is intact
+        log.error("catalogue_build_failed", catalogue=str(db), source=str(source),
+                  error=f"{type(exc).__name__}: {exc}")
+        return None
+    log.info("catalogue_built", catalogue=str(db), source=str(source), rows=report.rows,
+             seconds=round(report.seconds, 1))
+    return report
+
+
+def outlook_provider(s: Settings, registry: CalRegistry, queue: GroupQueue,
+                     cache_s: float = OUTLOOK_CACHE_S
+                     ) -> Callable[..., Awaitable[dict[str, Any] | None]]:
+    """``outlook(now_mjd=None)``: the calibration outlook (JSON) at the pointing of the newest
+    converted group, or None before any group is converted. Without ``now_mjd`` (the status
+    API) an answer up to ``cache_s`` old is reused: computing one takes about a second."""
+    from ..calibration.outlook import gather_outlook, newest_pointing_dec
+    from ..instrument import PrimaryBeam
+
+    lock = asyncio.Lock()
+    cached: dict[str, Any] = {}
+
+    async def outlook(now_mjd: float | None = None) -> dict[str, Any] | None:
+        async with lock:
+            if now_mjd is None and cached and time.monotonic() - cached["at"] < cache_s:
+                return cached["doc"]
+            found = newest_pointing_dec(await queue.list_groups(limit=200))
+            if found is None:
+                return None
+            dec, gid = found
+            catalogue = s.catalogue_db if s.catalogue_db.is_file() else None
+            o = await gather_outlook(registry, catalogue, dec, s.calibration,
+                                     PrimaryBeam.from_options(s.beam), now_mjd=now_mjd,
+                                     pointing_source=f"group {gid}")
+            doc = o.as_dict()
+            if now_mjd is None:
+                cached.update(doc=doc, at=time.monotonic())
+            return doc
+
+    return outlook
+
+
 async def run_daemon(settings: Settings, once: bool = False) -> int:
     s = settings
     check_directories(s.paths)
@@ -102,7 +185,7 @@ def _free_warm_columns(s: Settings) -> None:
 
 
 async def _serve(s: Settings, once: bool) -> int:
-    from ..alerting.monitors import SystemMonitor
+    from ..alerting.monitors import CalibrationOutlookMonitor, SystemMonitor
     from ..alerting.router import AlertRouter
     from ..calibration.registry import CalRegistry
     from ..conversion.staging import clean_stale_staging
@@ -117,6 +200,12 @@ async def _serve(s: Settings, once: bool) -> int:
     cleaned = clean_stale_staging(s.paths.scratch_dir, s.paths.tmpfs_path)
     if cleaned:
         log.warning("stale_staging_removed", paths=[str(p) for p in cleaned])
+    notifier = Notifier()
+    try:
+        await ensure_catalogue(s, notifier)
+    except BaseException:
+        notifier.close()
+        raise
 
     router = AlertRouter(s.alerts)
     await router.start()
@@ -158,6 +247,8 @@ async def _serve(s: Settings, once: bool) -> int:
                             tmpfs=s.paths.tmpfs_path if s.conversion.stage_to_tmpfs else None,
                             emit=router.emit, queue_stats=queue_stats,
                             calibration_age_h=calibration_age_h)
+    outlook = outlook_provider(s, registry, queue)
+    outlook_monitor = CalibrationOutlookMonitor(s.monitors, outlook, emit=router.emit)
 
     api = None
     if s.api.enabled:
@@ -195,7 +286,8 @@ async def _serve(s: Settings, once: bool) -> int:
         api = StatusAPI(s.api.host, s.api.port, s.api.token.get(), s.paths.output_dir,
                         {"health": health, "queue": queue_view, "group": group_view,
                          "alerts": alerts_view, "calibration": calibration_view,
-                         "images": images_view, "metrics": metrics_view, "requeue": requeue})
+                         "calibration_outlook": outlook, "images": images_view,
+                         "metrics": metrics_view, "requeue": requeue})
         await api.start()
         (s.paths.state_dir / "api.port").write_text(f"{api.port}\n")
 
@@ -212,10 +304,10 @@ async def _serve(s: Settings, once: bool) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
 
-    notifier = Notifier()
     tasks = [asyncio.create_task(watcher.run(stop_intake), name="watcher"),
              asyncio.create_task(grouper.run(stop_intake), name="grouper"),
              asyncio.create_task(monitor.run(stop), name="monitor"),
+             asyncio.create_task(outlook_monitor.run(stop), name="calibration-outlook"),
              asyncio.create_task(_status_loop(notifier, queue, stop), name="sd-status"),
              asyncio.create_task(_warm(executor), name="warm-executor")]
     wd = watchdog_interval_s()
