@@ -142,7 +142,8 @@ async def test_bandpass_expiring_before_the_next_transit_is_a_gap(tmp_path):
 
 
 async def test_bright_field_closes_gain_gaps_but_not_the_bandpass_gap(tmp_path):
-    opts = replace(CalibrationOptions(), bp_validity_h=22.0)
+    # a field solve needs a bandpass unless the field is bright enough for one of its own
+    opts = replace(CalibrationOptions(), bp_validity_h=22.0, field_bandpass_min_jy=1e4)
     reg = await _registry(tmp_path, _calibrator_set("cal", NOW - 20 * H, bp_h=22.0),
                           _field_set("fld", NOW - 0.5 * H))
     write_sources(tmp_path / "catalogue.sqlite", _bright_sky())
@@ -155,6 +156,12 @@ async def test_bright_field_closes_gain_gaps_but_not_the_bandpass_gap(tmp_path):
     assert all(s.usable for s in o.field) and min(s.model_jy for s in o.field) > 1.0
     assert [g.missing for g in o.gaps] == ["bandpass"]  # a field solve needs a bandpass
     assert o.as_dict()["field"]["usable_fraction"] == 1.0
+    # a field above CONTIMG_CAL_FIELD_BANDPASS_MIN_JY gives a bandpass of its own: no gap
+    bright_bp = compute_outlook(NOW, DEC, replace(opts, field_bandpass_min_jy=1.0),
+                                bandpass=_calibrator_set("cal", NOW - 20 * H, bp_h=22.0),
+                                gain=_field_set("fld", NOW - 0.5 * H), candidates=CANDIDATES,
+                                cone=_cone_of(_bright_sky()))
+    assert bright_bp.gaps == ()
 
 
 async def test_no_catalogue_gain_gap_runs_from_expiry_to_the_next_transit(tmp_path):
@@ -193,12 +200,13 @@ def test_recent_transit_still_being_solved_counts_as_coming():
     past = _transit_after(NOW - 1.0)
     now = past + 20 / 1440
     old = _calibrator_set("old", _transit_after(NOW - 2.0))  # its bandpass lapsed minutes ago
-    o = compute_outlook(now, DEC, CalibrationOptions(), bandpass=old, gain=None,
+    opts = replace(CalibrationOptions(), field_bandpass_min_jy=1e4)  # no bandpass on fields
+    o = compute_outlook(now, DEC, opts, bandpass=old, gain=None,
                         candidates=CANDIDATES, cone=_cone_of(_bright_sky()), step_min=30,
                         recent_sets=[old])
     assert o.transits[0].pending and o.gaps == ()
     solved_and_failed = _calibrator_set("new", past + 2 / 1440)
-    o = compute_outlook(now, DEC, CalibrationOptions(), bandpass=old, gain=None,
+    o = compute_outlook(now, DEC, opts, bandpass=old, gain=None,
                         candidates=CANDIDATES, cone=_cone_of(_bright_sky()), step_min=30,
                         recent_sets=[old, solved_and_failed])
     assert not any(t.pending for t in o.transits)

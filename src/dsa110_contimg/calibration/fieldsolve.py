@@ -284,8 +284,9 @@ def field_calset(name: str, g_path: Path, bandpass_set: CalSet, refant: str, mid
 
 
 def registered_part(calset: CalSet) -> CalSet:
-    """What the registry stores of a set: a field solution's own gain table only."""
-    if calset.calibrator != FIELD_CALIBRATOR:
+    """What the registry stores of a set: of a field solution that borrowed its K and BP, its
+    own gain table only (so it never extends the bandpass's validity)."""
+    if calset.calibrator != FIELD_CALIBRATOR or not calset.params.get("bandpass_set"):
         return calset
     return CalSet(calset.name, tuple(t for t in calset.tables if t.kind not in BANDPASS_KINDS),
                   calset.refant, calset.calibrator, calset.mid_mjd, calset.dec_deg,

@@ -13,7 +13,8 @@ calibrator transits.
 Coverage over the window [now, now + hours]:
 
 - bandpass: the one in force until it expires; each calibrator transit T gives one from T
-  to T + ``bp_validity_h`` (a field solve never makes a bandpass);
+  to T + ``bp_validity_h``, and so does a field at least ``field_bandpass_min_jy`` bright
+  (with no bandpass in force the whole chain is solved on such a field);
 - gain: the one in force until it expires; each transit gives one valid T +/- ``g_validity_h``;
   each time the field model is bright enough (and a bandpass is covered) a field solve gives
   one valid +/- ``g_validity_h``.
@@ -410,6 +411,8 @@ def compute_outlook(now_mjd: float, pointing_dec_deg: float, options: Calibratio
     # coverage
     bp_cover = [(t0, bp_in.expires_mjd)] if bp_in else []
     bp_cover += [(t.mjd, t.mjd + bp_v) for t in transits]
+    bp_cover += [(s.mjd, s.mjd + bp_v) for s in samples
+                 if options.field_solve and s.model_jy >= options.field_bandpass_min_jy]
     bp_cover = _union(bp_cover)
     g_cover = [(t0, g_in.expires_mjd)] if g_in else []
     g_cover += [(t.mjd - g_v, t.mjd + g_v) for t in transits]
@@ -425,6 +428,7 @@ def compute_outlook(now_mjd: float, pointing_dec_deg: float, options: Calibratio
     gaps.sort(key=lambda g: g.start_mjd)
     opts = {"bp_validity_h": options.bp_validity_h, "g_validity_h": options.g_validity_h,
             "field_solve": options.field_solve, "field_min_model_jy": options.field_min_model_jy,
+            "field_bandpass_min_jy": options.field_bandpass_min_jy,
             "field_min_apparent_jy": options.field_min_apparent_jy,
             "field_radius_deg": options.field_radius_deg,
             "calibrator_radius_deg": options.calibrator_radius_deg,

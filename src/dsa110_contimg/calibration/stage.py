@@ -47,6 +47,7 @@ from .catalog import (
     Calibrator,
 )
 from .fieldsolve import (
+    FIELD_CALIBRATOR,
     FieldModel,
     field_calset,
     field_model,
@@ -249,8 +250,10 @@ def _live(info: MSInfo, flags: FlagReport) -> tuple[int, ...]:
 
 def _solve(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo, cal: Calibrator,
            flags: FlagReport, durations: dict[str, float],
-           notes: list[str]) -> CalSet:
-    """Model a scratch copy with ``cal`` (and its field), solve; return the new set."""
+           notes: list[str], on_field: FieldModel | None = None) -> CalSet:
+    """Model a scratch copy with ``cal`` (and its field), solve K, BP and G; return the new
+    set. With ``on_field`` (no bandpass in force, a bright field) ``cal`` is the field's
+    brightest source and the whole chain is solved on the field model."""
     with _solve_setup(inputs, options, info, flags, durations, notes) as (scratch, copy,
                                                                             live, refant):
         stem, caldir = safe_stem(inputs.group_id), Path(inputs.caltable_dir)
@@ -282,9 +285,14 @@ def _solve(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
               "antennas_in_data": list(info.names_in_data),
               "flag_fractions": flags.fractions, "beam": inputs.beam.as_dict(),
               "flux_scale": flux_scale}
-    return CalSet(name=f"{stem}_{cal.name}", tables=tuple(tables), refant=solved.refant,
-                  calibrator=cal.name, mid_mjd=mid, dec_deg=float(inputs.pointing_dec_deg),
-                  params=params, qa={})
+    if on_field is not None:
+        params.update(mode="field", field_model=on_field.summary())
+        notes.append(f"no bandpass in force: K, BP and G solved on the field "
+                     f"({on_field.total_apparent_jy:.2f} Jy through the beam)")
+    return CalSet(name=f"{stem}_{'field' if on_field is not None else cal.name}",
+                  tables=tuple(tables), refant=solved.refant,
+                  calibrator=FIELD_CALIBRATOR if on_field is not None else cal.name, mid_mjd=mid,
+                  dec_deg=float(inputs.pointing_dec_deg), params=params, qa={})
 
 
 def _carry_flux_scale(inputs: CalibrationInputs, cal: Calibrator, g_table: Path,
@@ -315,13 +323,16 @@ def _plan_field(inputs: CalibrationInputs, options: CalibrationOptions,
     t0 = time.perf_counter()
     if not options.field_solve:
         return None, "field solves are off (CONTIMG_CAL_FIELD_SOLVE)", 0.0
-    if inputs.bandpass_set is None:
-        return None, "no valid bandpass yet (it comes from a calibrator transit)", 0.0
     near, why = _catalogue_sources(inputs, info, options.field_radius_deg, options)
     if near is None:
         return None, why, time.perf_counter() - t0
     model = field_model(near, info, inputs.pointing_dec_deg, options, inputs.beam)
     took = time.perf_counter() - t0
+    if inputs.bandpass_set is None and model.total_apparent_jy < options.field_bandpass_min_jy:
+        return None, (f"no valid bandpass yet (it comes from a calibrator transit, or from a "
+                      f"field of at least CONTIMG_CAL_FIELD_BANDPASS_MIN_JY="
+                      f"{options.field_bandpass_min_jy:g} Jy; this one has "
+                      f"{model.total_apparent_jy:.3f} Jy)"), took
     if not model.sources or model.total_apparent_jy < options.field_min_model_jy:
         return None, (f"the catalogue's field model is too faint: {model.total_apparent_jy:.3f} Jy "
                       f"through the beam from {len(model.sources)} source(s), below "
@@ -410,6 +421,10 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
     if cal is not None:
         attempts.append(("solved", lambda: _solve(inputs, options, info, cal, flags, durations,
                                                   notes)))
+    elif model is not None and inputs.bandpass_set is None:
+        # no bandpass in force, and a field bright enough for one: the whole chain on the field
+        attempts.append(("field", lambda: _solve(inputs, options, info, model.sources[0],
+                                                 flags, durations, notes, on_field=model)))
     elif model is not None:
         attempts.append(("field", lambda: _solve_on_field(inputs, options, info, model, flags,
                                                           durations, notes)))
