@@ -217,8 +217,13 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
         # its own generator: the same seed gives the same sky and noise with or without
         interference = (draw_rfi(np.random.default_rng([seed, k, 0x5F1]), band, p.n_times,
                                  _noise_sigma(p)) if rfi else None)
+        # a drawn sky exists only around the pointings: each group sees the part drawn
+        # around its own (beyond, an artefact of drawing sources near the pointings only)
+        seen = sky if sky_model != "counts" else [
+            s for s in sky if angular_separation_deg(s["ra_deg"], s["dec_deg"], *centres[k])
+            <= COUNTS_RADIUS_DEG + 1.0]
         truth = _write_group(outdir, preset, p, g0, stations, dead, enu, gain_params, p_hat,
-                             point_dec, sky, rng, jitter_s, write_delay_s, chunks,
+                             point_dec, seen, rng, jitter_s, write_delay_s, chunks,
                              faults if k == fault_group else {}, descending_channels, seed,
                              interference, log,
                              APPARENT_FLOOR_JY if sky_model == "counts" else 0.0)

@@ -17,14 +17,14 @@ import numpy as np
 from ..instrument import C_M_S
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _sum(amp: np.ndarray, dgeo: np.ndarray, k: np.ndarray, even: bool, out: np.ndarray) -> None:
     ns, nt, nf = amp.shape
     nb = dgeo.shape[2]
     dk = k[1] - k[0] if nf > 1 else 0.0
-    for s in range(ns):
+    for b in numba.prange(nb):  # each thread owns its baselines' output
         for t in range(nt):
-            for b in range(nb):
+            for s in range(ns):
                 d = dgeo[s, t, b]
                 if even:
                     ph = complex(math.cos(k[0] * d), math.sin(k[0] * d))

@@ -22,6 +22,28 @@ CATALOGUE_NAME = "sky_catalogue.csv"
 FIELDS = ("name", "ra_deg", "dec_deg", "flux_jy", "ref_freq_hz")
 
 
+class _PositionIndex:
+    """Positions on the sky, binned by declination strip, for "is one within r?" queries."""
+
+    def __init__(self, positions: Iterable[tuple[float, float]], strip_deg: float = 0.1) -> None:
+        self.strip = strip_deg
+        self.bins: dict[int, list[tuple[float, float]]] = {}
+        for ra, dec in positions:
+            self.add(ra, dec)
+
+    def add(self, ra: float, dec: float) -> None:
+        self.bins.setdefault(int(np.floor(dec / self.strip)), []).append((ra, dec))
+
+    def near(self, ra: float, dec: float, radius_deg: float) -> bool:
+        k = int(np.floor(dec / self.strip))
+        reach = int(np.ceil(radius_deg / self.strip))
+        for j in range(k - reach, k + reach + 1):
+            for r2, d2 in self.bins.get(j, ()):
+                if angular_separation_deg(ra, dec, r2, d2) < radius_deg:
+                    return True
+        return False
+
+
 def write_survey_catalogue(path: Path, sources: Iterable[dict[str, Any]], flux_error: float = 0.03,
                            seed: int = 0) -> Path:
     """Add ``sources`` (simulator truth records) to the catalogue at ``path``; entries already
@@ -31,18 +53,17 @@ def write_survey_catalogue(path: Path, sources: Iterable[dict[str, Any]], flux_e
     if path.exists():
         with path.open() as fh:
             rows = list(csv.DictReader(fh))
-    known = [(float(r["ra_deg"]), float(r["dec_deg"])) for r in rows]
+    known = _PositionIndex([(float(r["ra_deg"]), float(r["dec_deg"])) for r in rows])
     rng = np.random.default_rng(seed)
     for s in sources:
-        if any(angular_separation_deg(s["ra_deg"], s["dec_deg"], ra, dec) < 1 / 3600
-               for ra, dec in known):
+        if known.near(s["ra_deg"], s["dec_deg"], 1 / 3600):
             continue
         flux = s["flux_jy"] * (SURVEY_FREQ_HZ / s["ref_freq_hz"]) ** s["spectral_index"]
         flux *= 1.0 + rng.normal(0.0, flux_error)
         rows.append({"name": s["name"], "ra_deg": f"{s['ra_deg']:.6f}",
                      "dec_deg": f"{s['dec_deg']:.6f}", "flux_jy": f"{flux:.4f}",
                      "ref_freq_hz": f"{SURVEY_FREQ_HZ:.0f}"})
-        known.append((s["ra_deg"], s["dec_deg"]))
+        known.add(s["ra_deg"], s["dec_deg"])
     tmp = path.with_name("." + path.name + ".tmp")
     with tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
