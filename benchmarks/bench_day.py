@@ -40,14 +40,15 @@ MODES = ("solved", "field", "applied", "uncalibrated")
 
 
 def simulate_day(out: Path, preset: str, groups: int, every_s: float, seed: int,
-                 fresh: bool) -> list[dict]:
+                 fresh: bool, min_mjy: float) -> list[dict]:
     truths = sorted(out.glob("*_truth.json"))
     if fresh or len(truths) != groups:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "dsa110_contimg.cli", "simulate", str(out),
                         "--preset", preset, "--groups", str(groups), "--every", str(every_s),
-                        "--gain-drift", "--sky", "counts", "--seed", str(seed)], check=True,
+                        "--gain-drift", "--sky", "counts", "--sky-min-mjy", str(min_mjy),
+                        "--seed", str(seed)], check=True,
                        stdout=subprocess.DEVNULL)
         print(f"simulated {groups} {preset} groups, one every {every_s:.0f} s, in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -279,11 +280,15 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / ".bench" / "day")
     ap.add_argument("--fresh", action="store_true", help="simulate again even if present")
     ap.add_argument("--no-hold-run", action="store_true")
+    ap.add_argument("--min-mjy", type=float, default=2.0,
+                    help="faintest simulated source (mJy): at full size 2 mJy means ~2000 "
+                         "sources a field and ~15 min of simulation per group")
     args = ap.parse_args()
     t0 = time.perf_counter()
     work = args.work / args.preset
     group_dir = work / "groups"
-    truths = simulate_day(group_dir, args.preset, args.groups, args.every, args.seed, args.fresh)
+    truths = simulate_day(group_dir, args.preset, args.groups, args.every, args.seed, args.fresh,
+                          args.min_mjy)
     t_run = time.perf_counter()
     db = run(group_dir, truths, work / "run", group_dir / "sky_nvss.tdat")
     daemon_s = time.perf_counter() - t_run

@@ -64,7 +64,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                              write_delay_s=args.write_delay, chunks=args.chunks, faults=faults,
                              descending_channels=not args.ascending_channels, rfi=args.rfi,
                              gain_drift=args.gain_drift, sky_model=args.sky,
-                             cadence_s=args.every)
+                             cadence_s=args.every, counts_min_jy=args.sky_min_mjy * 1e-3)
     took = (datetime.now(UTC) - t0).total_seconds()
     for t in truths:
         cals = [s["name"] for s in t["sources"] if s.get("transits_in_group")]
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rfi", action="store_true", help="add interference of known footprint (lines and a burst; recorded in the truth)")
     p.add_argument("--gain-drift", action="store_true", help="gains drift on an absolute time axis (phase random walk ~25 deg/h, slow amplitude drift): a solution carried between groups is no longer exact")
     p.add_argument("--sky", choices=("preset", "counts"), default="preset", help="'preset': a few sources per group; 'counts': a realistic sky from 1.4 GHz source counts (hundreds per field, 2 mJy to a few Jy)")
+    p.add_argument("--sky-min-mjy", type=float, default=2.0, help="--sky counts: faintest source (mJy); fewer sources simulate faster")
     p.add_argument("--every", type=float, help="seconds between group starts (default: back to back), e.g. 3600 for a sparse day")
     p.set_defaults(func=cmd_simulate)
 

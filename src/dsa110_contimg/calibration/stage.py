@@ -26,7 +26,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,7 +367,8 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
     """Calibrate one group, in this order of preference:
 
     1. ``solved``: a calibrator transits: solve K, BP and G on it (and its field);
-    2. ``field``: solve G on the group's own field with the newest valid K and BP;
+    2. ``field``: solve G on the group's own field with the newest valid K and BP (with no
+       valid bandpass, a field bright enough solves K and BP too);
     3. ``applied``: the field model is too faint (or the field solve failed): apply the
        newest valid bandpass + gain (``inputs.apply_set``).
 
@@ -417,24 +418,23 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
         raise CalibrationUnavailable(_unavailable(inputs, missing))
 
     mode, new_set, applied, refant = "uncalibrated", None, None, None
-    attempts: list[tuple[str, Any]] = []
+    attempt: tuple[str, Callable[[], CalSet]] | None = None
     if cal is not None:
-        attempts.append(("solved", lambda: _solve(inputs, options, info, cal, flags, durations,
-                                                  notes)))
+        attempt = "solved", lambda: _solve(inputs, options, info, cal, flags, durations, notes)
     elif model is not None and inputs.bandpass_set is None:
         # no bandpass in force, and a field bright enough for one: the whole chain on the field
-        attempts.append(("field", lambda: _solve(inputs, options, info, model.sources[0],
-                                                 flags, durations, notes, on_field=model)))
+        attempt = "field", lambda: _solve(inputs, options, info, model.sources[0], flags,
+                                          durations, notes, on_field=model)
     elif model is not None:
-        attempts.append(("field", lambda: _solve_on_field(inputs, options, info, model, flags,
-                                                          durations, notes)))
+        attempt = "field", lambda: _solve_on_field(inputs, options, info, model, flags,
+                                                   durations, notes)
     else:
         notes.append(f"no field solve: {no_field}")
-    for what, run in attempts:
+    if attempt is not None:
         try:
-            new_set = run()
+            new_set = attempt[1]()
             durations["applycal"] = apply_calset(ms, new_set, same_group=True)
-            mode, applied, refant = what, new_set.name, new_set.refant
+            mode, applied, refant = attempt[0], new_set.name, new_set.refant
         except StageError as exc:
             if inputs.apply_set is None:
                 raise

@@ -138,7 +138,8 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
                     faults: dict[int, str] | None = None, fault_group: int = 0,
                     descending_channels: bool = True, rfi: bool = False,
                     gain_drift: bool = False, sky_model: str = "preset",
-                    cadence_s: float | None = None, log=None) -> list[dict[str, Any]]:
+                    cadence_s: float | None = None, counts_min_jy: float = 0.002,
+                    log=None) -> list[dict[str, Any]]:
     """Write ``groups`` groups into ``outdir``; return their truth records.
 
     ``rfi`` adds interference of known footprint to every group (:mod:`.rfi`), recorded in
@@ -146,7 +147,7 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
     :func:`.gains.draw_drift_params` (the same for every run with this seed).
     ``sky_model`` 'preset' places the preset's few sources per group; 'counts' draws a
     realistic sky from 1.4 GHz source counts (:mod:`.counts`: hundreds per field, 2 mJy to a
-    few Jy, with spectral indices). ``cadence_s`` spaces the group starts (default: back to
+    few Jy, with spectral indices; ``counts_min_jy`` sets the faint end). ``cadence_s`` spaces the group starts (default: back to
     back, as the telescope writes them), e.g. 3600 for one group an hour.
     Besides the truth, the sky is written as the project's CSV (``sky_catalogue.csv``) and as
     an NVSS-format TDAT survey of it (``sky_nvss.tdat``: >= 5 mJy, 3 % flux and NVSS-like
@@ -203,7 +204,7 @@ def simulate_groups(outdir: Path, preset: str = "tiny", groups: int = 1, start: 
                         "ref_freq_hz": c.ref_freq_hz, "is_calibrator": True})
     if sky_model == "counts":
         sky.extend(draw_counts_sky(np.random.default_rng([seed, 0xC0]), centres,
-                                   COUNTS_RADIUS_DEG,
+                                   COUNTS_RADIUS_DEG, min_flux_jy=counts_min_jy,
                                    avoid=[(s["ra_deg"], s["dec_deg"]) for s in sky]))
     else:
         for k, ce in enumerate(centres):
