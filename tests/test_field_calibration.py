@@ -241,3 +241,25 @@ def test_without_a_bandpass_a_bright_field_solves_the_whole_chain(drift_groups, 
     assert err["abs_amp_rms"] <= 0.15, err
     qa = check_calibration_quality(fset, inp.ms_path, QA)
     assert qa.passed, qa.reason
+
+
+def test_a_corrupt_catalogue_at_run_time_holds_the_group_naming_it(drift_groups, calibrator_set,
+                                                                  tmp_path):
+    """A catalogue file that is garbage, or an SQLite file cut short: the group is held and
+    the reason names the file; the stage does not crash."""
+    from dsa110_contimg.catalogue import write_sources
+    from dsa110_contimg.catalogue.sources import CatalogueSource
+
+    ms, truth = drift_groups["field"]
+    garbage = tmp_path / "catalogue.sqlite"
+    garbage.write_bytes(b"\x00not a catalogue\n" * 100)
+    inp = _inputs(ms, truth, tmp_path / "a", bandpass_set=calibrator_set, catalogue_db=garbage)
+    with pytest.raises(CalibrationUnavailable, match=r"sky catalogue unusable.*catalogue\.sqlite"):
+        calibrate_group(inp, OPTIONS)
+    good = tmp_path / "good.sqlite"
+    write_sources(good, [CatalogueSource(f"S{i}", float(i), 30.0, 1.0) for i in range(2000)])
+    cut = tmp_path / "cut.sqlite"
+    cut.write_bytes(good.read_bytes()[:8192])
+    inp = _inputs(ms, truth, tmp_path / "b", bandpass_set=calibrator_set, catalogue_db=cut)
+    with pytest.raises(CalibrationUnavailable, match=r"cut\.sqlite"):
+        calibrate_group(inp, OPTIONS)
