@@ -263,3 +263,27 @@ def test_a_corrupt_catalogue_at_run_time_holds_the_group_naming_it(drift_groups,
     inp = _inputs(ms, truth, tmp_path / "b", bandpass_set=calibrator_set, catalogue_db=cut)
     with pytest.raises(CalibrationUnavailable, match=r"cut\.sqlite"):
         calibrate_group(inp, OPTIONS)
+
+
+def test_reruns_skip_only_when_nothing_that_decides_the_result_changed(
+        drift_groups, calibrator_set, tmp_path):
+    """A finished field solve is skipped on a re-run with the same inputs; another beam model
+    or another bandpass solves again. A calibrator group re-run with its own earlier set as
+    the bandpass in force solves again instead of borrowing (and deleting) its own tables."""
+    ms, truth = drift_groups["field"]
+    opts = replace(OPTIONS, field_catalogue=str(drift_groups["catalogue"][0]))
+    inp = _inputs(ms, truth, tmp_path / "f", bandpass_set=calibrator_set)
+    assert calibrate_group(inp, opts).mode == "field"
+    assert calibrate_group(inp, opts).skipped
+    from dsa110_contimg.instrument import PrimaryBeam
+
+    wider = replace(inp, beam=PrimaryBeam("gaussian", 4.65, 1.2))
+    again = calibrate_group(wider, opts)
+    assert not again.skipped and again.new_set.params["beam"]["kind"] == "gaussian"
+
+    cms, ctruth = drift_groups["cal"]
+    cinp = _inputs(cms, ctruth, tmp_path / "c")
+    first = calibrate_group(cinp, OPTIONS)
+    rerun = calibrate_group(replace(cinp, bandpass_set=first.new_set), replace(OPTIONS, min_snr=2.0))
+    assert rerun.mode == "solved" and not rerun.skipped
+    assert all((Path(t.path) / "table.dat").exists() for t in rerun.new_set.tables)

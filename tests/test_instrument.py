@@ -211,3 +211,15 @@ def test_transit_search_works_long_after_the_bundled_iers_table(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("3C286")
+
+
+def test_nothing_is_seen_behind_the_dish():
+    from dsa110_contimg.imaging.pbcor import drift_averaged_beam
+
+    for beam in (PrimaryBeam.airy(), PrimaryBeam("gaussian", 4.65, 1.2)):
+        assert float(beam.power_lm(0.0, 0.0, F, dn=1.0)) == pytest.approx(1.0)
+        assert float(beam.power_lm(0.0, 0.0, F, dn=-1.0)) == 0.0
+        # the antipode of the pointing (l = m = 0, behind)
+        anti = drift_averaged_beam(np.array([20.0]), np.array([-30.0]), np.array([200.0]),
+                                   np.array([30.0]), None, F, beam)
+        assert float(anti[0]) == 0.0

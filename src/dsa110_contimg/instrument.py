@@ -83,12 +83,19 @@ class PrimaryBeam:
         return beam
 
     def power_lm(self, dl: np.ndarray | float, dm: np.ndarray | float,
-                 freq_hz: np.ndarray | float) -> np.ndarray:
-        """Power at dish-frame direction cosines (l, m) from the pointing (arrays broadcast)."""
+                 freq_hz: np.ndarray | float,
+                 dn: np.ndarray | float | None = None) -> np.ndarray:
+        """Power at dish-frame direction cosines (l, m) from the pointing (arrays broadcast);
+        ``dn``, the cosine of the angle to the pointing, when given puts directions behind
+        the dish (dn <= 0) at zero (l, m alone cannot tell front from back)."""
         l_, m_ = np.asarray(dl, dtype=float), np.asarray(dm, dtype=float)
         if self.kind != "fits":
-            return self.power(np.arcsin(np.clip(np.hypot(l_, m_), 0.0, 1.0)), freq_hz)
-        return _load_fits_beam(self.fits_path).power(l_, m_, np.asarray(freq_hz, dtype=float))
+            out = self.power(np.arcsin(np.clip(np.hypot(l_, m_), 0.0, 1.0)), freq_hz)
+        else:
+            out = _load_fits_beam(self.fits_path).power(l_, m_, np.asarray(freq_hz, dtype=float))
+        if dn is None:
+            return out
+        return np.where(np.asarray(dn, dtype=float) > 0.0, out, 0.0)
 
     @classmethod
     def airy(cls, dish_diameter_m: float = DISH_DIAMETER_M) -> PrimaryBeam:

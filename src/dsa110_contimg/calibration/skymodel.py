@@ -156,37 +156,39 @@ def beam_responses(sources: Sequence[Calibrator], info: MSInfo, pointing_dec_deg
     """:func:`beam_response` of many sources in one coordinate transform, (nsrc, ntime, nchan)."""
     loc = _location(info.itrf_centre_m)
     az_p, alt_p = pointing_altaz(pointing_dec_deg, float(loc.lat.deg))
-    dl, dm = _offsets_along_drift(np.array([s.ra_deg for s in sources], dtype=float),
-                                  np.array([s.dec_deg for s in sources], dtype=float),
-                                  info, az_p, alt_p)
-    return beam.power_lm(dl[:, :, None], dm[:, :, None], info.freqs_hz[None, None, :])
+    dl, dm, dn = _offsets_along_drift(np.array([s.ra_deg for s in sources], dtype=float),
+                                      np.array([s.dec_deg for s in sources], dtype=float),
+                                      info, az_p, alt_p)
+    return beam.power_lm(dl[:, :, None], dm[:, :, None], info.freqs_hz[None, None, :],
+                         dn[:, :, None])
 
 
 def _offsets_along_drift(ra_deg: np.ndarray, dec_deg: np.ndarray, info: MSInfo, az_deg: float,
-                         alt_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    """Dish-frame direction cosines (l, m) of each source for a dish fixed at (az, alt),
-    each (nsrc, ntime)."""
+                         alt_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dish-frame direction cosines (l, m, n) of each source for a dish fixed at (az, alt),
+    each (nsrc, ntime); n is the cosine of the angle to the pointing."""
     import astropy.units as u
     from astropy.coordinates import AltAz, SkyCoord
     from astropy.time import Time
 
     offline_astropy()
     loc = _location(info.itrf_centre_m)
-    _, e_l, e_m = dish_axes_enu(az_deg, alt_deg)
+    p_hat, e_l, e_m = dish_axes_enu(az_deg, alt_deg)
     frame = AltAz(obstime=Time(info.times_mjd[None, :], format="mjd", scale="utc"), location=loc)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         c = SkyCoord(np.atleast_1d(ra_deg)[:, None] * u.deg,
                      np.atleast_1d(dec_deg)[:, None] * u.deg, frame="icrs").transform_to(frame)
     s_hat = enu_unit(c.az.deg, c.alt.deg)  # (nsrc, ntime, 3)
-    return s_hat @ e_l, s_hat @ e_m
+    return s_hat @ e_l, s_hat @ e_m, s_hat @ p_hat
 
 
 def beam_along_drift(ra_deg: float, dec_deg: float, info: MSInfo, az_deg: float, alt_deg: float,
                      beam: PrimaryBeam = AIRY) -> np.ndarray:
     """Beam power toward (ra, dec) for a dish fixed at (az, alt), shape (ntime, nchan)."""
-    dl, dm = _offsets_along_drift(np.array([ra_deg]), np.array([dec_deg]), info, az_deg, alt_deg)
-    return beam.power_lm(dl[0][:, None], dm[0][:, None], info.freqs_hz[None, :])
+    dl, dm, dn = _offsets_along_drift(np.array([ra_deg]), np.array([dec_deg]), info, az_deg,
+                                      alt_deg)
+    return beam.power_lm(dl[0][:, None], dm[0][:, None], info.freqs_hz[None, :], dn[0][:, None])
 
 
 def delay_path_m(uvw: np.ndarray, lmn: tuple[float, float, float]) -> np.ndarray:

@@ -115,8 +115,21 @@ def _has_corrected(ms: Path) -> bool:
         return False
 
 
-def options_digest(options: CalibrationOptions) -> str:
-    text = json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
+def options_digest(options: CalibrationOptions, inputs: CalibrationInputs | None = None) -> str:
+    """What decides a run's result besides the MS: the options, and of the inputs the beam
+    model, the sky catalogue (rebuilt by an atomic replace: a new file each time) and the
+    bandpass a field solve borrows."""
+    extra: dict[str, Any] = {}
+    if inputs is not None:
+        extra["beam"] = inputs.beam.as_dict()
+        extra["bandpass_set"] = inputs.bandpass_set.name if inputs.bandpass_set else None
+        if inputs.catalogue_db is not None:
+            try:
+                st = Path(inputs.catalogue_db).stat()
+                extra["catalogue"] = [st.st_size, st.st_mtime_ns, st.st_ino]
+            except OSError:
+                extra["catalogue"] = "missing"
+    text = json.dumps({**dataclasses.asdict(options), **extra}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -127,7 +140,7 @@ def _finished(inputs: CalibrationInputs, options: CalibrationOptions) -> Calibra
         doc = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
-    if doc.get("options_digest") != options_digest(options):
+    if doc.get("options_digest") != options_digest(options, inputs):
         return None
     mode = doc.get("mode")
     if mode not in ("solved", "field", "applied"):
@@ -151,9 +164,17 @@ def _write_marker(inputs: CalibrationInputs, result: CalibrationResult,
                   options: CalibrationOptions) -> None:
     marker = marker_path(inputs)
     tmp = marker.with_name("." + marker.name + ".tmp")
-    doc = {**result.as_dict(), "options_digest": options_digest(options)}
+    doc = {**result.as_dict(), "options_digest": options_digest(options, inputs)}
     tmp.write_text(json.dumps(doc, indent=1, default=str))
     tmp.replace(marker)
+
+
+def _own(calset: CalSet, group_id: str) -> bool:
+    """Was ``calset`` solved on this group (a re-run's own earlier solution)?"""
+    params = calset.params or {}
+    own = {params.get("group_id"), (params.get("bp_params") or {}).get("group_id"),
+           (params.get("g_params") or {}).get("group_id")}
+    return group_id in own
 
 
 def _unavailable(inputs: CalibrationInputs, missing: list[str]) -> str:
@@ -289,7 +310,7 @@ def _solve(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
         params.update(mode="field", field_model=on_field.summary())
         notes.append(f"no bandpass in force: K, BP and G solved on the field "
                      f"({on_field.total_apparent_jy:.2f} Jy through the beam)")
-    return CalSet(name=f"{stem}_{'field' if on_field is not None else cal.name}",
+    return CalSet(name=f"{stem}_{'fieldbp' if on_field is not None else cal.name}",
                   tables=tuple(tables), refant=solved.refant,
                   calibrator=FIELD_CALIBRATOR if on_field is not None else cal.name, mid_mjd=mid,
                   dec_deg=float(inputs.pointing_dec_deg), params=params, qa={})
@@ -307,7 +328,12 @@ def _carry_flux_scale(inputs: CalibrationInputs, cal: Calibrator, g_table: Path,
         notes.append(f"flux scale from the catalogue flux of {cal.name} ({cal.flux_jy:g} Jy): "
                      "no solution on a flux standard is in force")
         return {"from": "catalogue", "calibrator": cal.name}
-    ref = reference_gain_scale(inputs.bandpass_set, live_names)
+    try:
+        ref = reference_gain_scale(inputs.bandpass_set, live_names)
+    except StageError as exc:
+        notes.append(f"flux scale from the catalogue flux of {cal.name} ({cal.flux_jy:g} Jy): "
+                     f"the scale in force could not be read ({exc})")
+        return {"from": "catalogue", "calibrator": cal.name, "reference_error": str(exc)}
     ratio = rescale_gain_table(g_table, ref, live_names)
     implied = [round(cal.flux_jy / r ** 2, 4) for r in ratio]
     notes.append(f"flux scale carried from {inputs.bandpass_set.name}; {cal.name} implies "
@@ -389,6 +415,9 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
         log.info("calibration_skipped", group_id=inputs.group_id, mode=done.mode)
         return done
     marker_path(inputs).unlink(missing_ok=True)
+    if inputs.bandpass_set is not None and _own(inputs.bandpass_set, inputs.group_id):
+        # a re-run must not borrow (and overwrite) the tables it is about to solve again
+        inputs = dataclasses.replace(inputs, bandpass_set=None)
 
     durations: dict[str, float] = {}
     notes: list[str] = []
@@ -436,13 +465,19 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
             durations["applycal"] = apply_calset(ms, new_set, same_group=True)
             mode, applied, refant = attempt[0], new_set.name, new_set.refant
         except StageError as exc:
-            if inputs.apply_set is None:
-                raise
             new_set = None
-            source = cal.name if cal is not None else "the field"
-            notes.append(f"solve on {source} failed ({exc}); applied the set in force")
-            log.warning("solve_failed_fallback", source=source, error=str(exc),
-                        apply_set=inputs.apply_set.name)
+            if inputs.apply_set is not None:
+                source = cal.name if cal is not None else "the field"
+                notes.append(f"solve on {source} failed ({exc}); applied the set in force")
+                log.warning("solve_failed_fallback", source=source, error=str(exc),
+                            apply_set=inputs.apply_set.name)
+            elif attempt[0] == "field":
+                # held (or imaged uncalibrated): the next transit, or a neighbour's field
+                # solution, will serve it; retrying the same solve would not
+                missing.append(f"the field solve failed: {exc}")
+                log.warning("field_solve_failed", group_id=inputs.group_id, error=str(exc))
+            else:
+                raise
     if mode == "uncalibrated" and inputs.apply_set is not None:
         durations["applycal"] = apply_calset(ms, inputs.apply_set, same_group=False)
         mode, applied, refant = "applied", inputs.apply_set.name, inputs.apply_set.refant

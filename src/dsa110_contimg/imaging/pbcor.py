@@ -46,13 +46,13 @@ def drift_averaged_beam(ra_deg: np.ndarray, dec_deg: np.ndarray, track_ra_deg: n
                         beam: PrimaryBeam) -> np.ndarray:
     """Mean beam power over the beam-centre track at each (ra, dec) (any array shape)."""
     x = _unit(np.asarray(ra_deg, float), np.asarray(dec_deg, float))
-    _, e_l, e_m = dish_axes_icrs(np.atleast_1d(np.asarray(track_ra_deg, float)),
+    p, e_l, e_m = dish_axes_icrs(np.atleast_1d(np.asarray(track_ra_deg, float)),
                                  np.atleast_1d(np.asarray(track_dec_deg, float)))  # (k, 3)
     w = np.ones(len(e_l)) if weights is None else np.asarray(weights, float)
     w = w / w.sum()
     out = np.zeros(x.shape[:-1])
-    for lk, mk, wk in zip(e_l, e_m, w, strict=True):
-        out += wk * beam.power_lm(x @ lk, x @ mk, freq_hz)
+    for pk, lk, mk, wk in zip(p, e_l, e_m, w, strict=True):
+        out += wk * beam.power_lm(x @ lk, x @ mk, freq_hz, x @ pk)
     return out
 
 

@@ -245,8 +245,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         bright = select_bright(track_ra, track_dec, tweights, plan.ref_freq_hz,
                                inputs.beam, options.peel_min_apparent_jy,
                                peel_candidates(inputs.field_catalogue,
-                                               (float(np.mean(track_ra)),
-                                                float(np.mean(track_dec)))))
+                                               _track_centre(track_ra, track_dec)))
     peeled: list[PeeledSource] = []
     selfcal: dict[str, Any] = {"applied": False}
     if options.max_smearing_loss > 0 or bright:
@@ -369,6 +368,15 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
     staged["record"].write_text(json.dumps(record, indent=1, default=_json_default))
     _publish(staged, published, names["record"])
     return result
+
+
+def _track_centre(ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[float, float]:
+    """Mean direction of the beam-centre track (a plain mean of RA fails across RA 0)."""
+    a, d = np.radians(ra_deg), np.radians(dec_deg)
+    v = np.array([np.mean(np.cos(d) * np.cos(a)), np.mean(np.cos(d) * np.sin(a)),
+                  np.mean(np.sin(d))])
+    return (float(np.degrees(np.arctan2(v[1], v[0])) % 360.0),
+            float(np.degrees(np.arcsin(v[2] / np.linalg.norm(v)))))
 
 
 def _json_default(value: Any) -> Any:

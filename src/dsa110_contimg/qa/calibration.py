@@ -204,8 +204,16 @@ def _field_checks(g: GateBuilder, params: dict[str, Any], th: CalQAThresholds) -
     g.metrics["model_scale_ratio"] = params.get("model_scale_ratio")
     g.fail_if(flux < th.min_field_model_jy,
               f"field model {flux:.3f} Jy through the beam < {th.min_field_model_jy} Jy")
-    res = params.get("bandpass_residual") or {}
+    ratios = [r for r in (params.get("model_scale_ratio") or []) if r]
+    off = [r for r in ratios if abs(np.log(r)) > np.log(1.0 + th.max_model_scale_deviation)]
+    g.warn_if(bool(off), f"the field model's flux scale is {ratios} x the calibrator's (more "
+                         f"than {th.max_model_scale_deviation:.0%} off): a wrong beam model, "
+                         "catalogue or pointing?")
+    res = params.get("bandpass_residual")
+    if res is None:
+        return  # not asked for (CONTIMG_CAL_FIELD_CHECK_BANDPASS) or solved on the field
     if not res.get("available"):
+        g.warn_if(True, f"the bandpass in force could not be checked: {res.get('reason')}")
         return
     g.metrics["bp_residual_phase_rms_deg"] = res["phase_rms_deg"]
     g.metrics["bp_residual_amp_rms"] = res["amp_rms"]

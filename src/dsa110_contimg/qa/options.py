@@ -34,6 +34,7 @@ class CalQAThresholds:
     corrected_ratio_max: float = setting("CONTIMG_QA_CAL_CORRECTED_RATIO_MAX", 100.0, "Fail when median |CORRECTED|/|DATA| is above this", minimum=0)
     max_bp_residual_phase_deg: float = setting("CONTIMG_QA_CAL_MAX_BP_RESIDUAL_PHASE_DEG", 5.0, "Field solutions: fail when the residual bandpass (solved through the applied K, BP and gain, in 8 frequency blocks) has an rms phase above this and above 3x its noise: the bandpass in force does not fit the group", minimum=0)
     max_bp_residual_amp: float = setting("CONTIMG_QA_CAL_MAX_BP_RESIDUAL_AMP", 0.05, "Field solutions: fail when the residual bandpass amplitude deviates (rms) by more than this fraction and more than 3x its noise", minimum=0)
+    max_model_scale_deviation: float = setting("CONTIMG_QA_CAL_MAX_MODEL_SCALE_DEVIATION", 0.3, "Field solutions: warn when the field model's own amplitude scale differs from the calibrator's by more than this fraction", minimum=0)
     min_field_model_jy: float = setting("CONTIMG_QA_CAL_MIN_FIELD_MODEL_JY", 0.1, "Field solutions: fail when the field model had less apparent flux than this (Jy)", minimum=0)
 
 
