@@ -229,8 +229,8 @@ class SolveCopy:
 @contextmanager
 def _solve_setup(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
                  flags: FlagReport, durations: dict[str, float],
-                 notes: list[str]) -> Iterator[tuple[Path, SolveCopy, tuple[int, ...],
-                                                     RefantChoice]]:
+                 notes: list[str], max_width_hz: float | None = None,
+                 ) -> Iterator[tuple[Path, SolveCopy, tuple[int, ...], RefantChoice]]:
     """The scratch copy (``<stem>.solve.ms`` beside the caltables, removed afterwards), the
     antennas with data and the reference antenna, for one solve."""
     scratch = Path(inputs.caltable_dir) / f"{safe_stem(inputs.group_id)}.solve.ms"
@@ -239,16 +239,17 @@ def _solve_setup(inputs: CalibrationInputs, options: CalibrationOptions, info: M
     refant = choose_refant(tuple(options.refant_chain), info, flags.antenna_fractions)
     notes.extend(refant.notes)
     try:
-        yield scratch, _solve_copy(inputs, options, info, scratch, durations), live, refant
+        width = options.solve_max_chan_width_hz if max_width_hz is None else max_width_hz
+        yield scratch, _solve_copy(inputs, info, scratch, durations, width), live, refant
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _solve_copy(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
-                scratch: Path, durations: dict[str, float]) -> SolveCopy:
+def _solve_copy(inputs: CalibrationInputs, info: MSInfo, scratch: Path,
+                durations: dict[str, float], max_width_hz: float) -> SolveCopy:
     """Split the unflagged DATA, channel-averaged, into ``scratch``."""
     t0 = time.perf_counter()
-    n_avg, native = solve_chanbin(info, options.solve_max_chan_width_hz)
+    n_avg, native = solve_chanbin(info, max_width_hz)
     run_task("split", vis=str(inputs.ms_path), outputvis=str(scratch), datacolumn="data",
              keepflags=False, width=n_avg)
     if not (scratch / "table.dat").exists():
@@ -371,8 +372,8 @@ def _solve_on_field(inputs: CalibrationInputs, options: CalibrationOptions, info
                     notes: list[str]) -> CalSet:
     """Solve this group's gains against ``model`` with the newest K and BP; the new set."""
     assert inputs.bandpass_set is not None  # checked by _plan_field
-    with _solve_setup(inputs, options, info, flags, durations, notes) as (scratch, copy,
-                                                                            live, refant):
+    with _solve_setup(inputs, options, info, flags, durations, notes,
+                      options.field_solve_max_chan_width_hz) as (scratch, copy, live, refant):
         n_avg = copy.n_avg
         paths, params = solve_field(inputs.ms_path, scratch, Path(inputs.caltable_dir),
                                     safe_stem(inputs.group_id), model, inputs.bandpass_set,
