@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..catalogue import CatalogueSource, SkyCatalogue, angular_separation_deg, select_calibrators
+from ..catalogue.sources import DEFAULT_SPECTRAL_INDEX
 from ..instrument import BAND_CENTRE_HZ, PrimaryBeam
-from .catalog import SURVEY_DEFAULT_INDEX, Calibrator, load_calibrators
+from .catalog import Calibrator, load_calibrators
 from .options import CalibrationOptions
 from .skymodel import transit_power
 
@@ -28,7 +29,7 @@ def as_calibrator(src: CatalogueSource) -> Calibrator:
     """A catalogue row as the sky model's source type (survey index when none is listed)."""
     return Calibrator(name=src.name, ra_deg=float(src.ra_deg), dec_deg=float(src.dec_deg),
                       flux_jy=float(src.flux_jy),
-                      spectral_index=float(SURVEY_DEFAULT_INDEX if src.spectral_index is None
+                      spectral_index=float(DEFAULT_SPECTRAL_INDEX if src.spectral_index is None
                                            else src.spectral_index),
                       ref_freq_hz=float(src.ref_freq_hz or 1.4e9), kind=str(src.origin))
 

@@ -52,5 +52,3 @@ def get_calibrator(name: str) -> Calibrator:
             return cal
     raise KeyError(f"{name!r} is not in the bundled calibrator list")
 
-
-SURVEY_DEFAULT_INDEX = -0.7  # typical of the sources a 1.4 GHz survey lists (no index given)
