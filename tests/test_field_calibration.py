@@ -136,6 +136,33 @@ async def test_field_set_is_registered_as_gain_only(calibrator_set, tmp_path):
         await reg.close()
 
 
+async def test_a_recent_passing_bandpass_check_is_found_per_bandpass_and_declination(
+        calibrator_set, tmp_path):
+    reg = await CalRegistry.open(tmp_path / "contimg.sqlite", OPTIONS)
+    dec, mid = calibrator_set.dec_deg, calibrator_set.mid_mjd + 3 / 24
+    g = calibrator_set.table("G")
+    try:
+        await reg.register(calibrator_set)
+        for name, t, res in (("checked", mid, {"available": True}),
+                             ("unchecked", mid + 0.2 / 24, {"available": False, "reason": "x"}),
+                             ("cited", mid + 0.4 / 24, None)):
+            params = {"bandpass_set": calibrator_set.name}
+            if res is not None:
+                params["bandpass_residual"] = res
+            await reg.register(CalSet(name, (g,), calibrator_set.refant, FIELD_CALIBRATOR, t,
+                                      dec, params))
+        name = calibrator_set.name
+        assert await reg.bandpass_checked(name, mid + 0.5 / 24, dec, 1.0) == "checked"
+        assert await reg.bandpass_checked(name, mid + 1.5 / 24, dec, 1.0) is None  # too old
+        assert await reg.bandpass_checked(name, mid, dec + 2.0, 1.0) is None  # new declination
+        assert await reg.bandpass_checked("another_bp", mid, dec, 1.0) is None
+        assert await reg.bandpass_checked(name, mid, dec, 0.0) is None  # 0: check every group
+        await reg.mark_failed("checked", "later found bad")
+        assert await reg.bandpass_checked(name, mid, dec, 1.0) is None
+    finally:
+        await reg.close()
+
+
 def test_without_a_catalogue_the_group_is_held_naming_it(drift_groups, calibrator_set, tmp_path):
     ms, truth = drift_groups["field"]
     inp = _inputs(ms, truth, tmp_path, bandpass_set=calibrator_set)
@@ -208,6 +235,14 @@ def test_bandpass_from_another_declination_is_used_and_a_wrong_one_refused(
     qa = check_calibration_quality(res.new_set, inp.ms_path, QA)
     assert qa.passed, qa.reason
     assert qa.metrics["bp_residual_phase_rms_deg"] < QA.max_bp_residual_phase_deg
+    # a group following a passing check cites it instead of repeating the residual solve
+    inp = _inputs(ms, truth, tmp_path / "cited", bandpass_set=other_dec,
+                  bandpass_checked_by="earlier_field")
+    res = calibrate_group(inp, opts)
+    assert res.mode == "field" and "bandpass_check" not in res.step_durations
+    assert "bandpass_residual" not in res.new_set.params
+    qa = check_calibration_quality(res.new_set, inp.ms_path, QA)
+    assert qa.passed and qa.metrics["bandpass_checked_by"] == "earlier_field"
 
     wrong = _solved_elsewhere(tmp_path_factory, "wrong", SEED + 1, "3C286")
     inp = _inputs(ms, truth, tmp_path / "wrong", bandpass_set=wrong)

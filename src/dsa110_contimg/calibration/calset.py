@@ -18,6 +18,7 @@ APPLY_ORDER: tuple[str, ...] = ("K", "BP", "G")
 KINDS: tuple[str, ...] = ("K", "BP", "G", "Gp")
 # Tables that travel with the bandpass (a K without the BP it was solved with is meaningless).
 BANDPASS_KINDS: tuple[str, ...] = ("K", "BP")
+FIELD_CALIBRATOR = "field"  # the calibrator name of a gain solved on a group's own field
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import structlog
 
 from ..errors import StageError
 from ..instrument import PrimaryBeam
-from .calset import BANDPASS_KINDS, CalSet, CalTable
+from .calset import BANDPASS_KINDS, FIELD_CALIBRATOR, CalSet, CalTable
 from .casarun import MSInfo, open_table, read_ms_info, run_task
 from .catalog import Calibrator
 from .options import CalibrationOptions
@@ -47,7 +47,6 @@ from .solve import (
 
 log = structlog.get_logger(__name__)
 
-FIELD_CALIBRATOR = "field"  # the registry's calibrator name for a field solution
 
 
 @dataclass(frozen=True)
@@ -162,9 +161,12 @@ def _combine(gp: Path, ga: Path, out: Path, scale: np.ndarray) -> dict[str, Any]
 def solve_field(ms: Path, scratch: Path, caldir: Path, stem: str, model: FieldModel,
                 bandpass_set: CalSet, refant: RefantChoice, options: CalibrationOptions,
                 pointing_dec_deg: float, n_avg: int, native_width_hz: float,
-                live: tuple[int, ...], beam: PrimaryBeam,
-                durations: dict[str, float]) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Model the field on ``scratch`` and solve Gp, Ga; returns ({'G': path, ...}, params)."""
+                live: tuple[int, ...], beam: PrimaryBeam, durations: dict[str, float],
+                checked_by: str | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Model the field on ``scratch`` and solve Gp, Ga; returns ({'G': path, ...}, params).
+
+    The residual-bandpass check runs when ``options.field_check_bandpass`` is on, unless
+    ``checked_by`` names a recent field solution that already checked the same bandpass."""
     t0 = time.perf_counter()
     sinfo = read_ms_info(scratch)
     facts = write_model(scratch, model.sources[0], pointing_dec_deg, sinfo, n_avg,
@@ -200,7 +202,9 @@ def solve_field(ms: Path, scratch: Path, caldir: Path, stem: str, model: FieldMo
     scale = reference_gain_scale(bandpass_set, live_names)
     combined = _combine(paths["Gp"], paths["Ga"], paths["G"], scale)
     flagged["G"] = _check_table(paths["G"], "field gain (G)", live)
-    if options.field_check_bandpass:
+    if options.field_check_bandpass and checked_by:
+        combined["bandpass_checked_by"] = checked_by
+    elif options.field_check_bandpass:
         t0 = time.perf_counter()
         bres = caldir / f"{stem}.Bres"
         shutil.rmtree(bres, ignore_errors=True)

@@ -31,7 +31,7 @@ import structlog
 from ..errors import ContimgError
 from ..qa.result import jsonable
 from ..sqlitedb import SQLiteComponent
-from .calset import BANDPASS_KINDS, KINDS, CalSet, CalTable
+from .calset import BANDPASS_KINDS, FIELD_CALIBRATOR, KINDS, CalSet, CalTable
 from .options import CalibrationOptions
 
 log = structlog.get_logger(__name__)
@@ -75,6 +75,15 @@ _NEWEST_VALID = (
     " AND abs(s.mid_mjd - ?) <= ?"
     " AND abs(s.dec_deg - ?) <= ?"
     " ORDER BY s.mid_mjd DESC, s.created DESC LIMIT 1"
+)
+# The newest active field solution of bandpass set ? whose residual-bandpass check ran, near
+# (mid, dec).
+_CHECKED_BANDPASS = (
+    "SELECT name FROM cal_sets WHERE status = 'active' AND calibrator = ?"
+    " AND json_extract(params_json, '$.bandpass_set') = ?"
+    " AND json_extract(params_json, '$.bandpass_residual.available') = 1"
+    " AND abs(mid_mjd - ?) <= ? AND abs(dec_deg - ?) <= ?"
+    " ORDER BY mid_mjd DESC, created DESC LIMIT 1"
 )
 NO_DEC_LIMIT = 180.0  # bp_max_dec_offset_deg = 0: a bandpass applies at any declination
 
@@ -191,6 +200,19 @@ class CalRegistry(SQLiteComponent):
         async with self._read() as db:
             bp = await _one(db, _NEWEST_VALID, _bp_args(float(mid_mjd), float(dec_deg), o))
             return None if bp is None else await _load_set(db, bp["name"])
+
+    async def bandpass_checked(self, bandpass_set: str, mid_mjd: float, dec_deg: float,
+                               within_h: float, dec_tolerance_deg: float = 0.5) -> str | None:
+        """The newest active field solution within ``within_h`` hours of ``mid_mjd`` and
+        ``dec_tolerance_deg`` of ``dec_deg`` whose residual-bandpass check of ``bandpass_set``
+        ran and passed its gate (a set is registered only after its gate passed), else None."""
+        if within_h <= 0:
+            return None
+        async with self._read() as db:
+            row = await _one(db, _CHECKED_BANDPASS, (FIELD_CALIBRATOR, bandpass_set,
+                                                     float(mid_mjd), within_h / 24.0,
+                                                     float(dec_deg), dec_tolerance_deg))
+        return None if row is None else str(row["name"])
 
     async def list_sets(self, active_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
         """Newest first, as JSON-able rows (status, reason, created time and the set itself)."""

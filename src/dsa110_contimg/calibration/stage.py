@@ -77,6 +77,9 @@ class CalibrationInputs:
     bandpass_set: CalSet | None = None   # newest valid calibrator solution (its K, BP, G scale)
     catalogue_db: Path | None = None     # the sky catalogue (catalogue.store), for field models
     beam: PrimaryBeam = PrimaryBeam()
+    # A field solution at this declination, within CONTIMG_CAL_FIELD_CHECK_BANDPASS_EVERY_H,
+    # whose residual-bandpass check of the same bandpass passed: this group need not repeat it.
+    bandpass_checked_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -378,7 +381,8 @@ def _solve_on_field(inputs: CalibrationInputs, options: CalibrationOptions, info
         paths, params = solve_field(inputs.ms_path, scratch, Path(inputs.caltable_dir),
                                     safe_stem(inputs.group_id), model, inputs.bandpass_set,
                                     refant, options, inputs.pointing_dec_deg, n_avg,
-                                    copy.native_width_hz, live, inputs.beam, durations)
+                                    copy.native_width_hz, live, inputs.beam, durations,
+                                    checked_by=inputs.bandpass_checked_by)
     notes.extend(params.pop("notes", []))
     params.update({"group_id": inputs.group_id, "mode": "field", "solve_chanbin": n_avg,
                    "refant": refant.refant, "refant_chain": list(refant.chain),

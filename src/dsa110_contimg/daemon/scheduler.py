@@ -340,12 +340,17 @@ class Scheduler:
         apply_set = await self.registry.find_valid(mid, dec, self.s.calibration)
         bandpass_set = await self.registry.find_bandpass(mid, dec, self.s.calibration)
         catalogue = self.s.catalogue_db
+        checked_by = None
+        if bandpass_set is not None and self.s.calibration.field_check_bandpass:
+            checked_by = await self.registry.bandpass_checked(
+                bandpass_set.name, mid, dec, self.s.calibration.field_check_bandpass_every_h)
         inputs = CalibrationInputs(group_id=gid, ms_path=await self._locate_ms(claim),
                                    caltable_dir=product_dir(self.s.paths.output_dir, gid) / "caltables",
                                    pointing_dec_deg=dec, mid_mjd=mid, apply_set=apply_set,
                                    bandpass_set=bandpass_set,
                                    catalogue_db=catalogue if catalogue.exists() else None,
-                                   beam=PrimaryBeam.from_options(self.s.beam))
+                                   beam=PrimaryBeam.from_options(self.s.beam),
+                                   bandpass_checked_by=checked_by)
         res, qa = await self._run(claim, calibrate_and_check, inputs, self.s.calibration,
                                   self.s.qa_cal, nice=self.s.executor.background_nice)
         if res.mode == "uncalibrated":

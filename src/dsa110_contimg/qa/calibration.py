@@ -209,9 +209,11 @@ def _field_checks(g: GateBuilder, params: dict[str, Any], th: CalQAThresholds) -
     g.warn_if(bool(off), f"the field model's flux scale is {ratios} x the calibrator's (more "
                          f"than {th.max_model_scale_deviation:.0%} off): a wrong beam model, "
                          "catalogue or pointing?")
+    if params.get("bandpass_checked_by"):
+        g.metrics["bandpass_checked_by"] = params["bandpass_checked_by"]
     res = params.get("bandpass_residual")
     if res is None:
-        return  # not asked for (CONTIMG_CAL_FIELD_CHECK_BANDPASS) or solved on the field
+        return  # not asked for, checked by a recent field solution, or solved on the field
     if not res.get("available"):
         g.warn_if(True, f"the bandpass in force could not be checked: {res.get('reason')}")
         return
