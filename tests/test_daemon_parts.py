@@ -124,6 +124,9 @@ class _FakeRegistry:
     async def find_bandpass(self, mid_mjd, dec_deg, options):
         return self.in_force
 
+    async def bandpass_checked(self, bandpass_set, mid_mjd, dec_deg, within_h):
+        return None
+
     async def mark_failed(self, name, reason):
         self.failed.append((name, reason))
         return True

@@ -7,8 +7,8 @@ import pytest
 from conftest import group_files
 from dsa110_contimg.conversion.convert import ConversionInputs
 from dsa110_contimg.conversion.options import ConversionOptions
+from dsa110_contimg.conversion.validate import check_uvh5_header
 from dsa110_contimg.daemon.executor import DaskExecutor, make_executor
-from dsa110_contimg.daemon.grouping import check_uvh5_header
 from dsa110_contimg.daemon.tasks import convert_and_check
 from dsa110_contimg.errors import BadInputError
 from dsa110_contimg.products import product_dir

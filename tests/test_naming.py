@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from dsa110_contimg.daemon.naming import (
+from dsa110_contimg.products import (
     InvalidName,
     group_id_for,
     group_time,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from dsa110_contimg.daemon.naming import InvalidName, group_time
 from dsa110_contimg.daemon.options import QueueOptions
 from dsa110_contimg.daemon.queue import (
     LEGAL_TRANSITIONS,
@@ -27,6 +26,7 @@ from dsa110_contimg.daemon.queue import (
 )
 from dsa110_contimg.daemon.status import requeue_group, status_report
 from dsa110_contimg.errors import ConfigError, IllegalTransition
+from dsa110_contimg.products import InvalidName, group_time
 
 OPTS = QueueOptions(max_attempts=3, backoff_base_s=10.0, backoff_max_s=15.0,
                     heartbeat_s=0.1, claim_timeout_s=5.0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .products import atomic_write
+
 _TEMPLATE = '''\
 # Written by dsa110-contimg (casa_env.py): CASA offline, data from the casadata wheel.
 import os as _os
@@ -43,9 +45,7 @@ def prepare_casa(state_dir: Path) -> Path:
     text = _TEMPLATE.format(measures=casadata_path(), cache=str(root),
                             startup=str(root / "startup.py"), logdir=str(logdir))
     if not cfg.exists() or cfg.read_text() != text:
-        tmp = cfg.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(cfg)
+        atomic_write(cfg, text)
     os.environ["CASASITECONFIG"] = str(cfg)
     # casatasks imports matplotlib, which would otherwise write its font cache under HOME.
     mpl = root / "matplotlib"

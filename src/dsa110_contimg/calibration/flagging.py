@@ -48,7 +48,7 @@ import numpy as np
 import structlog
 
 from ..errors import BadInputError
-from ..products import CONVERSION_RECORD
+from ..products import CONVERSION_RECORD, atomic_write
 from .casarun import open_table, run_task
 from .options import CalibrationOptions
 
@@ -225,8 +225,6 @@ def flag_ms(ms: Path, options: CalibrationOptions) -> FlagReport:
              chanbin=options.flag_chanbin, duration_s=round(report.duration_s, 2))
     if report.final >= 1.0 - 1e-9:
         raise BadInputError(f"all data flagged after flagging ({fractions})", path=str(ms))
-    tmp = ms / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"digest": _flag_digest(options), "fractions": fractions,
-                               "antenna_fractions": ants}))
-    tmp.replace(ms / MARKER)
+    atomic_write(ms / MARKER, json.dumps({"digest": _flag_digest(options),
+                                          "fractions": fractions, "antenna_fractions": ants}))
     return report

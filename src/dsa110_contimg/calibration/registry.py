@@ -29,7 +29,7 @@ import aiosqlite
 import structlog
 
 from ..errors import ContimgError
-from ..qa.result import jsonable
+from ..products import jsonable
 from ..sqlitedb import SQLiteComponent
 from .calset import BANDPASS_KINDS, FIELD_CALIBRATOR, KINDS, CalSet, CalTable
 from .options import CalibrationOptions

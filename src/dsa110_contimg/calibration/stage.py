@@ -38,7 +38,7 @@ import structlog
 from ..catalogue import CatalogueFormatError, CatalogueUnavailable, survey_sources
 from ..errors import BadInputError, CalibrationUnavailable, StageError
 from ..instrument import PrimaryBeam
-from ..products import safe_stem
+from ..products import atomic_write, dumps, safe_stem
 from .apply import apply_calset
 from .calset import BANDPASS_KINDS, CalSet, CalTable
 from .candidates import as_calibrator, calibrator_candidates
@@ -166,10 +166,8 @@ def _finished(inputs: CalibrationInputs, options: CalibrationOptions) -> Calibra
 def _write_marker(inputs: CalibrationInputs, result: CalibrationResult,
                   options: CalibrationOptions) -> None:
     marker = marker_path(inputs)
-    tmp = marker.with_name("." + marker.name + ".tmp")
     doc = {**result.as_dict(), "options_digest": options_digest(options, inputs)}
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    tmp.replace(marker)
+    atomic_write(marker, dumps(doc, indent=1))
 
 
 def _own(calset: CalSet, group_id: str) -> bool:

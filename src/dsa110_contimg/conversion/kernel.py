@@ -23,7 +23,8 @@ import numpy as np
 from numba import njit, uintp
 from numba.typed import List
 
-C_M_S = 299792458.0
+from ..instrument import C_M_S
+
 #: Rows per tile: the phasors of a tile (rows x a file's channels, complex64) stay in L1.
 TILE_ROWS = 64
 #: Elements (channel x pol) per pass over a tile's rows: 16 two-channel chunks of a UVH5

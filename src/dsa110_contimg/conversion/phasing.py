@@ -27,9 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ..instrument import offline_astropy
+from ..instrument import C_M_S, offline_astropy
 
-C_M_S = 299_792_458.0
 #: Channels per block of the phase recurrence: exact exp at each block start, then
 #: repeated multiplication by exp(-2 pi i dw df / c) (error < 1e-7 rad after 64 steps).
 PHASOR_BLOCK = 64

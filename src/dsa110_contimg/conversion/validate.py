@@ -12,7 +12,6 @@ one odd subband names that subband, not whichever file happened to be first).
 
 from __future__ import annotations
 
-import re
 import struct
 import warnings
 from collections import Counter
@@ -24,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInputError
+from ..products import subband_number
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_SUBBAND_RE = re.compile(r"_sb(\d{2})\.hdf5$")
 #: Times of different subbands agree to this (days): 1 ms, far below an integration.
 TIME_TOL_DAYS = 1e-3 / 86400.0
 #: Antenna positions of different subbands agree to this (m).
@@ -82,11 +81,6 @@ class GroupLayout:
     @property
     def reference(self) -> Path:
         return self.files[0].path
-
-
-def subband_number(path: Path) -> int | None:
-    m = _SUBBAND_RE.search(path.name)
-    return int(m.group(1)) if m else None
 
 
 def hdf5_eof_address(path: Path) -> tuple[int, int] | None:
@@ -149,6 +143,42 @@ def check_hdf5_file(path: Path) -> int:
     return size
 
 
+def _data_shape_problem(datagrp: Any, n_blts: int, n_freqs: int, n_pols: int,
+                        names: Sequence[str]) -> str | None:
+    """None when each dataset Data/<name> exists with the header's (Nblts, Nfreqs, Npols)
+    shape (pre-3.0 files' spw axis of 1 allowed), else what is wrong."""
+    for name in names:
+        if name not in datagrp:
+            return f"missing dataset Data/{name}"
+        shape = tuple(datagrp[name].shape)
+        if len(shape) == 4 and shape[1] == 1:
+            shape = (shape[0], shape[2], shape[3])
+        if shape != (n_blts, n_freqs, n_pols):
+            return (f"Data/{name} has shape {shape}, header says "
+                    f"({n_blts}, {n_freqs}, {n_pols})")
+    return None
+
+
+def check_uvh5_header(path: Path) -> str | None:
+    """None when the UVH5 header opens and agrees with the data shape; else the reason.
+
+    The cheap check ingest makes before a group is queued. HDF5 itself refuses a file
+    shorter than the end-of-file its superblock records, which is what a truncated copy looks
+    like. ``locking=False`` so that reading never blocks the correlator from reopening the
+    file for writing.
+    """
+    import h5py
+    from pyuvdata.uvdata.uvh5 import FastUVH5Meta
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            meta = FastUVH5Meta(f)
+            return _data_shape_problem(meta.datagrp, int(meta.Nblts), int(meta.Nfreqs),
+                                       int(meta.Npols), ("visdata",))
+    except Exception as exc:  # any failure to read the header is the answer, not a crash
+        return f"{type(exc).__name__}: {exc}"
+
+
 @dataclass
 class _Header:
     path: Path
@@ -199,16 +229,10 @@ def read_header(path: Path) -> _Header:
                 vis_dtype="",
             )
             dgrp = meta.datagrp
-            for name in ("visdata", "flags", "nsamples"):
-                if name not in dgrp:
-                    raise BadInputError(f"missing dataset Data/{name}", path=str(path))
-                shape = tuple(dgrp[name].shape)
-                if len(shape) == 4 and shape[1] == 1:  # pre-3.0 files with a spw axis of 1
-                    shape = (shape[0], shape[2], shape[3])
-                if shape != (h.n_blts, h.n_freqs, h.n_pols):
-                    raise BadInputError(
-                        f"Data/{name} has shape {shape}, header says "
-                        f"({h.n_blts}, {h.n_freqs}, {h.n_pols})", path=str(path))
+            problem = _data_shape_problem(dgrp, h.n_blts, h.n_freqs, h.n_pols,
+                                          ("visdata", "flags", "nsamples"))
+            if problem:
+                raise BadInputError(problem, path=str(path))
             vis = dgrp["visdata"]
             h.vis_dtype = str(vis.dtype)
             # Touch the last visibility: catches data missing past the end of a file whose

@@ -28,46 +28,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import structlog
-from pyuvdata.uvdata import FastUVH5Meta
 
 from ..alerting.alert import Alert, Severity
+from ..conversion.validate import check_uvh5_header
 from ..errors import IllegalTransition
-from .naming import InvalidName, group_id_for, parse_subband_name
+from ..products import InvalidName, group_id_for, parse_subband_name
 from .options import IngestOptions
 from .queue import DuplicateSubband, GroupQueue
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Grouper", "check_uvh5_header"]
+__all__ = ["Grouper"]
 
 Signature = tuple[int, int, int]  # (inode, size, mtime_ns)
 _MTIME_EPS = 1e-3
 _MTIME_TICK = 0.02
 _MAX_IGNORED = 10_000
-
-
-def check_uvh5_header(path: Path) -> str | None:
-    """None when the UVH5 header opens and agrees with the data shape; else the reason.
-
-    HDF5 itself refuses a file shorter than the end-of-file its superblock records, which
-    is what a truncated copy looks like. ``locking=False`` so that reading never blocks the
-    correlator from reopening the file for writing.
-    """
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            meta = FastUVH5Meta(f)
-            nblts, nfreqs, npols = int(meta.Nblts), int(meta.Nfreqs), int(meta.Npols)
-            if "visdata" not in meta.datagrp:
-                return "no Data/visdata dataset"
-            shape = tuple(meta.datagrp["visdata"].shape)
-            if shape not in ((nblts, nfreqs, npols), (nblts, 1, nfreqs, npols)):
-                return (f"Data/visdata shape {shape} disagrees with the header "
-                        f"(Nblts={nblts}, Nfreqs={nfreqs}, Npols={npols})")
-    except Exception as exc:  # any failure to read the header is the answer, not a crash
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def _signature(st: os.stat_result) -> Signature:

@@ -40,8 +40,8 @@ import aiosqlite
 import structlog
 
 from ..errors import BadInputError, ContimgError, IllegalTransition
+from ..products import group_time, validate_group_id
 from ..sqlitedb import SQLiteComponent
-from .naming import group_time, validate_group_id
 from .options import QueueOptions
 
 log = structlog.get_logger(__name__)

@@ -30,8 +30,8 @@ import structlog
 from ..alerting.alert import Alert, Severity
 from ..config import Settings
 from ..errors import BadInputError, CalibrationUnavailable, MeasurementSetLost, QAFailure
-from ..products import product_dir
-from ..qa.result import QAResult, jsonable
+from ..products import atomic_write, dumps, jsonable, product_dir
+from ..qa.result import QAResult
 from .executor import StageExecutor, TaskUsage
 from .metrics import Metrics
 from .queue import Claim, GroupQueue
@@ -65,9 +65,7 @@ def write_qa_json(directory: Path, group_id: str, stage: str, qa: QAResult,
             pass
     doc.setdefault("stages", {})[stage] = {**qa.as_dict(), **(extra or {})}
     doc["passed"] = all(s.get("passed") for s in doc["stages"].values())
-    tmp = path.with_name(".qa.json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, dumps(doc, indent=1))
     return path
 
 

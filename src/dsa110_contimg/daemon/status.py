@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .naming import validate_group_id
+from ..products import validate_group_id
 from .options import QueueOptions
 from .queue import STATES, GroupQueue
 

@@ -21,8 +21,8 @@ import structlog
 from watchfiles import awatch
 
 from ..alerting.alert import Alert
+from ..products import InvalidName, parse_subband_name
 from .grouping import Grouper
-from .naming import InvalidName, parse_subband_name
 from .options import IngestOptions
 from .queue import GroupQueue
 

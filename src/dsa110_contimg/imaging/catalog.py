@@ -16,7 +16,8 @@ from typing import Any
 
 import structlog
 
-from ..qa.result import QAResult, jsonable
+from ..products import jsonable
+from ..qa.result import QAResult
 from ..sqlitedb import SQLiteComponent
 
 log = structlog.get_logger(__name__)

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from ..catalogue import angular_separation_deg
 from ..instrument import C_M_S, PrimaryBeam
 from .options import ImagingOptions
 
@@ -291,7 +292,7 @@ def plan_imaging(s: MSSummary, options: ImagingOptions,
     drift = drift_deg(s.duration_s, s.pointing_dec_deg)
     radius = pbm.radius_at_level(options.pb_level, s.freq_min_hz) + drift / 2
     # an MS rephased away from the beam centre is imaged on the beam centre instead
-    offset = _separation_deg(s.phase_centre_ra_deg, s.phase_centre_dec_deg,
+    offset = angular_separation_deg(s.phase_centre_ra_deg, s.phase_centre_dec_deg,
                              s.pointing_ra_deg, s.pointing_dec_deg)
     recentre = offset > 0.05
     want = 2.0 * radius * 3600.0 / cell
@@ -379,8 +380,3 @@ def params_from_plan(ms_summary: MSSummary, p: ImagingPlan, options: ImagingOpti
     }
     return params
 
-
-def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
-    r1, d1, r2, d2 = map(math.radians, (ra1, dec1, ra2, dec2))
-    c = math.sin(d1) * math.sin(d2) + math.cos(d1) * math.cos(d2) * math.cos(r1 - r2)
-    return math.degrees(math.acos(max(-1.0, min(1.0, c))))

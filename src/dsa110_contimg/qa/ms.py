@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .. import mstiles
+from ..catalogue import angular_separation_deg
 from .options import MSQAThresholds
 from .result import GateBuilder, QAResult
 
@@ -173,7 +174,7 @@ def _field_check(ms: Path, expected: dict[str, Any], th: MSQAThresholds, g: Gate
     m.update(phase_centre_ra_deg=ra, phase_centre_dec_deg=dec, field_name=str(names[0]))
     g.warn_if(n_fields > 1, f"{n_fields} fields (expected one phase centre per group)")
     if expected.get("phase_centre_ra_deg") is not None and expected.get("phase_centre_dec_deg") is not None:
-        off = _separation_deg(ra, dec, float(expected["phase_centre_ra_deg"]),
+        off = angular_separation_deg(ra, dec, float(expected["phase_centre_ra_deg"]),
                               float(expected["phase_centre_dec_deg"]))
         m["phase_centre_offset_deg"] = off
         g.fail_if(off > th.max_phase_center_offset_deg,
@@ -185,11 +186,6 @@ def _field_check(ms: Path, expected: dict[str, Any], th: MSQAThresholds, g: Gate
         m["phase_centre_minus_pointing_dec_deg"] = d
         g.warn_if(d > 1.0, f"phase centre dec is {d:.2f} deg from the pointing declination")
 
-
-def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
-    r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
-    c = np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(r1 - r2)
-    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
 
 
 def sample_time_indices(n_times: int, n: int) -> list[int]:

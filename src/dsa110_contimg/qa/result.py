@@ -6,10 +6,11 @@ can go into the queue's stage history, qa.json and the status API unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..products import jsonable
 
 
 @dataclass(frozen=True)
@@ -33,19 +34,6 @@ class QAResult:
         return {"gate": self.gate, "passed": self.passed, "failures": list(self.failures),
                 "warnings": list(self.warnings), "duration_s": round(self.duration_s, 4),
                 "metrics": jsonable(self.metrics)}
-
-
-def jsonable(value: Any) -> Any:
-    """numpy scalars/arrays and non-finite floats made safe for JSON."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "tolist"):
-        return jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class GateBuilder:
