@@ -156,7 +156,7 @@ def source_fluxes(image_fits: Path, truth: dict, reference: str,
 
 def image_rms(path: Path | None) -> float | None:
     """Robust (MAD) rms of an image's finite pixels; for a residual this is the noise."""
-    from dsa110_contimg.qa.image import robust_rms
+    from dsa110_contimg.imaging.stats import robust_rms
 
     if path is None or not Path(path).exists():
         return None

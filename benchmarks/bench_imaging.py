@@ -66,11 +66,11 @@ def main() -> int:
     from dataclasses import replace
 
     from dsa110_contimg.imaging.options import ImagingOptions
-    from dsa110_contimg.imaging.simcal import apply_truth_gains
     from dsa110_contimg.imaging.stage import ImagingInputs, image_group
     from dsa110_contimg.products import product_dir
     from dsa110_contimg.qa.image import Beam, check_image_quality, fit_point_source
     from dsa110_contimg.qa.options import ImageQAThresholds
+    from dsa110_contimg.simulate.truthcal import apply_truth_gains
 
     report: dict = {"workdir": str(work)}
     truth = None

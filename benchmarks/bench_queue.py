@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsa110_contimg.daemon.options import IngestOptions, QueueOptions
+from dsa110_contimg.config import IngestOptions, QueueOptions
 from dsa110_contimg.daemon.queue import GroupQueue
 from dsa110_contimg.daemon.watcher import run_ingest
 from dsa110_contimg.logs import configure_logging

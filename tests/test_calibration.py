@@ -24,10 +24,8 @@ import pytest
 from conftest import convert_groups_isolated
 from dsa110_contimg.calibration.calset import CalSet, CalTable
 from dsa110_contimg.calibration.casarun import open_table, read_ms_info, run_task
-from dsa110_contimg.calibration.catalog import get_calibrator
 from dsa110_contimg.calibration.flagging import STEPS, census, flag_calls, flag_ms
 from dsa110_contimg.calibration.options import CalibrationOptions
-from dsa110_contimg.calibration.registry import CalRegistry
 from dsa110_contimg.calibration.skymodel import (
     beam_response,
     find_transiting_calibrator,
@@ -41,6 +39,8 @@ from dsa110_contimg.calibration.solve import (
     total_gains,
 )
 from dsa110_contimg.calibration.stage import CalibrationInputs, calibrate_group
+from dsa110_contimg.catalogue.reference import get_calibrator
+from dsa110_contimg.daemon.calregistry import CalRegistry
 from dsa110_contimg.errors import BadInputError, CalibrationUnavailable, StageError
 from dsa110_contimg.qa.calibration import check_calibration_quality
 from dsa110_contimg.qa.options import CalQAThresholds

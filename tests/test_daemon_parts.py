@@ -13,9 +13,10 @@ import pytest
 
 import workerfns
 from dsa110_contimg.daemon.api import StatusAPI
-from dsa110_contimg.daemon.executor import LocalExecutor, TaskUsage
+from dsa110_contimg.daemon.executor import LocalExecutor
 from dsa110_contimg.daemon.metrics import Metrics, render_prometheus
 from dsa110_contimg.daemon.sdnotify import Notifier, watchdog_loop
+from dsa110_contimg.daemon.worker import TaskUsage
 from dsa110_contimg.errors import BadInputError, CalibrationUnavailable, StageError
 
 
@@ -166,7 +167,7 @@ async def _queue_with_group(q, tmp_path):
 
 
 async def test_scheduler_runs_stage_and_gate_as_one_task_and_records_its_usage(tmp_path):
-    from dsa110_contimg.daemon.options import QueueOptions
+    from dsa110_contimg.config import QueueOptions
     from dsa110_contimg.daemon.queue import GroupQueue
     from dsa110_contimg.daemon.scheduler import Scheduler
 
@@ -202,7 +203,7 @@ def _cal_result(mode="solved", new_set=None, applied=None):
 async def _calibrate(tmp_path, answer, registry, ms=None, before=None):
     """Convert (canned, MS at ``ms``), call ``before()``, then run the calibration claim with
     ``answer`` from its task."""
-    from dsa110_contimg.daemon.options import QueueOptions
+    from dsa110_contimg.config import QueueOptions
     from dsa110_contimg.daemon.queue import GroupQueue
     from dsa110_contimg.daemon.scheduler import Scheduler
 

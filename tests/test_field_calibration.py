@@ -22,8 +22,8 @@ from conftest import convert_groups_isolated
 from dsa110_contimg.calibration.calset import CalSet
 from dsa110_contimg.calibration.fieldsolve import FIELD_CALIBRATOR, registered_part
 from dsa110_contimg.calibration.options import CalibrationOptions
-from dsa110_contimg.calibration.registry import CalRegistry
 from dsa110_contimg.calibration.stage import CalibrationInputs, calibrate_group
+from dsa110_contimg.daemon.calregistry import CalRegistry
 from dsa110_contimg.errors import CalibrationUnavailable
 from dsa110_contimg.qa.calibration import check_calibration_quality
 from dsa110_contimg.qa.options import CalQAThresholds

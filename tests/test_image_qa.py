@@ -10,7 +10,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from dsa110_contimg.calibration.catalog import get_calibrator
+from dsa110_contimg.catalogue.reference import get_calibrator
 from dsa110_contimg.qa.image import Beam, check_image_quality, fit_point_source
 from dsa110_contimg.qa.options import ImageQAThresholds
 

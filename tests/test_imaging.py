@@ -21,12 +21,12 @@ from astropy.io import fits
 from dsa110_contimg.errors import BadInputError
 from dsa110_contimg.imaging.options import ImagingOptions
 from dsa110_contimg.imaging.pbcor import quiet_wcs as WCS
-from dsa110_contimg.imaging.simcal import apply_truth_gains
 from dsa110_contimg.imaging.stage import ImagingInputs, _finished, image_group, product_names
 from dsa110_contimg.instrument import PrimaryBeam
 from dsa110_contimg.products import product_dir
 from dsa110_contimg.qa.image import Beam, check_image_quality, fit_point_source
 from dsa110_contimg.qa.options import ImageQAThresholds
+from dsa110_contimg.simulate.truthcal import apply_truth_gains
 
 pytestmark = pytest.mark.slow
 
@@ -220,7 +220,7 @@ def test_peeling_subtracts_the_fitted_source_from_the_visibilities(tiny_calibrat
     import casatasks
 
     from dsa110_contimg.calibration.casarun import open_table
-    from dsa110_contimg.calibration.catalog import get_calibrator
+    from dsa110_contimg.catalogue.reference import get_calibrator
     from dsa110_contimg.imaging.msinfo import pointing_icrs, summarize_ms
     from dsa110_contimg.imaging.peel import peel_sources, select_bright
 

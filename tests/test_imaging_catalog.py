@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dsa110_contimg.daemon.imagecatalog import SCHEMA_VERSION, ImageCatalog
 from dsa110_contimg.errors import ConfigError
-from dsa110_contimg.imaging.catalog import SCHEMA_VERSION, ImageCatalog
 from dsa110_contimg.imaging.stage import ImagingResult
 from dsa110_contimg.qa.result import QAResult
 

@@ -17,9 +17,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from dsa110_contimg.alerting.alert import Alert, Severity
+from dsa110_contimg.config import IngestOptions, QueueOptions
 from dsa110_contimg.conversion.validate import check_uvh5_header
 from dsa110_contimg.daemon.grouping import Grouper
-from dsa110_contimg.daemon.options import IngestOptions, QueueOptions
 from dsa110_contimg.daemon.queue import GroupQueue
 from dsa110_contimg.daemon.watcher import Watcher, run_ingest
 

@@ -199,7 +199,7 @@ def test_transit_search_works_long_after_the_bundled_iers_table(tmp_path):
     code = ("import numpy as np\n"
             "from dsa110_contimg.calibration.options import CalibrationOptions\n"
             "from dsa110_contimg.calibration.skymodel import find_transiting_calibrator\n"
-            "from dsa110_contimg.calibration.catalog import get_calibrator\n"
+            "from dsa110_contimg.catalogue.reference import get_calibrator\n"
             "from dsa110_contimg.simulate.core import transit_time\n"
             "from datetime import datetime, UTC\n"
             "c = get_calibrator('3C286')\n"

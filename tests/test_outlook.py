@@ -17,7 +17,6 @@ import pytest
 from dsa110_contimg.alerting.monitors import CalibrationOutlookMonitor
 from dsa110_contimg.alerting.options import MonitorOptions
 from dsa110_contimg.calibration.calset import CalSet, CalTable
-from dsa110_contimg.calibration.catalog import get_calibrator
 from dsa110_contimg.calibration.options import CalibrationOptions
 from dsa110_contimg.calibration.outlook import (
     MJD_UNIX_EPOCH,
@@ -26,8 +25,9 @@ from dsa110_contimg.calibration.outlook import (
     iso_utc,
     newest_pointing_dec,
 )
-from dsa110_contimg.calibration.registry import CalRegistry
 from dsa110_contimg.catalogue import CatalogueSource, SkyCatalogue, write_sources
+from dsa110_contimg.catalogue.reference import get_calibrator
+from dsa110_contimg.daemon.calregistry import CalRegistry
 from dsa110_contimg.errors import ConfigError
 from dsa110_contimg.instrument import PrimaryBeam
 
@@ -299,9 +299,8 @@ def test_cli_without_pointing_exits_2_with_one_line(tmp_path):
 
 
 async def test_cli_takes_the_pointing_from_the_newest_converted_group(tmp_path):
-    from dsa110_contimg.config import load_settings
+    from dsa110_contimg.config import QueueOptions, load_settings
     from dsa110_contimg.daemon.commands import calibration_outlook
-    from dsa110_contimg.daemon.options import QueueOptions
     from dsa110_contimg.daemon.queue import GroupQueue
 
     s = load_settings({"CONTIMG_STATE_DIR": str(tmp_path)})
@@ -316,9 +315,8 @@ async def test_cli_takes_the_pointing_from_the_newest_converted_group(tmp_path):
 
 # --------------------------------------------------------------------------- API
 async def test_api_serves_the_outlook(tmp_path):
-    from dsa110_contimg.config import load_settings
+    from dsa110_contimg.config import QueueOptions, load_settings
     from dsa110_contimg.daemon.api import StatusAPI
-    from dsa110_contimg.daemon.options import QueueOptions
     from dsa110_contimg.daemon.queue import GroupQueue
     from dsa110_contimg.daemon.service import outlook_provider
 

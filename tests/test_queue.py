@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dsa110_contimg.daemon.options import QueueOptions
+from dsa110_contimg.config import QueueOptions
 from dsa110_contimg.daemon.queue import (
     LEGAL_TRANSITIONS,
     MIGRATIONS,
@@ -381,7 +381,7 @@ async def test_cancelled_callers_never_leave_half_a_transaction(queue: GroupQueu
 _CLAIMER = r"""
 import asyncio, json, os, sys, time
 from pathlib import Path
-from dsa110_contimg.daemon.options import QueueOptions
+from dsa110_contimg.config import QueueOptions
 from dsa110_contimg.daemon.queue import GroupQueue
 
 async def main(db, go, name):
@@ -428,7 +428,7 @@ async def test_two_processes_never_claim_one_group_twice(tmp_path: Path) -> None
 _SLEEPER = r"""
 import asyncio, sys
 from pathlib import Path
-from dsa110_contimg.daemon.options import QueueOptions
+from dsa110_contimg.config import QueueOptions
 from dsa110_contimg.daemon.queue import GroupQueue
 
 async def main(db):
@@ -480,7 +480,7 @@ async def test_stale_claim_of_a_killed_process_is_recovered(tmp_path: Path) -> N
 _CRASH_MID_TRANSACTION = r"""
 import asyncio, os, signal, sys
 from pathlib import Path
-from dsa110_contimg.daemon.options import QueueOptions
+from dsa110_contimg.config import QueueOptions
 from dsa110_contimg.daemon.queue import GroupQueue
 
 def die_mid_claim(sql):
@@ -618,7 +618,7 @@ async def test_status_report_and_requeue_messages(tmp_path: Path) -> None:
 
 
 async def test_wake_flagged_releases_held_groups(tmp_path):
-    from dsa110_contimg.daemon.options import QueueOptions
+    from dsa110_contimg.config import QueueOptions
     from dsa110_contimg.daemon.queue import GroupQueue
 
     async with await GroupQueue.open(tmp_path / "q.sqlite", QueueOptions()) as q:

@@ -11,13 +11,13 @@ import pytest
 
 from dsa110_contimg.calibration.calset import CalSet, CalTable
 from dsa110_contimg.calibration.options import CalibrationOptions
-from dsa110_contimg.calibration.registry import (
+from dsa110_contimg.config import QueueOptions
+from dsa110_contimg.daemon.calregistry import (
     COMPONENT,
     SCHEMA_VERSION,
     CalRegistry,
     RegistryError,
 )
-from dsa110_contimg.daemon.options import QueueOptions
 from dsa110_contimg.daemon.queue import GroupQueue
 from dsa110_contimg.errors import ConfigError
 

@@ -109,3 +109,12 @@ def tile_file(t: Any, col: str) -> TileFile | None:
         return TileFile(files[0], npol, nchan, tile_rows, bucket, dtype, nrows)
     except (KeyError, ValueError, OSError, RuntimeError):
         return None
+
+
+def sample_time_indices(n_times: int, n: int) -> list[int]:
+    """Which of ``n_times`` integrations the gate reads visibilities of: up to ``n`` spread
+    over the group (one: the middle, away from edge effects of the first and last). The
+    conversion publishes these through the page cache, so both sides use this one rule."""
+    n = min(n, n_times)
+    at = np.linspace(0, n_times - 1, n) if n > 1 else np.array([(n_times - 1) // 2])
+    return [int(i) for i in np.unique(at.round().astype(int))]

@@ -363,7 +363,7 @@ def check_unit() -> Row:
     exec_start = one("ExecStart") or ""
     row.check("sudo" not in exec_start and not exec_start.startswith("+"),
               f"ExecStart escapes the sandbox: {exec_start!r}")
-    from dsa110_contimg.daemon.options import ApiOptions
+    from dsa110_contimg.config import ApiOptions
 
     row.check(ApiOptions().host == "127.0.0.1", f"default API host is {ApiOptions().host!r}")
     return row

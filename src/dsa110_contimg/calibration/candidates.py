@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..catalogue import CatalogueSource, SkyCatalogue, angular_separation_deg, select_calibrators
+from ..catalogue.reference import Calibrator, load_calibrators
 from ..catalogue.sources import DEFAULT_SPECTRAL_INDEX
 from ..instrument import BAND_CENTRE_HZ, PrimaryBeam
-from .catalog import Calibrator, load_calibrators
 from .options import CalibrationOptions
 from .skymodel import transit_power
 

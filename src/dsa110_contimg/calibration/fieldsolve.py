@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import structlog
 
+from ..catalogue.reference import Calibrator
 from ..errors import StageError
 from ..instrument import PrimaryBeam
 from .calset import BANDPASS_KINDS, FIELD_CALIBRATOR, CalSet, CalTable
 from .casarun import MSInfo, open_table, read_ms_info, run_task
-from .catalog import Calibrator
 from .options import CalibrationOptions
 from .skymodel import apparent_sources, write_model
 from .solve import (

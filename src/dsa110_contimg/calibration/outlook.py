@@ -38,18 +38,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from ..catalogue.reference import Calibrator
 from ..catalogue.sources import angular_separation_deg
 from ..instrument import BAND_CENTRE_HZ, OVRO_LON_DEG, SIDEREAL_DAY_S, PrimaryBeam, offline_astropy
 from .calset import CalSet
-from .catalog import Calibrator
 from .options import CalibrationOptions
 
-if TYPE_CHECKING:
-    from .registry import CalRegistry
+
+class SetSource(Protocol):
+    """What the outlook reads of the calibration registry (the daemon's ``CalRegistry``)."""
+
+    async def find_bandpass(self, mid_mjd: float, dec_deg: float,
+                            options: CalibrationOptions | None = None) -> CalSet | None: ...
+
+    async def find_valid(self, mid_mjd: float, dec_deg: float,
+                         options: CalibrationOptions | None = None) -> CalSet | None: ...
+
+    async def list_sets(self, active_only: bool = False,
+                        limit: int = 200) -> list[dict[str, Any]]: ...
 
 MJD_UNIX_EPOCH = 40587.0
 SIDEREAL_DAY_D = SIDEREAL_DAY_S / 86400.0
@@ -489,7 +499,7 @@ def _gain_gap(a: float, b: float, t0: float, t1: float, g_in: SetInForce | None,
 
 
 # --------------------------------------------------------------------------- gathering
-async def sets_in_force(registry: CalRegistry, now_mjd: float, pointing_dec_deg: float,
+async def sets_in_force(registry: SetSource, now_mjd: float, pointing_dec_deg: float,
                         options: CalibrationOptions
                         ) -> tuple[CalSet | None, CalSet | None, list[CalSet]]:
     """(set of the newest valid bandpass, set of the newest valid gain, recently registered
@@ -508,7 +518,7 @@ async def sets_in_force(registry: CalRegistry, now_mjd: float, pointing_dec_deg:
     return bp, gain, recent
 
 
-async def gather_outlook(registry: CalRegistry | None, catalogue_db: Path | None,
+async def gather_outlook(registry: SetSource | None, catalogue_db: Path | None,
                          pointing_dec_deg: float, options: CalibrationOptions,
                          beam: PrimaryBeam, *, now_mjd: float | None = None,
                          hours: float = 24.0, step_min: float = 10.0,

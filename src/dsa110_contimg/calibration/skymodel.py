@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from ..catalogue.reference import Calibrator, angular_separation_deg, load_calibrators
 from ..instrument import (
     BAND_CENTRE_HZ,
     C_M_S,
@@ -38,7 +39,6 @@ from ..instrument import (
     pointing_altaz,
 )
 from .casarun import MJD_S, MSInfo, open_table, read_ms_info
-from .catalog import Calibrator, angular_separation_deg, load_calibrators
 from .options import CalibrationOptions
 
 log = structlog.get_logger(__name__)

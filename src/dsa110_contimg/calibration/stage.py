@@ -36,6 +36,9 @@ import numpy as np
 import structlog
 
 from ..catalogue import CatalogueFormatError, CatalogueUnavailable, survey_sources
+from ..catalogue.reference import (
+    Calibrator,
+)
 from ..errors import BadInputError, CalibrationUnavailable, StageError
 from ..instrument import PrimaryBeam
 from ..products import atomic_write, dumps, safe_stem
@@ -43,9 +46,6 @@ from .apply import apply_calset
 from .calset import BANDPASS_KINDS, CalSet, CalTable
 from .candidates import as_calibrator, calibrator_candidates
 from .casarun import MSInfo, open_table, read_ms_info, run_task
-from .catalog import (
-    Calibrator,
-)
 from .fieldsolve import (
     FIELD_CALIBRATOR,
     FieldModel,

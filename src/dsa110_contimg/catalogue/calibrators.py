@@ -21,9 +21,7 @@ sidereal day in their union.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import parse_csv
+from .reference import load_calibrators
 from .sources import CatalogueSource, angular_separation_deg, vla_config_index
 
 LBAND_FREQ_HZ = 1.405e9  # DSA-110's band centre (1311-1499 MHz)
@@ -59,24 +58,10 @@ def bundled_vla_calibrators() -> tuple[CatalogueSource, ...]:
 def bundled_reference_sources() -> tuple[CatalogueSource, ...]:
     """The 25 rows of data/calibrators.csv: origin 'standard' for the four flux standards
     (3C48, 3C147, 3C286, 3C295; Perley & Butler 2017), 'vla' for the secondaries."""
-    text = data_file("calibrators.csv").read_text(encoding="utf-8")
-    rows = csv.DictReader(io.StringIO("".join(
-        line for line in text.splitlines(keepends=True) if not line.startswith("#"))))
-    out = []
-    for r in rows:
-        ra = _hms_deg(r["ra_hms"]) * 15.0
-        dec = _hms_deg(r["dec_dms"])
-        out.append(CatalogueSource(r["name"], ra, dec, float(r["flux_jy"]), float(r["spectral_index"]),
-                                   float(r["ref_freq_hz"]), None, None,
-                                   "standard" if r["kind"] == "standard" else "vla", None))
-    return tuple(out)
-
-
-def _hms_deg(text: str) -> float:
-    """'hh:mm:ss.s' or '+dd:mm:ss.s' -> hours or degrees (sign of the first field)."""
-    a, b, c = text.strip().split(":")
-    value = abs(float(a)) + float(b) / 60.0 + float(c) / 3600.0
-    return -value if a.strip().startswith("-") else value
+    return tuple(CatalogueSource(c.name, c.ra_deg, c.dec_deg, c.flux_jy, c.spectral_index,
+                                 c.ref_freq_hz, None, None,
+                                 "standard" if c.kind == "standard" else "vla", None)
+                 for c in load_calibrators())
 
 
 def bundled_sources() -> tuple[CatalogueSource, ...]:

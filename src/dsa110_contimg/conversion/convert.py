@@ -56,7 +56,7 @@ class ConversionInputs:
     scratch_dir: Path
     tmpfs_path: Path
     work_dir: Path | None = None  # tmpfs work area to keep the MS in (None: always publish)
-    # integrations the MS gate will read (qa.ms.sample_time_indices): their DATA is published
+    # integrations the MS gate will read (mstiles.sample_time_indices): their DATA is published
     # through the page cache, the rest with O_DIRECT
     cache_integrations: int = 0
 
@@ -242,14 +242,12 @@ def _sampled_data_ranges(ms: Path, row_times: np.ndarray,
 
 def _sampled_ranges(tf: mstiles.TileFile, row_times: np.ndarray,
                     n: int) -> list[tuple[int, int]]:
-    from ..qa.ms import sample_time_indices
-
     if n <= 0 or np.any(np.diff(row_times) < 0):
         return []  # rows not in time order: integrations are not contiguous
     times, first = np.unique(row_times, return_index=True)
     bounds = np.append(first, row_times.size)
     return [tf.byte_range(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
-            for i in sample_time_indices(times.size, n)]
+            for i in mstiles.sample_time_indices(times.size, n)]
 
 
 @contextmanager

@@ -108,9 +108,9 @@ async def calibration_outlook(settings: Any, dec_deg: float | None, hours: float
     """The outlook at ``dec_deg`` (default: the newest converted group's pointing), read from
     the state directory without changing it; None when no pointing is known."""
     from ..calibration.outlook import gather_outlook, newest_pointing_dec
-    from ..calibration.registry import CalRegistry
+    from ..config import QueueOptions
     from ..instrument import PrimaryBeam
-    from .options import QueueOptions
+    from .calregistry import CalRegistry
     from .queue import GroupQueue
 
     db = settings.queue_db

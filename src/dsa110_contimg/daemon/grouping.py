@@ -31,10 +31,10 @@ from pathlib import Path
 import structlog
 
 from ..alerting.alert import Alert, Severity
+from ..config import IngestOptions
 from ..conversion.validate import check_uvh5_header
 from ..errors import IllegalTransition
 from ..products import InvalidName, group_id_for, parse_subband_name
-from .options import IngestOptions
 from .queue import DuplicateSubband, GroupQueue
 
 log = structlog.get_logger(__name__)

@@ -37,7 +37,7 @@ def run_isolated(fn: Any, args: tuple, group_id: str | None = None, timeout: flo
 
 
 def _main(src: str, dst: str) -> int:
-    from .executor import TaskUsage, call_stage
+    from .worker import TaskUsage, call_stage
 
     with open(src, "rb") as fh:
         fn, args, group_id, nice = pickle.load(fh)

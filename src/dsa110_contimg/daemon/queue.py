@@ -39,10 +39,10 @@ from typing import Any, ParamSpec, TypeVar
 import aiosqlite
 import structlog
 
+from ..config import QueueOptions
 from ..errors import BadInputError, ContimgError, IllegalTransition
 from ..products import group_time, validate_group_id
 from ..sqlitedb import SQLiteComponent
-from .options import QueueOptions
 
 log = structlog.get_logger(__name__)
 P = ParamSpec("P")

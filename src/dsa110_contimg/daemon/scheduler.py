@@ -32,10 +32,11 @@ from ..config import Settings
 from ..errors import BadInputError, CalibrationUnavailable, MeasurementSetLost, QAFailure
 from ..products import atomic_write, dumps, jsonable, product_dir
 from ..qa.result import QAResult
-from .executor import StageExecutor, TaskUsage
+from .executor import StageExecutor
 from .metrics import Metrics
 from .queue import Claim, GroupQueue
 from .tasks import calibrate_and_check, convert_and_check, image_and_check
+from .worker import TaskUsage
 
 log = structlog.get_logger(__name__)
 

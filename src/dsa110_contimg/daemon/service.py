@@ -33,8 +33,8 @@ from .scheduler import HOLD_FLAG, Scheduler, new_worker_id
 from .sdnotify import Notifier, watchdog_interval_s, watchdog_loop
 
 if TYPE_CHECKING:
-    from ..calibration.registry import CalRegistry
     from ..catalogue import BuildReport
+    from .calregistry import CalRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -187,10 +187,10 @@ def _free_warm_columns(s: Settings) -> None:
 async def _serve(s: Settings, once: bool) -> int:
     from ..alerting.monitors import CalibrationOutlookMonitor, SystemMonitor
     from ..alerting.router import AlertRouter
-    from ..calibration.registry import CalRegistry
     from ..conversion.staging import clean_stale_staging
-    from ..imaging.catalog import ImageCatalog
+    from .calregistry import CalRegistry
     from .grouping import Grouper
+    from .imagecatalog import ImageCatalog
     from .status import requeue_group
     from .watcher import Watcher
 

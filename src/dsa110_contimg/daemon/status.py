@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..config import QueueOptions
 from ..errors import ConfigError
 from ..products import validate_group_id
-from .options import QueueOptions
 from .queue import STATES, GroupQueue
 
 __all__ = ["requeue_group", "status_report"]

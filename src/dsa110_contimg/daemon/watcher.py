@@ -21,9 +21,9 @@ import structlog
 from watchfiles import awatch
 
 from ..alerting.alert import Alert
+from ..config import IngestOptions
 from ..products import InvalidName, parse_subband_name
 from .grouping import Grouper
-from .options import IngestOptions
 from .queue import GroupQueue
 
 log = structlog.get_logger(__name__)

@@ -35,6 +35,7 @@ import structlog
 
 from .. import cores
 from ..cores import CoreShare
+from . import stats
 
 log = structlog.get_logger(__name__)
 
@@ -67,13 +68,8 @@ class MaskRound:
 
 
 def robust_rms(image: np.ndarray, stride: int = 3) -> float:
-    """1.4826 x the median absolute deviation of a strided subsample (sources barely move it)."""
-    sample = image[::stride, ::stride]
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0:
-        return float("nan")
-    med = np.median(sample)
-    return float(1.4826 * np.median(np.abs(sample - med)))
+    """The residual's robust rms from every ``stride``-th pixel (cheap; sources barely move it)."""
+    return stats.robust_rms(image, stride)
 
 
 def psf_sidelobe(psf: np.ndarray, bmaj_px: float) -> float:

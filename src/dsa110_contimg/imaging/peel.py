@@ -40,11 +40,6 @@ import structlog
 
 from ..calibration.candidates import as_calibrator
 from ..calibration.casarun import open_table, read_ms_info
-from ..calibration.catalog import (
-    Calibrator,
-    angular_separation_deg,
-    load_calibrators,
-)
 from ..calibration.skymodel import (
     beam_along_drift,
     delay_path_m,
@@ -53,6 +48,11 @@ from ..calibration.skymodel import (
     rows_to_integrations,
 )
 from ..catalogue import CatalogueFormatError, CatalogueUnavailable, survey_sources
+from ..catalogue.reference import (
+    Calibrator,
+    angular_separation_deg,
+    load_calibrators,
+)
 from ..errors import StageError
 from ..instrument import PrimaryBeam
 from .pbcor import drift_averaged_beam, quiet_wcs

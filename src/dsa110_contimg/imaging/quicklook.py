@@ -14,13 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def robust_sigma(values: np.ndarray) -> float:
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        return float("nan")
-    med = np.median(v)
-    return float(1.4826 * np.median(np.abs(v - med)))
+from .stats import robust_rms
 
 
 def _max_pool(data: np.ndarray, step: int) -> np.ndarray:
@@ -61,7 +55,7 @@ def write_quicklook(fits_path: Path, png_path: Path, title: str = "",
     step = max(1, int(np.ceil(max(data.shape) / max_pixels)))
     shown = _max_pool(data, step)
     wcs_shown = wcs[::step, ::step] if step > 1 else wcs
-    sigma = rms if rms is not None and np.isfinite(rms) and rms > 0 else robust_sigma(data)
+    sigma = rms if rms is not None and np.isfinite(rms) and rms > 0 else robust_rms(data)
     finite = data[np.isfinite(data)]
     peak = float(finite.max()) if finite.size else 1.0
     if not np.isfinite(sigma) or sigma <= 0:

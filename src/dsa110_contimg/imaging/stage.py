@@ -33,7 +33,6 @@ from ..catalogue import is_catalogue_db
 from ..errors import BadInputError, ContimgError, StageError
 from ..instrument import PrimaryBeam
 from ..products import safe_stem
-from ..qa.image import image_statistics
 from .average import make_imaging_copy
 from .cleanmask import MaskRules, run_masked_clean
 from .export import export_fits, standard_keywords
@@ -47,6 +46,7 @@ from .params import (
 )
 from .pbcor import write_beam_and_pbcor
 from .peel import PeeledSource, peel_candidates, peel_sources, restore_sources, select_bright
+from .stats import image_statistics
 from .tclean_runner import ZERO_MASK, NonFiniteImage, clear_image_products, run_tclean
 
 log = structlog.get_logger(__name__)

@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import mstiles
 from ..catalogue import angular_separation_deg
+from ..mstiles import sample_time_indices
 from .options import MSQAThresholds
 from .result import GateBuilder, QAResult
 
@@ -186,15 +187,6 @@ def _field_check(ms: Path, expected: dict[str, Any], th: MSQAThresholds, g: Gate
         m["phase_centre_minus_pointing_dec_deg"] = d
         g.warn_if(d > 1.0, f"phase centre dec is {d:.2f} deg from the pointing declination")
 
-
-
-def sample_time_indices(n_times: int, n: int) -> list[int]:
-    """Which of ``n_times`` integrations the gate reads visibilities of: up to ``n`` spread
-    over the group (one: the middle, away from edge effects of the first and last). The
-    conversion publishes these through the page cache."""
-    n = min(n, n_times)
-    at = np.linspace(0, n_times - 1, n) if n > 1 else np.array([(n_times - 1) // 2])
-    return [int(i) for i in np.unique(at.round().astype(int))]
 
 
 def _sample_rows(tcol: np.ndarray, n: int) -> list[np.ndarray]:

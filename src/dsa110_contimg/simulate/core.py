@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..calibration.catalog import angular_separation_deg, get_calibrator, load_calibrators
+from ..catalogue.reference import angular_separation_deg, get_calibrator, load_calibrators
 from ..instrument import offline_astropy
 from .array import OVRO_ALT_M, OVRO_LAT_DEG, OVRO_LON_DEG, preset_stations, station_enu
 from .counts import draw_counts_sky

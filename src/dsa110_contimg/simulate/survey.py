@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..calibration.catalog import angular_separation_deg
+from ..catalogue.reference import angular_separation_deg
 
 SURVEY_FREQ_HZ = 1.4e9
 CATALOGUE_NAME = "sky_catalogue.csv"

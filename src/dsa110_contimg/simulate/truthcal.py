@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from ..simulate.core import BAND_CENTRE_HZ, BAND_WIDTH_HZ
-from ..simulate.gains import evaluate_gains
-from ..simulate.sky import C_M_S
+from ..instrument import C_M_S
+from .core import BAND_CENTRE_HZ, BAND_WIDTH_HZ
+from .gains import evaluate_gains
 
 log = structlog.get_logger(__name__)
 

@@ -1,4 +1,6 @@
-"""The bundled calibrator list (see data/calibrators.csv for where the numbers come from)."""
+"""The bundled reference calibrators with their flux models (data/calibrators.csv: the four
+Perley & Butler 2017 flux standards and 21 VLA secondaries; the file says where each number
+comes from)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from ..catalogue import angular_separation_deg
+from .sources import angular_separation_deg
 
 __all__ = ["Calibrator", "angular_separation_deg", "get_calibrator", "load_calibrators"]
 

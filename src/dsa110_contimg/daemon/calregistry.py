@@ -28,11 +28,11 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from ..calibration.calset import BANDPASS_KINDS, FIELD_CALIBRATOR, KINDS, CalSet, CalTable
+from ..calibration.options import CalibrationOptions
 from ..errors import ContimgError
 from ..products import jsonable
 from ..sqlitedb import SQLiteComponent
-from .calset import BANDPASS_KINDS, FIELD_CALIBRATOR, KINDS, CalSet, CalTable
-from .options import CalibrationOptions
 
 log = structlog.get_logger(__name__)
 
