@@ -1,5 +1,13 @@
-"""Write a state database with the code at 0648e33 (run with PYTHONPATH=<0648e33>/src)."""
+"""Write the state database tests/test_state_compat.py opens, with the code at 0648e33.
+
+    git worktree add /tmp/old 0648e33
+    PYTHONPATH=/tmp/old/src python tests/data/make_state_0648e33.py tests/data/state-0648e33.sqlite
+
+It imports that release's module layout, so it runs only against that checkout.
+"""
+
 import asyncio
+import os
 import sys
 from pathlib import Path
 
