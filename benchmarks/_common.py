@@ -239,3 +239,9 @@ def simulate_and_convert(preset: str, root: Path) -> dict:
     if r.returncode != 0:
         sys.exit(f"simulate/convert failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def set_name(new_set: str | dict) -> str:
+    """The name of a calibration's new set as a group's flags record it (the set itself, or
+    its name in databases from before the typed stage records)."""
+    return new_set["name"] if isinstance(new_set, dict) else new_set

@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, count_final, daemon_dirs, daemon_env, drop_group  # noqa: E402
+from _common import (  # noqa: E402
+    ROOT,
+    count_final,
+    daemon_dirs,
+    daemon_env,
+    drop_group,
+    set_name,
+)
 
 MJD_JD = 2400000.5
 MODES = ("solved", "field", "applied", "uncalibrated")
@@ -102,7 +109,7 @@ def _set_tables(db: Path, name: str) -> tuple[dict[str, Path], str, dict]:
 def applied_tables(db: Path, cal: dict) -> tuple[dict[str, Path], str]:
     """K, BP and G the group's CORRECTED_DATA was made with, and the refant."""
     if cal.get("new_set"):
-        tabs, refant, params = _set_tables(db, cal["new_set"])
+        tabs, refant, params = _set_tables(db, set_name(cal["new_set"]))
         if "BP" not in tabs and params.get("bandpass_set"):  # a field solution: G only
             bp, _, _ = _set_tables(db, params["bandpass_set"])
             tabs = {**{k: v for k, v in bp.items() if k in ("K", "BP")}, **tabs}

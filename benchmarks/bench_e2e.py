@@ -46,6 +46,7 @@ from _common import (
     queue_records,
     read_once,
     run_daemon,
+    set_name,
     simulate,
     timed_copies,
 )
@@ -238,7 +239,8 @@ def accuracy(report: dict, truths: list[dict], work: Path) -> None:
             if not ms.is_dir():  # kept in the tmpfs work area, archived since
                 gid = g1["group_id"]
                 ms = Path(d["products"]) / gid[:10] / gid / ms.name
-            d["gains"] = _guard(f"{mode} gains", daemon_gains, db, cal["new_set"], ms, truth1)
+            d["gains"] = _guard(f"{mode} gains", daemon_gains, db, set_name(cal["new_set"]), ms,
+                                truth1)
         else:
             d["gains"] = {"error": "group 1 solved no calibration set"}
         for g, t in zip(d["groups"], truths, strict=True):

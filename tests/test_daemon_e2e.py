@@ -59,7 +59,7 @@ def test_two_groups_calibrator_then_applied_set_status_api_and_sigterm(tmp_path)
     cal2 = _group_row(d, g2)["flags"]["calibration"]
     assert cal1["mode"] == "solved" and cal1["calibrator"] == "3C286" and cal1["new_set"]
     assert cal2["mode"] == "applied", cal2
-    assert cal1["new_set"] in (cal2["applied_set"] or ""), (cal1, cal2)
+    assert cal1["new_set"]["name"] in (cal2["applied_set"] or ""), (cal1, cal2)
 
     base = f"http://127.0.0.1:{d.api_port()}"
     health = httpx.get(base + "/health", timeout=10).json()

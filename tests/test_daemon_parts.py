@@ -286,7 +286,7 @@ async def test_calibration_qa_pass_registers_the_new_set_with_its_metrics(tmp_pa
         tmp_path, ((_cal_result("solved", new, new.name), verdict), TaskUsage(7.0, 900.0)), reg)
     assert group["state"] == "calibrated" and not reg.failed
     assert [c.qa for c in reg.registered] == [{"antenna_coverage": 1.0}]
-    assert group["flags"]["calibration"]["new_set"] == new.name
+    assert group["flags"]["calibration"]["new_set"]["name"] == new.name
     assert qa["stages"]["calibration"]["passed"] is True
     assert any(a.category == "calibration.new" for a in alerts)
     run = group["stage_runs"][-1]

@@ -6,19 +6,25 @@
   automatically).
 - Writes: :func:`atomic_write` (temporary file, fsync, rename, fsync of the directory), so a
   reader or a power cut sees the old file or the new one, never half of one.
-- JSON: :func:`jsonable` and :func:`dumps` for numpy values, paths and non-finite floats.
+- JSON: :func:`jsonable` and :func:`dumps` for numpy values, paths and non-finite floats;
+  :class:`Record`, the base of the stage results, to and from JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
 import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .errors import BadInputError, ContimgError
 
@@ -191,3 +197,67 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = True) -> Path:
     if durable:
         fsync_dir(path.parent)
     return path
+
+
+class Record:
+    """A frozen dataclass result that crosses process and restart boundaries as JSON.
+
+    :meth:`to_dict` gives plain JSON values (paths as text, tuples as lists, nested records
+    and anything with ``as_dict`` as dicts); :meth:`from_dict` rebuilds the instance from the
+    field types, ignoring keys it does not know (written by a newer release) and using the
+    defaults of fields that are missing (written by an older one)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        hints = _hints(cls)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in data:
+                kwargs[f.name] = _from_json(hints[f.name], data[f.name])
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{cls.__name__}: field {f.name!r} missing from {sorted(data)}")
+        return cls(**kwargs)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_dict()
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _from_json(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _from_json(options[0], value) if len(options) == 1 else value
+    if tp is Path:
+        return Path(value)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], v) for v in value)
+        if args:
+            return tuple(_from_json(a, v) for a, v in zip(args, value, strict=True))
+        return tuple(value)
+    if isinstance(tp, type) and isinstance(value, Mapping) and hasattr(tp, "from_dict"):
+        return tp.from_dict(value)
+    return value

@@ -41,7 +41,7 @@ from ..catalogue.reference import (
 )
 from ..errors import BadInputError, CalibrationUnavailable, StageError
 from ..instrument import PrimaryBeam
-from ..products import atomic_write, dumps, safe_stem
+from ..products import Record, atomic_write, dumps, safe_stem
 from .apply import apply_calset
 from .calset import BANDPASS_KINDS, CalSet, CalTable
 from .candidates import as_calibrator, calibrator_candidates
@@ -83,7 +83,7 @@ class CalibrationInputs:
 
 
 @dataclass(frozen=True)
-class CalibrationResult:
+class CalibrationResult(Record):
     group_id: str
     ms_path: Path
     mode: str  # 'solved' | 'field' | 'applied' | 'uncalibrated'
@@ -97,13 +97,6 @@ class CalibrationResult:
     notes: tuple[str, ...] = ()
     skipped: bool = False
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"group_id": self.group_id, "ms_path": str(self.ms_path), "mode": self.mode,
-                "calibrator": self.calibrator,
-                "new_set": self.new_set.as_dict() if self.new_set else None,
-                "applied_set": self.applied_set, "refant": self.refant,
-                "flag_fractions": self.flag_fractions, "step_durations": self.step_durations,
-                "duration_s": self.duration_s, "notes": list(self.notes), "skipped": self.skipped}
 
 
 def marker_path(inputs: CalibrationInputs) -> Path:
@@ -166,7 +159,7 @@ def _finished(inputs: CalibrationInputs, options: CalibrationOptions) -> Calibra
 def _write_marker(inputs: CalibrationInputs, result: CalibrationResult,
                   options: CalibrationOptions) -> None:
     marker = marker_path(inputs)
-    doc = {**result.as_dict(), "options_digest": options_digest(options, inputs)}
+    doc = {**result.to_dict(), "options_digest": options_digest(options, inputs)}
     atomic_write(marker, dumps(doc, indent=1))
 
 

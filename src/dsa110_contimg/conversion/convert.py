@@ -34,7 +34,7 @@ import structlog
 
 from .. import mstiles
 from ..errors import BadInputError, ContimgError, StageError
-from ..products import CONVERSION_RECORD, product_dir, safe_stem
+from ..products import CONVERSION_RECORD, Record, product_dir, safe_stem
 from . import mswrite, parallel, phasing, reader, staging, warmfiles, workarea
 from .options import ConversionOptions
 from .validate import GroupLayout, validate_group
@@ -62,7 +62,7 @@ class ConversionInputs:
 
 
 @dataclass(frozen=True)
-class ConversionResult:
+class ConversionResult(Record):
     group_id: str
     ms_path: Path  # published
     n_antennas: int

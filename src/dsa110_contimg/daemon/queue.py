@@ -43,6 +43,7 @@ from ..config import QueueOptions
 from ..errors import BadInputError, ContimgError, IllegalTransition
 from ..products import group_time, validate_group_id
 from ..sqlitedb import SQLiteComponent
+from .stages import FIRST_WAITING, PIPELINE
 
 log = structlog.get_logger(__name__)
 P = ParamSpec("P")
@@ -62,25 +63,31 @@ __all__ = [
     "is_legal",
 ]
 
+# Derived from the stage declarations (daemon.stages): each stage waits in a resting state,
+# runs in an active one, and leaves for the next stage's resting state.
 STATES: tuple[str, ...] = (
-    "collecting", "pending", "converting", "converted", "calibrating", "calibrated",
-    "imaging", "done", "failed", "quarantined",
+    "collecting", FIRST_WAITING, *(s for st in PIPELINE for s in (st.active, st.done)),
+    "failed", "quarantined",
 )
-RESTING_STATES: tuple[str, ...] = ("pending", "converted", "calibrated")
-ACTIVE_STATES: tuple[str, ...] = ("converting", "calibrating", "imaging")
+RESTING_STATES: tuple[str, ...] = tuple(st.waiting for st in PIPELINE)
+ACTIVE_STATES: tuple[str, ...] = tuple(st.active for st in PIPELINE)
 
 # resting state -> (active state, stage name)
-_CLAIMS: dict[str, tuple[str, str]] = {
-    "pending": ("converting", "conversion"),
-    "converted": ("calibrating", "calibration"),
-    "calibrated": ("imaging", "imaging"),
-}
+_CLAIMS: dict[str, tuple[str, str]] = {st.waiting: (st.active, st.name) for st in PIPELINE}
 # active state -> (resting state it came from, state after success, stage name)
-_ACTIVE: dict[str, tuple[str, str, str]] = {
-    "converting": ("pending", "converted", "conversion"),
-    "calibrating": ("converted", "calibrated", "calibration"),
-    "imaging": ("calibrated", "done", "imaging"),
-}
+_ACTIVE: dict[str, tuple[str, str, str]] = {st.active: (st.waiting, st.done, st.name)
+                                            for st in PIPELINE}
+
+
+def _marks(values: tuple[str, ...]) -> str:
+    """One placeholder per value: state lists are bound as parameters, never spliced in."""
+    return ", ".join("?" * len(values))
+
+
+_HEARTBEAT = ("UPDATE groups SET heartbeat = ? WHERE id = ? AND worker = ? "  # noqa: S608 - placeholders only
+              "AND state IN (" + _marks(ACTIVE_STATES) + ")")
+_FLAGGED_RESTING = ("SELECT id, flags FROM groups WHERE state IN ("  # noqa: S608 - placeholders only
+                    + _marks(RESTING_STATES) + ") AND json_extract(flags, '$.' || ?) IS NOT NULL")
 
 
 def _legal_transitions() -> frozenset[tuple[str, str]]:
@@ -90,7 +97,7 @@ def _legal_transitions() -> frozenset[tuple[str, str]]:
         edges |= {(resting, active), (resting, "quarantined")}
     for active, (resting, after, _) in _ACTIVE.items():
         edges |= {(active, resting), (active, after), (active, "failed"), (active, "quarantined")}
-        if resting != "pending":
+        if resting != FIRST_WAITING:
             edges.add((active, "pending"))
     return frozenset(edges)
 
@@ -217,6 +224,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE stage_runs ADD COLUMN cpu_s REAL",
         "ALTER TABLE stage_runs ADD COLUMN peak_rss_mb REAL",
         "ALTER TABLE stage_runs ADD COLUMN qa_s REAL",
+    ),
+    # Stage results in a group's flags are the stages' typed records (daemon.stages). A
+    # calibration flag written before was a summary naming the new set: give it the group id
+    # and MS path its record needs, and keep the set's name as new_set_name.
+    4: (
+        "UPDATE groups SET flags = json_set(flags,"
+        " '$.calibration.group_id', id,"
+        " '$.calibration.ms_path', json_extract(flags, '$.conversion.ms_path'),"
+        " '$.calibration.new_set_name', json_extract(flags, '$.calibration.new_set'),"
+        " '$.calibration.new_set', json('null'))"
+        " WHERE json_type(flags, '$.calibration') = 'object'"
+        " AND json_type(flags, '$.calibration.group_id') IS NULL",
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -467,7 +486,7 @@ class GroupQueue(SQLiteComponent):
         now = _now(now)
         async with self._write() as db:
             row = await _one(
-                db, _SELECT_GROUP + " WHERE state IN (?, ?, ?) AND not_before <= ? "
+                db, _SELECT_GROUP + f" WHERE state IN ({_marks(RESTING_STATES)}) AND not_before <= ? "
                 "ORDER BY anchor, id LIMIT 1", (*RESTING_STATES, now))
             if row is None:
                 return None
@@ -488,8 +507,7 @@ class GroupQueue(SQLiteComponent):
         worker's result will be refused."""
         async with self._lock:
             cur = await self._db.execute(
-                "UPDATE groups SET heartbeat = ? WHERE id = ? AND worker = ? "
-                "AND state IN (?, ?, ?)", (_now(now), group_id, worker_id, *ACTIVE_STATES))
+                _HEARTBEAT, (_now(now), group_id, worker_id, *ACTIVE_STATES))
         return cur.rowcount == 1
 
     @_atomic
@@ -587,7 +605,7 @@ class GroupQueue(SQLiteComponent):
         cutoff = now - self.options.claim_timeout_s
         taken: list[str] = []
         async with self._write() as db:
-            rows = await _all(db, _SELECT_GROUP + " WHERE state IN (?, ?, ?) ORDER BY anchor",
+            rows = await _all(db, _SELECT_GROUP + f" WHERE state IN ({_marks(ACTIVE_STATES)}) ORDER BY anchor",
                               ACTIVE_STATES)
             for row in rows:
                 if not all_active and (row["heartbeat"] or 0.0) >= cutoff:
@@ -630,9 +648,7 @@ class GroupQueue(SQLiteComponent):
         now = _now(now)
         woken = []
         async with self._write() as db:
-            rows = await _all(db, "SELECT id, flags FROM groups WHERE state IN (?, ?, ?) "
-                                  "AND json_extract(flags, '$.' || ?) IS NOT NULL",
-                              (*RESTING_STATES, key))
+            rows = await _all(db, _FLAGGED_RESTING, (*RESTING_STATES, key))
             for r in rows:
                 flags = json.loads(r["flags"] or "{}")
                 flags.pop(key, None)

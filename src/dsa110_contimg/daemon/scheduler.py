@@ -15,7 +15,6 @@ a group is quarantined or given up in calibration or imaging.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import socket
@@ -30,27 +29,21 @@ import structlog
 from ..alerting.alert import Alert, Severity
 from ..config import Settings
 from ..errors import BadInputError, CalibrationUnavailable, MeasurementSetLost, QAFailure
-from ..products import atomic_write, dumps, jsonable, product_dir
+from ..products import atomic_write, dumps, product_dir
 from ..qa.result import QAResult
 from .executor import StageExecutor
 from .metrics import Metrics
 from .queue import Claim, GroupQueue
-from .tasks import calibrate_and_check, convert_and_check, image_and_check
+from .stages import BY_NAME, HOLD_FLAG, StageSpec, record
 from .worker import TaskUsage
 
 log = structlog.get_logger(__name__)
 
-HOLD_FLAG = "held"
 _NO_USAGE = TaskUsage(0.0, 0.0)
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _asdict(obj: Any) -> dict[str, Any]:
-    return jsonable({k: str(v) if isinstance(v, Path) else v
-                     for k, v in dataclasses.asdict(obj).items()})
 
 
 def write_qa_json(directory: Path, group_id: str, stage: str, qa: QAResult,
@@ -155,9 +148,8 @@ class Scheduler:
         t0 = time.monotonic()
         log.info("stage_start", attempt=claim.attempt)
         try:
-            runner = {"conversion": self._conversion, "calibration": self._calibration,
-                      "imaging": self._imaging}[stage]
-            result, qa = await asyncio.wait_for(runner(claim), self.s.executor.stage_timeout_s)
+            result, qa = await asyncio.wait_for(self._run_stage(claim, BY_NAME[stage]),
+                                                self.s.executor.stage_timeout_s)
         except asyncio.CancelledError:
             await self._safely(self.queue.release(gid, self.worker_id))
             log.info("stage_released", reason="shutdown")
@@ -168,10 +160,10 @@ class Scheduler:
             await self._reconvert(claim, str(exc))
         except (BadInputError, QAFailure) as exc:
             await self._quarantine(claim, exc, time.monotonic() - t0)
-            await self._archive(claim)
+            await self.archive(claim)
         except Exception as exc:  # noqa: BLE001 - any other failure is retried, never fatal
             if await self._retry(claim, exc, time.monotonic() - t0) == "failed":
-                await self._archive(claim)
+                await self.archive(claim)
         else:
             took = time.monotonic() - t0
             self.metrics.stage_done(stage, took)
@@ -237,23 +229,23 @@ class Scheduler:
         return state
 
     # ------------------------------------------------------------------ the MS's place
-    def _final_ms(self, group_id: str) -> Path:
+    def final_ms(self, group_id: str) -> Path:
         from ..conversion.convert import ms_path_for
 
         return ms_path_for(self.s.paths.output_dir, group_id)
 
-    async def _locate_ms(self, claim: Claim) -> Path:
+    async def locate_ms(self, claim: Claim) -> Path:
         """The group's MS where it is now; MeasurementSetLost if it is nowhere."""
         from ..conversion.workarea import locate_ms
 
         recorded = Path(claim.flags["conversion"]["ms_path"])
-        ms = await asyncio.to_thread(locate_ms, recorded, self._final_ms(claim.group_id))
+        ms = await asyncio.to_thread(locate_ms, recorded, self.final_ms(claim.group_id))
         if ms is None:
             raise MeasurementSetLost(f"{recorded} no longer exists (tmpfs emptied by a "
                                      "reboot?) and the MS was never archived")
         return ms
 
-    async def _archive(self, claim: Claim, must: bool = False) -> None:
+    async def archive(self, claim: Claim, must: bool = False) -> None:
         """Move a group's MS from the tmpfs work area to its product directory (if there).
 
         Before imaging is marked done a failure propagates (``must``: the stage is retried
@@ -266,7 +258,7 @@ class Scheduler:
         if not conv or claim.stage == "conversion":
             return
         recorded = Path(conv["ms_path"])
-        final = self._final_ms(claim.group_id)
+        final = self.final_ms(claim.group_id)
         if recorded == final:
             return
         try:
@@ -302,114 +294,25 @@ class Scheduler:
         self._usage[claim.group_id] = None if usage is None or so_far is None else so_far + usage
         return value
 
-    async def _judge(self, stage: str, claim: Claim, qa: QAResult) -> QAResult:
-        """Record a gate's verdict in qa.json; a failed gate stops the group (QAFailure)."""
+    async def record_qa(self, stage: str, claim: Claim, qa: QAResult) -> None:
+        """Merge a gate's verdict into the group's qa.json."""
         await asyncio.to_thread(write_qa_json, product_dir(self.s.paths.output_dir, claim.group_id),
                                 claim.group_id, stage, qa)
+
+    async def judge(self, stage: str, claim: Claim, qa: QAResult) -> QAResult:
+        """Record a gate's verdict in qa.json; a failed gate stops the group (QAFailure)."""
+        await self.record_qa(stage, claim, qa)
         if not qa.passed:
             raise QAFailure(f"{stage} QA failed: {qa.reason}", qa.metrics)
         return qa
 
     # ------------------------------------------------------------------ stages
-    async def _conversion(self, claim: Claim) -> tuple[dict, QAResult]:
-        from ..conversion.convert import ConversionInputs
-        from ..conversion.workarea import work_dir
-
-        p = self.s.paths
-        inputs = ConversionInputs(group_id=claim.group_id,
-                                  files=tuple(claim.files[k] for k in sorted(claim.files)),
-                                  output_dir=p.output_dir, scratch_dir=p.scratch_dir,
-                                  tmpfs_path=p.tmpfs_path,
-                                  work_dir=work_dir(p.tmpfs_path, p.state_dir))
-        res, qa = await self._run(claim, convert_and_check, inputs, self.s.conversion,
-                                  self.s.qa_ms)
-        qa = await self._judge("conversion", claim, qa)
-        info = _asdict(res)
-        await self.queue.set_flag(claim.group_id, "conversion", info)
-        return info, qa
-
-    async def _calibration(self, claim: Claim) -> tuple[dict, QAResult]:
-        from ..calibration.fieldsolve import registered_part
-        from ..calibration.stage import CalibrationInputs
-        from ..instrument import PrimaryBeam
-
-        conv = claim.flags["conversion"]
-        gid = claim.group_id
-        mid, dec = conv["mid_mjd"], conv["pointing_dec_deg"]
-        apply_set = await self.registry.find_valid(mid, dec, self.s.calibration)
-        bandpass_set = await self.registry.find_bandpass(mid, dec, self.s.calibration)
-        catalogue = self.s.catalogue_db
-        checked_by = None
-        if bandpass_set is not None and self.s.calibration.field_check_bandpass:
-            checked_by = await self.registry.bandpass_checked(
-                bandpass_set.name, mid, dec, self.s.calibration.field_check_bandpass_every_h)
-        inputs = CalibrationInputs(group_id=gid, ms_path=await self._locate_ms(claim),
-                                   caltable_dir=product_dir(self.s.paths.output_dir, gid) / "caltables",
-                                   pointing_dec_deg=dec, mid_mjd=mid, apply_set=apply_set,
-                                   bandpass_set=bandpass_set,
-                                   catalogue_db=catalogue if catalogue.exists() else None,
-                                   beam=PrimaryBeam.from_options(self.s.beam),
-                                   bandpass_checked_by=checked_by)
-        res, qa = await self._run(claim, calibrate_and_check, inputs, self.s.calibration,
-                                  self.s.qa_cal, nice=self.s.executor.background_nice)
-        if res.mode == "uncalibrated":
-            qa = QAResult("calibration", True, {"mode": "uncalibrated"},
-                          warnings=("no valid calibration: imaged uncalibrated",))
-            await asyncio.to_thread(write_qa_json, product_dir(self.s.paths.output_dir, gid),
-                                    gid, "calibration", qa)
-            self.emit(Alert(Severity.WARNING, "calibration.stale",
-                            f"Calibration stale: {gid} imaged uncalibrated",
-                            "no valid calibration set; policy 'uncalibrated'", {"group_id": gid}))
-        else:
-            try:
-                qa = await self._judge("calibration", claim, qa)
-            except QAFailure:
-                if res.new_set is not None:
-                    await self.registry.mark_failed(res.new_set.name, "calibration QA failed")
-                raise
-            if res.new_set is not None:
-                await self.registry.register(registered_part(
-                    dataclasses.replace(res.new_set, qa=qa.metrics)))
-                woken = await self.queue.wake_flagged(HOLD_FLAG)
-                if woken:
-                    log.info("held_groups_released", groups=woken)
-                    self.wake()
-                if res.mode == "solved":
-                    self.emit(Alert(Severity.INFO, "calibration.new",
-                                    f"New calibration set {res.new_set.name}",
-                                    f"solved on {res.calibrator} in {gid}", {"group_id": gid}))
-        info = {"mode": res.mode, "calibrator": res.calibrator, "applied_set": res.applied_set,
-                "new_set": res.new_set.name if res.new_set else None, "refant": res.refant,
-                "flag_fractions": res.flag_fractions, "step_durations": res.step_durations,
-                "notes": list(res.notes), "skipped": res.skipped}
-        await self.queue.set_flag(gid, "calibration", info)
-        if claim.flags.get(HOLD_FLAG):
-            await self.queue.set_flag(gid, HOLD_FLAG, None)
-        return jsonable(info), qa
-
-    def _sky_catalogue(self) -> str | None:
-        """The built sky catalogue, else the catalogue file named in the settings."""
-        if self.s.catalogue_db.exists():
-            return str(self.s.catalogue_db)
-        return self.s.calibration.field_catalogue or None
-
-    async def _imaging(self, claim: Claim) -> tuple[dict, QAResult]:
-        from ..imaging.stage import ImagingInputs
-        from ..instrument import PrimaryBeam
-
-        cal = claim.flags.get("calibration", {})
-        gid = claim.group_id
-        datacolumn = "data" if cal.get("mode") == "uncalibrated" else "corrected"
-        calibrator = cal.get("calibrator") if cal.get("mode") == "solved" else None
-        inputs = ImagingInputs(group_id=gid, ms_path=await self._locate_ms(claim),
-                               ms_final=self._final_ms(gid),
-                               product_dir=product_dir(self.s.paths.output_dir, gid),
-                               datacolumn=datacolumn, calibrator=calibrator,
-                               field_catalogue=self._sky_catalogue(),
-                               beam=PrimaryBeam.from_options(self.s.beam))
-        res, qa = await self._run(claim, image_and_check, inputs, self.s.imaging, self.s.qa_img,
-                                  calibrator, nice=self.s.executor.background_nice)
-        qa = await self._judge("imaging", claim, qa)
-        await self._archive(claim, must=True)
-        await self.catalog.record(res, qa)
-        return _asdict(res), qa
+    async def _run_stage(self, claim: Claim, spec: StageSpec) -> tuple[dict, QAResult]:
+        """One stage as declared in :mod:`.stages`: build its inputs, run its task (stage and
+        gate) in the executor, act on a passing verdict, and keep its typed result."""
+        args, nice = await spec.prepare(self, claim)
+        res, qa = await self._run(claim, spec.task, *args, nice=nice)
+        qa = await spec.finish(self, claim, res, qa)
+        rec = record(res)
+        await self.queue.set_flag(claim.group_id, spec.name, rec)
+        return rec, qa

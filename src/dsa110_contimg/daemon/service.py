@@ -29,8 +29,9 @@ from ..errors import ConfigError
 from .executor import StageExecutor, make_executor
 from .metrics import Metrics, render_prometheus
 from .queue import ACTIVE_STATES, RESTING_STATES, GroupQueue
-from .scheduler import HOLD_FLAG, Scheduler, new_worker_id
+from .scheduler import Scheduler, new_worker_id
 from .sdnotify import Notifier, watchdog_interval_s, watchdog_loop
+from .stages import HOLD_FLAG
 
 if TYPE_CHECKING:
     from ..catalogue import BuildReport

@@ -32,7 +32,7 @@ import structlog
 from ..catalogue import is_catalogue_db
 from ..errors import BadInputError, ContimgError, StageError
 from ..instrument import PrimaryBeam
-from ..products import safe_stem
+from ..products import Record, dumps, safe_stem
 from .average import make_imaging_copy
 from .cleanmask import MaskRules, run_masked_clean
 from .export import export_fits, standard_keywords
@@ -67,7 +67,7 @@ class ImagingInputs:
 
 
 @dataclass(frozen=True)
-class ImagingResult:
+class ImagingResult(Record):
     group_id: str
     image_fits: Path
     pbcor_fits: Path
@@ -100,17 +100,6 @@ class ImagingResult:
     selfcal: dict[str, Any] = field(default_factory=dict)
     masks: list[dict[str, Any]] = field(default_factory=list)  # imaging.cleanmask rounds
 
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ImagingResult:
-        paths = {"image_fits", "pbcor_fits", "quicklook_png", "residual_fits", "pb_fits"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: (Path(v) if k in paths and v is not None else v)
-              for k, v in d.items() if k in names}
-        return cls(**kw)
 
 
 def product_names(product_dir: Path, group_id: str) -> dict[str, Path]:
@@ -364,8 +353,8 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
               "fingerprint": options_fingerprint(options, inputs.datacolumn,
                                                  inputs.field_catalogue, inputs.beam),
               "ms_mtime": mtime, "ms_path": str(inputs.ms_final or ms_path), "pointing_source": summary.pointing_source,
-              "result": result.as_dict()}
-    staged["record"].write_text(json.dumps(record, indent=1, default=_json_default))
+              "result": result.to_dict()}
+    staged["record"].write_text(dumps(record, indent=1))
     _publish(staged, published, names["record"])
     return result
 
@@ -378,13 +367,6 @@ def _track_centre(ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[float, float
     return (float(np.degrees(np.arctan2(v[1], v[0])) % 360.0),
             float(np.degrees(np.arcsin(v[2] / np.linalg.norm(v)))))
 
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _publish(staged: dict[str, Path], published: dict[str, Path], record: Path) -> None:
