@@ -20,14 +20,19 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python scripts/demo.py
 
-test: venv
+# CI runs `make test`: the lint checks first (layers, types, style), then every test.
+test: venv lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# ruff; the import contracts of the layers (pyproject.toml [tool.importlinter]); mypy over the
+# stage declarations, results and the daemon's tables ([tool.mypy])
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: venv
 	$(BIN)/python benchmarks/run_all.py

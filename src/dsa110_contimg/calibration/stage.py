@@ -430,6 +430,7 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
     cal = find_transiting_calibrator(info, options, pointing_dec_deg=inputs.pointing_dec_deg,
                                      candidates=candidates, beam=inputs.beam)
     durations["find_calibrator"] = time.perf_counter() - t0
+    no_field: str | None
     model, no_field, durations["field_model"] = (None, "a calibrator transits", 0.0)
     if cal is None:
         model, no_field, durations["field_model"] = _plan_field(inputs, options, info)

@@ -267,7 +267,9 @@ def _work_ms(inputs: ConversionInputs) -> Path | None:
 def _converted(work: Path | None, final: Path) -> tuple[Path, dict[str, Any]] | None:
     """A valid MS of this group already there, kept or published, with its record."""
     for ms in (work, final):
-        rec = None if ms is None else read_completion(ms)
+        if ms is None:
+            continue
+        rec = read_completion(ms)
         if rec is not None:
             return ms, rec
     return None
@@ -282,13 +284,13 @@ def _cache_pyuvdata_numba() -> None:
     simply compile as before.
     """
     try:
-        import numba
+        from numba.core.dispatcher import Dispatcher
         from pyuvdata.utils import bls_numba
     except Exception:
         return
     for name in dir(bls_numba):
         fn = getattr(bls_numba, name)
-        if isinstance(fn, numba.core.dispatcher.Dispatcher) and getattr(fn, "_cache", None) is not None:
+        if isinstance(fn, Dispatcher) and getattr(fn, "_cache", None) is not None:
             if type(fn._cache).__name__ == "NullCache":
                 try:
                     fn.enable_caching()

@@ -436,8 +436,9 @@ class GroupQueue(SQLiteComponent):
         now = _now(now)
         async with self._write() as db:
             row = await self._group(db, group_id)
-            n = (await _one(db, "SELECT count(*) AS n FROM group_files WHERE group_id = ?",
-                            (group_id,)))["n"]
+            counted = await _one(db, "SELECT count(*) AS n FROM group_files WHERE group_id = ?",
+                                 (group_id,))
+            n = counted["n"] if counted is not None else 0
             if row["state"] != "collecting":
                 raise IllegalTransition(
                     f"group {group_id} is {row['state']}; only a collecting group becomes ready")
