@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 
 from conftest import group_files
-from dsa110_contimg.conversion.convert import ConversionInputs, ms_path_for, read_completion
+from dsa110_contimg.conversion.convert import ConversionInputs, read_completion
 from dsa110_contimg.conversion.options import ConversionOptions
 from dsa110_contimg.conversion.staging import STAGE_PREFIX, clean_stale_staging
+from dsa110_contimg.conversion.storage import ms_path_for
 from dsa110_contimg.conversion.validate import validate_group
 from dsa110_contimg.errors import BadInputError
 

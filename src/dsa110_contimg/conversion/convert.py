@@ -34,9 +34,10 @@ import structlog
 
 from .. import mstiles
 from ..errors import BadInputError, ContimgError, StageError
-from ..products import CONVERSION_RECORD, Record, product_dir, safe_stem
+from ..products import CONVERSION_RECORD, Record, safe_stem
 from . import mswrite, parallel, phasing, reader, staging, warmfiles, workarea
 from .options import ConversionOptions
+from .storage import ms_path_for
 from .validate import GroupLayout, validate_group
 
 EarlyStart = Callable[[mstiles.TileFile], "staging.EarlyCopy | None"]
@@ -82,10 +83,6 @@ class ConversionResult(Record):
     skipped: bool = False
     timings_s: tuple[tuple[str, float], ...] = field(default=())
     warm_columns: tuple[str, ...] = ()  # columns written into kept tile files (warmfiles)
-
-
-def ms_path_for(output_dir: Path, group_id: str) -> Path:
-    return product_dir(output_dir, group_id) / (safe_stem(group_id) + ".ms")
 
 
 def convert_group(inputs: ConversionInputs, options: ConversionOptions) -> ConversionResult:

@@ -7,9 +7,9 @@ an operator can `contimg requeue`); StageError or anything unexpected -> retry w
 then failed; CalibrationUnavailable -> held (no attempt used) under the stale policy;
 MeasurementSetLost (a kept MS gone with tmpfs) -> converted again (no attempt used).
 
-A group's MS may live in the tmpfs work area (``conversion.workarea``) until the group is
-finished: it is archived to the product directory before imaging is marked done, and after
-a group is quarantined or given up in calibration or imaging.
+A group's MS may live in the tmpfs work area until the group is finished
+(``conversion.storage``): it is archived to the product directory before imaging is marked
+done, and after a group is quarantined or given up in calibration or imaging.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ import structlog
 
 from ..alerting.alert import Alert, Severity
 from ..config import Settings
+from ..conversion.storage import MSStorage
 from ..errors import BadInputError, CalibrationUnavailable, MeasurementSetLost, QAFailure
 from ..products import atomic_write, dumps, product_dir
 from ..qa.result import QAResult
 from .executor import StageExecutor
 from .metrics import Metrics
 from .queue import Claim, GroupQueue
-from .stages import BY_NAME, HOLD_FLAG, StageSpec, record
+from .stages import BY_NAME, CONVERSION, HOLD_FLAG, StageSpec, record
 from .worker import TaskUsage
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,13 @@ _NO_USAGE = TaskUsage(0.0, 0.0)
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def ms_storage(s: Settings) -> MSStorage:
+    """The one owner of where groups' MSs live, for these settings."""
+    p = s.paths
+    return MSStorage(p.output_dir, p.scratch_dir, p.tmpfs_path, p.state_dir,
+                     s.conversion.publish_fsync, s.conversion.publish_direct)
 
 
 def write_qa_json(directory: Path, group_id: str, stage: str, qa: QAResult,
@@ -74,6 +82,7 @@ class Scheduler:
         self.registry = registry
         self.catalog = catalog
         self.metrics = metrics
+        self.ms = ms_storage(settings)
         self.worker_id = worker_id or new_worker_id()
         self.inflight: dict[str, asyncio.Task] = {}
         # per claimed group: worker usage of the current stage's tasks so far; None = unknown
@@ -230,16 +239,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the MS's place
     def final_ms(self, group_id: str) -> Path:
-        from ..conversion.convert import ms_path_for
-
-        return ms_path_for(self.s.paths.output_dir, group_id)
+        return self.ms.final(group_id)
 
     async def locate_ms(self, claim: Claim) -> Path:
         """The group's MS where it is now; MeasurementSetLost if it is nowhere."""
-        from ..conversion.workarea import locate_ms
-
-        recorded = Path(claim.flags["conversion"]["ms_path"])
-        ms = await asyncio.to_thread(locate_ms, recorded, self.final_ms(claim.group_id))
+        recorded = CONVERSION.handoff(claim.flags).ms_path
+        ms = await asyncio.to_thread(self.ms.locate, claim.group_id, recorded)
         if ms is None:
             raise MeasurementSetLost(f"{recorded} no longer exists (tmpfs emptied by a "
                                      "reboot?) and the MS was never archived")
@@ -252,34 +257,24 @@ class Scheduler:
         rather than a finished group left with its MS in RAM); after a quarantine it is
         logged, and the start-up sweep tries again.
         """
-        from ..conversion.workarea import archive_ms
-
-        conv = (claim.flags or {}).get("conversion")
-        if not conv or claim.stage == "conversion":
-            return
-        recorded = Path(conv["ms_path"])
-        final = self.final_ms(claim.group_id)
-        if recorded == final:
+        conv = CONVERSION.handoff(claim.flags or {})
+        if conv is None or claim.stage == CONVERSION.name:
             return
         try:
             t0 = time.monotonic()
-            await asyncio.to_thread(archive_ms, recorded, final, self.s.conversion.publish_fsync,
-                                    self.s.conversion.publish_direct)
-            log.info("ms_archived", ms=str(final), seconds=round(time.monotonic() - t0, 2))
+            final = await asyncio.to_thread(self.ms.archive, claim.group_id, conv.ms_path)
+            if final is not None:
+                log.info("ms_archived", ms=str(final), seconds=round(time.monotonic() - t0, 2))
         except Exception as exc:
             if must:
                 raise
-            log.error("ms_archive_failed", ms=str(recorded), error=str(exc))
+            log.error("ms_archive_failed", ms=str(conv.ms_path), error=str(exc))
 
     async def _free_dead_staging(self) -> None:
-        """A worker that died (OOM kill, a crash, a stage timeout) cannot remove its staging
-        directory: free it now rather than at the next restart, months away (it can be GBs
-        of tmpfs). Only directories whose owner process is gone are touched."""
-        from ..conversion.staging import clean_stale_staging
-
+        """A worker that died cannot remove its staging directory: free it now rather than at
+        the next restart, months away (it can be GBs of tmpfs)."""
         try:
-            cleaned = await asyncio.to_thread(clean_stale_staging, self.s.paths.scratch_dir,
-                                              self.s.paths.tmpfs_path)
+            cleaned = await asyncio.to_thread(self.ms.free_dead_staging)
         except Exception as exc:  # noqa: BLE001 - housekeeping must not fail the group
             log.warning("stale_staging_cleanup_failed", error=str(exc))
             return

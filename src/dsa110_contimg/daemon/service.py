@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from .executor import StageExecutor, make_executor
 from .metrics import Metrics, render_prometheus
 from .queue import ACTIVE_STATES, RESTING_STATES, GroupQueue
-from .scheduler import Scheduler, new_worker_id
+from .scheduler import Scheduler, ms_storage, new_worker_id
 from .sdnotify import Notifier, watchdog_interval_s, watchdog_loop
 from .stages import HOLD_FLAG
 
@@ -71,19 +71,16 @@ class StateLock:
 async def sweep_work_area(s: Settings, queue: GroupQueue) -> list[Path]:
     """Archive MSs left in the tmpfs work area by groups that are no longer in the pipeline
     (a crash between a group's end and its MS's archive); return what was archived."""
-    from ..conversion.convert import ms_path_for
-    from ..conversion.workarea import archive_ms, group_of, kept_ms, work_dir
-
+    store = ms_storage(s)
     archived = []
-    for ms in kept_ms(work_dir(s.paths.tmpfs_path, s.paths.state_dir)):
-        gid = group_of(ms)
-        state = None if gid is None else await queue.group_state(gid)
+    for gid, ms in store.kept_groups():
+        state = await queue.group_state(gid)
         if state not in ("done", "failed", "quarantined"):
             continue  # still in the pipeline; or not ours to touch
         try:
-            final = await asyncio.to_thread(archive_ms, ms, ms_path_for(s.paths.output_dir, gid),
-                                            s.conversion.publish_fsync,
-                                            s.conversion.publish_direct)
+            final = await asyncio.to_thread(store.archive, gid, ms)
+            if final is None:
+                continue
         except Exception as exc:  # noqa: BLE001 - start-up housekeeping must not stop the daemon
             log.error("ms_archive_failed", ms=str(ms), error=str(exc))
             continue
@@ -179,16 +176,12 @@ async def run_daemon(settings: Settings, once: bool = False) -> int:
 
 def _free_warm_columns(s: Settings) -> None:
     """A stopped daemon holds no RAM: drop the tile files kept for the next conversion."""
-    from ..conversion.warmfiles import clear, pool_dir
-    from ..conversion.workarea import work_dir
-
-    clear(pool_dir(work_dir(s.paths.tmpfs_path, s.paths.state_dir)), remove_dirs=True)
+    ms_storage(s).free_warm_columns()
 
 
 async def _serve(s: Settings, once: bool) -> int:
     from ..alerting.monitors import CalibrationOutlookMonitor, SystemMonitor
     from ..alerting.router import AlertRouter
-    from ..conversion.staging import clean_stale_staging
     from .calregistry import CalRegistry
     from .grouping import Grouper
     from .imagecatalog import ImageCatalog
@@ -198,7 +191,7 @@ async def _serve(s: Settings, once: bool) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stop_intake = asyncio.Event()
-    cleaned = clean_stale_staging(s.paths.scratch_dir, s.paths.tmpfs_path)
+    cleaned = ms_storage(s).free_dead_staging()
     if cleaned:
         log.warning("stale_staging_removed", paths=[str(p) for p in cleaned])
     notifier = Notifier()

@@ -35,6 +35,7 @@ from .tasks import calibrate_and_check, convert_and_check, image_and_check
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..conversion.storage import MSStorage
     from .queue import Claim
 
 FIRST_WAITING = "pending"  # where a complete group waits for the first stage
@@ -50,6 +51,7 @@ class StageContext(Protocol):
     registry: Any
     catalog: Any
     emit: Callable[[Alert], None]
+    ms: MSStorage
 
     def wake(self) -> None: ...
     async def locate_ms(self, claim: Claim) -> Path: ...
@@ -84,14 +86,13 @@ class StageSpec:
 # ------------------------------------------------------------------------------ conversion
 async def _prepare_conversion(ctx: StageContext, claim: Claim) -> tuple[tuple[Any, ...], int]:
     from ..conversion.convert import ConversionInputs
-    from ..conversion.workarea import work_dir
 
     p = ctx.s.paths
     inputs = ConversionInputs(group_id=claim.group_id,
                               files=tuple(claim.files[k] for k in sorted(claim.files)),
                               output_dir=p.output_dir, scratch_dir=p.scratch_dir,
                               tmpfs_path=p.tmpfs_path,
-                              work_dir=work_dir(p.tmpfs_path, p.state_dir))
+                              work_dir=ctx.ms.work_dir)
     return (inputs, ctx.s.conversion, ctx.s.qa_ms), 0
 
 
