@@ -110,18 +110,30 @@ def convert_group(inputs: ConversionInputs, options: ConversionOptions) -> Conve
         raise StageError(f"conversion of {group_id} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, t0: float,
-             blog: Any) -> ConversionResult:
-    group_id = inputs.group_id
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-    layout = validate_group(list(inputs.files))
-    timings["validate"] = time.perf_counter() - tick
-    notes = list(layout.notes)
+class Stopwatch(dict[str, float]):
+    """Seconds per named step of one conversion (the result's ``timings_s``)."""
 
-    tick = time.perf_counter()
-    probe = reader.probe_group([f.path for f in layout.files])
-    timings["probe"] = time.perf_counter() - tick
+    @contextmanager
+    def lap(self, name: str) -> Iterator[None]:
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - tick
+
+
+@dataclass(frozen=True)
+class _StagingPlan:
+    root: Path
+    kind: str  # 'tmpfs' | 'disk'
+    reason: str
+    warm: warmfiles.WarmColumns | None
+
+
+def _plan_staging(inputs: ConversionInputs, options: ConversionOptions, layout: GroupLayout,
+                  probe: reader.GroupProbe, notes: list[str], blog: Any) -> _StagingPlan:
+    """Where to build the MS (tmpfs, else the scratch disk) with room for it, its staged
+    inputs and the parallel fill's buffers; and whether to reuse warm tile files."""
     ms_bytes = mswrite.estimate_ms_bytes(layout.n_blts, int(layout.freqs_hz.size),
                                          layout.n_pols, not probe.uniform_nsamples)
     need = ms_bytes + (layout.input_bytes if options.stage_inputs else 0)
@@ -144,6 +156,33 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
     warm = (warmfiles.WarmColumns(warmfiles.pool_dir(inputs.work_dir))
             if kind == "tmpfs" and inputs.work_dir is not None and options.warm_column_sets > 0
             and staging.same_filesystem(root, Path(inputs.work_dir).parent) else None)
+    return _StagingPlan(root, kind, reason, warm)
+
+
+def _keep_in_work_area(options: ConversionOptions, work: Path | None, kind: str,
+                       staged_ms: Path, notes: list[str], blog: Any) -> bool:
+    """Keep the MS in the tmpfs work area (instead of publishing it now) when memory allows."""
+    if not (options.keep_in_tmpfs and work is not None and kind == "tmpfs"):
+        return False
+    keep, why = workarea.room_to_keep(work.parent, staging.tree_bytes(staged_ms),
+                                      int(options.tmpfs_reserve_gb * 1e9))
+    if not keep:
+        blog.warning("MS published to disk at conversion: tmpfs too full to keep it", reason=why)
+        notes.append(f"published to disk at conversion, not kept in tmpfs: {why}")
+    return keep
+
+
+def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, t0: float,
+             blog: Any) -> ConversionResult:
+    group_id = inputs.group_id
+    timings = Stopwatch()
+    with timings.lap("validate"):
+        layout = validate_group(list(inputs.files))
+    notes = list(layout.notes)
+    with timings.lap("probe"):
+        probe = reader.probe_group([f.path for f in layout.files])
+    plan = _plan_staging(inputs, options, layout, probe, notes, blog)
+    root, kind, reason, warm = plan.root, plan.kind, plan.reason, plan.warm
     staging.remove_stale_partials(final.parent)
     stem = safe_stem(group_id)
     work = _work_ms(inputs)
@@ -163,33 +202,23 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
     with staging.staging_dir(root, stem, kind, reason) as stage, _closing(early):
         # The input copy is kernel-side (sendfile, no GIL): it runs on the other core while
         # the metadata (pyuvdata, numba, erfa: CPU-bound Python) is built from the header.
-        tick = time.perf_counter()
-        copier = (staging.InputCopier([f.path for f in layout.files], stage.root)
-                  if options.stage_inputs else None)
-        try:
-            meta = build_metadata(layout, group_id, options, notes)
-        except BaseException:
+        with timings.lap("metadata"):
+            copier = (staging.InputCopier([f.path for f in layout.files], stage.root)
+                      if options.stage_inputs else None)
+            try:
+                meta = build_metadata(layout, group_id, options, notes)
+            except BaseException:
+                if copier is not None:
+                    copier.join()  # before the staging directory is removed
+                raise
+        with timings.lap("stage_inputs_wait"):
             if copier is not None:
-                copier.join()  # before the staging directory is removed
-            raise
-        timings["metadata"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        if copier is not None:
-            layout = _relocate(layout, copier.wait())
-        timings["stage_inputs_wait"] = time.perf_counter() - tick
+                layout = _relocate(layout, copier.wait())
         staged_ms = stage.root / (stem + ".ms")
         record = write_group_ms(layout, meta, staged_ms, group_id, options, probe, notes,
                                 timings, warm, start_early if early_ok else None)
-        tick = time.perf_counter()
-        keep = False
-        if options.keep_in_tmpfs and work is not None and kind == "tmpfs":
-            keep, why = workarea.room_to_keep(work.parent,
-                                              staging.tree_bytes(staged_ms),
-                                              int(options.tmpfs_reserve_gb * 1e9))
-            if not keep:
-                blog.warning("MS published to disk at conversion: tmpfs too full to keep it",
-                             reason=why)
-                notes.append(f"published to disk at conversion, not kept in tmpfs: {why}")
+        publish_started = time.perf_counter()
+        keep = _keep_in_work_area(options, work, kind, staged_ms, notes, blog)
         record.update(staged_on=kind, input_bytes=layout.input_bytes, kept_in_tmpfs=keep,
                       published_early=sorted(early), notes=list(notes))
         mark_complete(staged_ms, record)
@@ -210,15 +239,14 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
             published = staging.publish(staged_ms, final, fsync=options.publish_fsync,
                                         direct=options.publish_direct, cached=cached,
                                         early=early)
-        timings["publish"] = time.perf_counter() - tick
+        timings["publish"] = time.perf_counter() - publish_started
         if warm is not None and not keep:
-            tick = time.perf_counter()
-            try:
-                warm.after_publish(staged_ms, options.warm_column_sets,
-                                   int(options.tmpfs_reserve_gb * 1e9))
-            except Exception as exc:  # noqa: BLE001 - a cache: the MS is published already
-                blog.warning("warm_columns_not_kept", error=f"{type(exc).__name__}: {exc}")
-            timings["warm_keep"] = time.perf_counter() - tick
+            with timings.lap("warm_keep"):
+                try:
+                    warm.after_publish(staged_ms, options.warm_column_sets,
+                                       int(options.tmpfs_reserve_gb * 1e9))
+                except Exception as exc:  # noqa: BLE001 - a cache: the MS is published already
+                    blog.warning("warm_columns_not_kept", error=f"{type(exc).__name__}: {exc}")
     duration = time.perf_counter() - t0
     blog.info("converted group", ms=str(published), staged_on=kind, seconds=round(duration, 2),
               input_mb=round(layout.input_bytes / 1e6, 1), notes=notes)
@@ -473,7 +501,7 @@ def build_metadata(layout: GroupLayout, group_id: str, options: ConversionOption
 
 def write_group_ms(layout: GroupLayout, meta: GroupMeta, ms_path: Path, group_id: str,
                    options: ConversionOptions, probe: reader.GroupProbe, notes: list[str],
-                   timings: dict[str, float],
+                   timings: Stopwatch,
                    warm: warmfiles.WarmColumns | None = None,
                    start_early: EarlyStart | None = None) -> dict[str, Any]:
     """Create the MS and stream the data in; return the completion record. With ``warm``,
@@ -486,18 +514,22 @@ def write_group_ms(layout: GroupLayout, meta: GroupMeta, ms_path: Path, group_id
     handles = ([reader.SubbandReader(f.path) for f in layout.files]
                if options.parallel_subbands <= 1 else [])
     try:
-        tick = time.perf_counter()
-        ms = mswrite.create_ms(ms_path, uv, uv.Nblts, weight_spectrum=not uniform_ns)
+        with timings.lap("create_ms"):
+            ms = mswrite.create_ms(ms_path, uv, uv.Nblts, weight_spectrum=not uniform_ns)
+            try:
+                if warm is not None:
+                    ms = warm.before_write(ms, ms_path, int(layout.freqs_hz.size),
+                                           layout.n_pols)
+                _write_row_metadata(ms, uv, order, meta.a1, meta.a2, meta.uvw_out)
+            except BaseException:
+                ms.close()
+                raise
         try:
-            if warm is not None:
-                ms = warm.before_write(ms, ms_path, int(layout.freqs_hz.size), layout.n_pols)
-            _write_row_metadata(ms, uv, order, meta.a1, meta.a2, meta.uvw_out)
-            timings["create_ms"] = time.perf_counter() - tick
-            tick = time.perf_counter()
-            nonfinite, zeros = _stream_data(ms, layout, handles, order, uv.time_array[order],
-                                     meta.dw_file, meta.conj_rows, probe, options,
-                                     ms_path.parent, timings, start_early)
-            timings["data"] = time.perf_counter() - tick
+            with timings.lap("data"):
+                nonfinite, zeros = _stream_data(ms, layout, handles, order,
+                                                uv.time_array[order], meta.dw_file,
+                                                meta.conj_rows, probe, options, ms_path.parent,
+                                                timings, start_early)
         finally:
             ms.close()
     finally:
@@ -507,15 +539,15 @@ def write_group_ms(layout: GroupLayout, meta: GroupMeta, ms_path: Path, group_id
         notes.append(f"{Path(path).name}: {count} non-finite visibilities zeroed and flagged")
     if zeros:
         notes.append(f"{zeros} unflagged visibilities exactly zero (dead inputs): flagged")
-    tick = time.perf_counter()
-    padded = mswrite.fix_padding_antennas(ms_path, tel.antenna_numbers,
-                                          tel._location.xyz().reshape(3))
-    if padded:
-        notes.append(f"ANTENNA table indexed by antenna number: {padded} padding rows flagged")
-    ra_p, dec_p = phasing.drift_pointing(tel.location, times, centre.pointing_dec_deg)
-    mswrite.write_pointing_drift(ms_path, ra_p, dec_p, _mjd_seconds(times))
-    mswrite.append_history(ms_path, list(meta.history) + [f"found: {n}" for n in notes])
-    timings["finish"] = time.perf_counter() - tick
+    with timings.lap("finish"):
+        padded = mswrite.fix_padding_antennas(ms_path, tel.antenna_numbers,
+                                              tel._location.xyz().reshape(3))
+        if padded:
+            notes.append(f"ANTENNA table indexed by antenna number: {padded} padding rows "
+                         "flagged")
+        ra_p, dec_p = phasing.drift_pointing(tel.location, times, centre.pointing_dec_deg)
+        mswrite.write_pointing_drift(ms_path, ra_p, dec_p, _mjd_seconds(times))
+        mswrite.append_history(ms_path, list(meta.history) + [f"found: {n}" for n in notes])
     ants = np.union1d(uv.ant_1_array, uv.ant_2_array)
     return {
         "group_id": group_id, "n_rows": int(uv.Nblts), "n_antennas": int(ants.size),

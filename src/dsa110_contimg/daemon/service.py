@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,15 +180,198 @@ def _free_warm_columns(s: Settings) -> None:
     ms_storage(s).free_warm_columns()
 
 
-async def _serve(s: Settings, once: bool) -> int:
-    from ..alerting.monitors import CalibrationOutlookMonitor, SystemMonitor
-    from ..alerting.router import AlertRouter
-    from .calregistry import CalRegistry
-    from .grouping import Grouper
-    from .imagecatalog import ImageCatalog
-    from .status import requeue_group
-    from .watcher import Watcher
+async def _queue_stats(queue: GroupQueue) -> dict[str, Any]:
+    """Counts by state, the groups waiting, and the oldest claim per active state (for the
+    system monitor's stuck-stage check)."""
+    counts = await queue.counts()
+    now = time.time()
+    oldest: dict[str, float] = {}
+    oldest_group: dict[str, str] = {}
+    for g in await queue.list_groups(states=ACTIVE_STATES, limit=1000):
+        age = now - g["updated"]
+        if age > oldest.get(g["state"], -1):
+            oldest[g["state"]], oldest_group[g["state"]] = age, g["id"]
+    return {"counts": counts, "waiting": sum(counts[k] for k in RESTING_STATES),
+            "oldest_active_age_s": oldest, "oldest_active_group": oldest_group}
 
+
+@dataclass
+class _Daemon:
+    """The running daemon's parts, opened in order by :meth:`open` and closed in reverse by
+    :meth:`close`."""
+
+    s: Settings
+    notifier: Notifier
+    router: Any = None
+    queue: Any = None
+    registry: Any = None
+    catalog: Any = None
+    executor: Any = None
+    scheduler: Any = None
+    grouper: Any = None
+    watcher: Any = None
+    api: Any = None
+    outlook: Any = None  # the calibration outlook (cached), shared by its monitor and the API
+    metrics: Metrics = field(default_factory=Metrics)
+
+    async def open(self) -> None:
+        from ..alerting.router import AlertRouter
+        from .calregistry import CalRegistry
+        from .grouping import Grouper
+        from .imagecatalog import ImageCatalog
+        from .watcher import Watcher
+
+        s = self.s
+        self.router = AlertRouter(s.alerts)
+        await self.router.start()
+        self.queue = await GroupQueue.open(s.queue_db, s.queue)
+        self.registry = await CalRegistry.open(s.queue_db)
+        self.catalog = await ImageCatalog.open(s.queue_db)
+        await sweep_work_area(s, self.queue)
+        recovered = await self.queue.recover_stale(all_active=True)
+        if recovered:
+            log.warning("claims_recovered", groups=recovered)
+            self.router.emit(Alert(Severity.WARNING, "daemon.recovered",
+                                   f"Took back {len(recovered)} unfinished stage(s) after a "
+                                   "restart", ", ".join(recovered), {"groups": recovered}))
+        self.executor = await make_executor(s.executor.executor, s.executor.max_workers,
+                                            s.log.level, _worker_log_format(s.log.format),
+                                            s.executor.stage_timeout_s)
+        self.scheduler = Scheduler(s, self.queue, self.executor, self.router.emit,
+                                   self.registry, self.catalog, self.metrics, new_worker_id())
+        self.grouper = Grouper(self.queue, s.ingest, emit=self.router.emit,
+                               on_ready=self.scheduler.wake)
+        self.watcher = Watcher(s.paths.input_dir, self.grouper.submit)
+        self.outlook = outlook_provider(s, self.registry, self.queue)
+
+    def monitors(self) -> list[Any]:
+        from ..alerting.monitors import CalibrationOutlookMonitor, SystemMonitor
+
+        s, registry = self.s, self.registry
+
+        async def calibration_age_h() -> float | None:
+            return await registry.newest_age_hours(time.time() / 86400.0 + 40587.0)
+
+        async def queue_stats() -> dict[str, Any]:
+            return await _queue_stats(self.queue)
+
+        system = SystemMonitor(s.monitors, {"input": s.paths.input_dir,
+                                            "scratch": s.paths.scratch_dir,
+                                            "output": s.paths.output_dir},
+                               tmpfs=s.paths.tmpfs_path if s.conversion.stage_to_tmpfs else None,
+                               emit=self.router.emit, queue_stats=queue_stats,
+                               calibration_age_h=calibration_age_h)
+        outlook = CalibrationOutlookMonitor(s.monitors, self.outlook, emit=self.router.emit)
+        return [system, outlook]
+
+    def api_views(self) -> dict[str, Callable[..., Awaitable[Any]]]:
+        """The status API's read views and its one write (requeue)."""
+        from .status import requeue_group
+
+        s, queue, router, scheduler = self.s, self.queue, self.router, self.scheduler
+
+        async def health() -> dict[str, Any]:
+            return {"executor": self.executor.describe(), "inflight": sorted(scheduler.inflight),
+                    "draining": scheduler.draining, "counts": await queue.counts()}
+
+        async def queue_view() -> dict[str, Any]:
+            return {"counts": await queue.counts(), "groups": await queue.list_groups(limit=100)}
+
+        async def group_view(gid: str) -> dict[str, Any]:
+            return await queue.get_group(gid)
+
+        async def alerts_view() -> dict[str, Any]:
+            return {"recent": router.recent(50), "stats": router.stats()}
+
+        async def calibration_view() -> list[Any]:
+            return await self.registry.list_sets(active_only=True)
+
+        async def images_view() -> list[Any]:
+            return await self.catalog.latest(12)
+
+        async def metrics_view() -> str:
+            return render_prometheus(await queue.counts(), self.metrics, router.stats(),
+                                     {"input": s.paths.input_dir, "scratch": s.paths.scratch_dir,
+                                      "output": s.paths.output_dir, "tmpfs": s.paths.tmpfs_path})
+
+        async def requeue(gid: str) -> str:
+            msg = await requeue_group(s.queue_db, gid)
+            scheduler.wake()
+            return msg
+
+        return {"health": health, "queue": queue_view, "group": group_view,
+                "alerts": alerts_view, "calibration": calibration_view,
+                "calibration_outlook": self.outlook, "images": images_view,
+                "metrics": metrics_view, "requeue": requeue}
+
+    async def start_api(self) -> None:
+        from .api import StatusAPI
+
+        s = self.s
+        self.api = StatusAPI(s.api.host, s.api.port, s.api.token.get(), s.paths.output_dir,
+                             self.api_views())
+        await self.api.start()
+        (s.paths.state_dir / "api.port").write_text(f"{self.api.port}\n")
+
+    async def idle(self, started: float) -> bool:
+        """Nothing left to do (``run --once``): files settled, nothing collecting or running,
+        and every waiting group held for calibration rather than waiting out a backoff."""
+        s = self.s
+        if time.monotonic() - started < s.ingest.stable_seconds + 3 * s.ingest.poll_interval_s + 1:
+            return False
+        if not self.grouper.idle():
+            return False
+        counts = await self.queue.counts()
+        if counts["collecting"] or any(counts[k] for k in ACTIVE_STATES):
+            return False
+        for g in await self.queue.list_groups(states=RESTING_STATES, limit=10000):
+            if not g["flags"].get(HOLD_FLAG):
+                return False  # waiting out a retry backoff: it will run
+        return True
+
+    def on_signal(self, stop: asyncio.Event, name: str) -> None:
+        """First SIGTERM/SIGINT: drain; a second: abandon the stages in flight now."""
+        if stop.is_set():
+            log.warning("second_signal", signal=name, action="abandoning in-flight stages now")
+            self.scheduler.draining = True
+            for task in self.scheduler.inflight.values():
+                task.cancel()
+            return
+        log.info("shutdown_requested", signal=name)
+        stop.set()
+
+    async def close(self, tasks: list[asyncio.Task], stop: asyncio.Event,
+                    stop_intake: asyncio.Event) -> list[str]:
+        """Stop intake, drain the stages in flight (up to the shutdown timeout), then close
+        every part in reverse order; returns the groups given back to the queue."""
+        self.notifier.stopping()
+        stop_intake.set()
+        released = []
+        if self.scheduler is not None:
+            released = await self.scheduler.drain(self.s.executor.shutdown_timeout_s)
+            if released:
+                log.warning("released_unfinished", groups=released)
+        if self.executor is not None:
+            await self.executor.shutdown(kill=True)
+        await asyncio.to_thread(_free_warm_columns, self.s)
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.api is not None:
+            await self.api.stop()
+        if self.router is not None:
+            await self.router.stop(timeout=5)
+        for part in (self.catalog, self.registry, self.queue):
+            if part is not None:
+                await part.close()
+        self.notifier.close()
+        return released
+
+
+async def _serve(s: Settings, once: bool) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stop_intake = asyncio.Event()
@@ -201,153 +385,30 @@ async def _serve(s: Settings, once: bool) -> int:
         notifier.close()
         raise
 
-    router = AlertRouter(s.alerts)
-    await router.start()
-    queue = await GroupQueue.open(s.queue_db, s.queue)
-    registry = await CalRegistry.open(s.queue_db)
-    catalog = await ImageCatalog.open(s.queue_db)
-    await sweep_work_area(s, queue)
-    recovered = await queue.recover_stale(all_active=True)
-    if recovered:
-        log.warning("claims_recovered", groups=recovered)
-        router.emit(Alert(Severity.WARNING, "daemon.recovered",
-                          f"Took back {len(recovered)} unfinished stage(s) after a restart",
-                          ", ".join(recovered), {"groups": recovered}))
-    executor = await make_executor(s.executor.executor, s.executor.max_workers, s.log.level,
-                                   _worker_log_format(s.log.format), s.executor.stage_timeout_s)
-    metrics = Metrics()
-    scheduler = Scheduler(s, queue, executor, router.emit, registry, catalog, metrics,
-                          new_worker_id())
-    grouper = Grouper(queue, s.ingest, emit=router.emit, on_ready=scheduler.wake)
-    watcher = Watcher(s.paths.input_dir, grouper.submit)
-
-    async def queue_stats() -> dict[str, Any]:
-        counts = await queue.counts()
-        now = time.time()
-        oldest: dict[str, float] = {}
-        oldest_group: dict[str, str] = {}
-        for g in await queue.list_groups(states=ACTIVE_STATES, limit=1000):
-            age = now - g["updated"]
-            if age > oldest.get(g["state"], -1):
-                oldest[g["state"]], oldest_group[g["state"]] = age, g["id"]
-        return {"counts": counts, "waiting": sum(counts[k] for k in RESTING_STATES),
-                "oldest_active_age_s": oldest, "oldest_active_group": oldest_group}
-
-    async def calibration_age_h() -> float | None:
-        return await registry.newest_age_hours(time.time() / 86400.0 + 40587.0)
-
-    monitor = SystemMonitor(s.monitors, {"input": s.paths.input_dir, "scratch": s.paths.scratch_dir,
-                                         "output": s.paths.output_dir},
-                            tmpfs=s.paths.tmpfs_path if s.conversion.stage_to_tmpfs else None,
-                            emit=router.emit, queue_stats=queue_stats,
-                            calibration_age_h=calibration_age_h)
-    outlook = outlook_provider(s, registry, queue)
-    outlook_monitor = CalibrationOutlookMonitor(s.monitors, outlook, emit=router.emit)
-
-    api = None
+    d = _Daemon(s, notifier)
+    await d.open()
     if s.api.enabled:
-        from .api import StatusAPI
-
-        async def health() -> dict[str, Any]:
-            return {"executor": executor.describe(), "inflight": sorted(scheduler.inflight),
-                    "draining": scheduler.draining, "counts": await queue.counts()}
-
-        async def queue_view() -> dict[str, Any]:
-            return {"counts": await queue.counts(), "groups": await queue.list_groups(limit=100)}
-
-        async def group_view(gid: str) -> dict[str, Any]:
-            return await queue.get_group(gid)
-
-        async def alerts_view() -> dict[str, Any]:
-            return {"recent": router.recent(50), "stats": router.stats()}
-
-        async def calibration_view() -> list[Any]:
-            return await registry.list_sets(active_only=True)
-
-        async def images_view() -> list[Any]:
-            return await catalog.latest(12)
-
-        async def metrics_view() -> str:
-            return render_prometheus(await queue.counts(), metrics, router.stats(),
-                                     {"input": s.paths.input_dir, "scratch": s.paths.scratch_dir,
-                                      "output": s.paths.output_dir, "tmpfs": s.paths.tmpfs_path})
-
-        async def requeue(gid: str) -> str:
-            msg = await requeue_group(s.queue_db, gid)
-            scheduler.wake()
-            return msg
-
-        api = StatusAPI(s.api.host, s.api.port, s.api.token.get(), s.paths.output_dir,
-                        {"health": health, "queue": queue_view, "group": group_view,
-                         "alerts": alerts_view, "calibration": calibration_view,
-                         "calibration_outlook": outlook, "images": images_view,
-                         "metrics": metrics_view, "requeue": requeue})
-        await api.start()
-        (s.paths.state_dir / "api.port").write_text(f"{api.port}\n")
-
-    def on_signal(name: str) -> None:
-        if stop.is_set():
-            log.warning("second_signal", signal=name, action="abandoning in-flight stages now")
-            scheduler.draining = True
-            for task in scheduler.inflight.values():
-                task.cancel()
-            return
-        log.info("shutdown_requested", signal=name)
-        stop.set()
-
+        await d.start_api()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-
-    tasks = [asyncio.create_task(watcher.run(stop_intake), name="watcher"),
-             asyncio.create_task(grouper.run(stop_intake), name="grouper"),
-             asyncio.create_task(monitor.run(stop), name="monitor"),
-             asyncio.create_task(outlook_monitor.run(stop), name="calibration-outlook"),
-             asyncio.create_task(_status_loop(notifier, queue, stop), name="sd-status"),
-             asyncio.create_task(_warm(executor), name="warm-executor")]
+        loop.add_signal_handler(sig, d.on_signal, stop, sig.name)
+    tasks = [asyncio.create_task(d.watcher.run(stop_intake), name="watcher"),
+             asyncio.create_task(d.grouper.run(stop_intake), name="grouper"),
+             *(asyncio.create_task(m.run(stop), name=name)
+               for name, m in zip(("monitor", "calibration-outlook"), d.monitors(), strict=True)),
+             asyncio.create_task(_status_loop(notifier, d.queue, stop), name="sd-status"),
+             asyncio.create_task(_warm(d.executor), name="warm-executor")]
     wd = watchdog_interval_s()
     if wd:
         tasks.append(asyncio.create_task(watchdog_loop(notifier, wd, stop), name="watchdog"))
     started = time.monotonic()
-    log.info("daemon_ready", input_dir=str(s.paths.input_dir), executor=executor.describe(),
-             once=once, api=f"{s.api.host}:{api.port}" if api else None)
+    log.info("daemon_ready", input_dir=str(s.paths.input_dir), executor=d.executor.describe(),
+             once=once, api=f"{s.api.host}:{d.api.port}" if d.api else None)
     notifier.ready(status="ready")
-
-    async def idle() -> bool:
-        if time.monotonic() - started < s.ingest.stable_seconds + 3 * s.ingest.poll_interval_s + 1:
-            return False
-        if not grouper.idle():
-            return False
-        counts = await queue.counts()
-        if counts["collecting"] or any(counts[k] for k in ACTIVE_STATES):
-            return False
-        for g in await queue.list_groups(states=RESTING_STATES, limit=10000):
-            if not g["flags"].get(HOLD_FLAG):
-                return False  # waiting out a retry backoff: it will run
-        return True
-
+    released: list[str] = []
     try:
-        await scheduler.run(stop, once=once, idle_check=idle)
+        await d.scheduler.run(stop, once=once, idle_check=lambda: d.idle(started))
     finally:
-        notifier.stopping()
-        stop_intake.set()
-        released = await scheduler.drain(s.executor.shutdown_timeout_s)
-        if released:
-            log.warning("released_unfinished", groups=released)
-        await executor.shutdown(kill=True)
-        await asyncio.to_thread(_free_warm_columns, s)
-        stop.set()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with suppress(asyncio.CancelledError, Exception):
-                await t
-        if api is not None:
-            await api.stop()
-        await router.stop(timeout=5)
-        await catalog.close()
-        await registry.close()
-        await queue.close()
-        notifier.close()
+        released = await d.close(tasks, stop, stop_intake)
         log.info("daemon_stopped", released=released)
     return 0
 
