@@ -208,6 +208,64 @@ def _selfcal_threshold(inputs: ImagingInputs, options: ImagingOptions) -> float:
     return options.selfcal_min_apparent_jy
 
 
+def _after_peel(params: dict[str, Any]) -> None:
+    """Only faint emission is left for clean once the bright sources are peeled (see
+    imaging.params): automask at a lower sidelobe threshold, fewer major cycles."""
+    if params.get("usemask") == "auto-multithresh":
+        params["sidelobethreshold"] = SIDELOBETHRESHOLD_AFTER_PEEL
+        cap = int(params["nmajor"])
+        params["nmajor"] = NMAJOR_AFTER_PEEL if cap < 0 else min(cap, NMAJOR_AFTER_PEEL)
+
+
+def _clean(params: dict[str, Any], peeled: bool, options: ImagingOptions, threshold_jy: float,
+           ms_path: Path, inputs: ImagingInputs) -> tuple[Any, list[dict[str, Any]]]:
+    """Run tclean (with scipy-built masks after peeling, when so configured); returns its
+    outcome and the mask rounds. ``params`` records what was finally run."""
+    masks: list[dict[str, Any]] = []
+    try:
+        if peeled and params.get("usemask") == "auto-multithresh" and options.masker == "scipy":
+            out, rounds = run_masked_clean(params, MaskRules(
+                noisethreshold=float(params["noisethreshold"]),
+                sidelobethreshold=float(params["sidelobethreshold"]),
+                lownoisethreshold=float(params["lownoisethreshold"]),
+                minbeamfrac=float(params["minbeamfrac"])))
+            masks = [r.as_dict() for r in rounds]
+        else:
+            out = run_tclean(params)
+    except NonFiniteImage as exc:
+        # the sampled pre-check missed them: look at every row before blaming CASA
+        bad = count_unflagged_nonfinite(ms_path, inputs.datacolumn)
+        if bad:
+            raise BadInputError(f"{bad} unflagged NaN/Inf visibilities in {inputs.datacolumn} "
+                                "blank the image (flag them upstream)", path=str(ms_path)) from exc
+        raise
+    if (out.stopcode == ZERO_MASK and out.iterdone == 0 and out.peak_jy > threshold_jy
+            and params.get("usemask") == "auto-multithresh"):
+        # PSF sidelobes above ~1/sidelobethreshold of the peak (a sparse array, a short
+        # group) leave auto-multithresh nothing to mask: clean unmasked and shallower instead
+        log.warning("imaging.automask_empty", group_id=inputs.group_id, peak_jy=out.peak_jy,
+                    action="cleaning again without a mask, cyclefactor 1")
+        params.update(usemask="user", cyclefactor=max(1.0, float(params["cyclefactor"])))
+        out = run_tclean(params)
+    return out, masks
+
+
+def _quicklook(inputs: ImagingInputs, options: ImagingOptions, staged: dict[str, Path],
+               pb: np.ndarray, rms: float) -> Path | None:
+    """The quick-look PNG, or None (a missing picture must not lose the image)."""
+    if not options.quicklook:
+        return None
+    try:
+        from .quicklook import write_quicklook
+
+        return write_quicklook(staged["image"], staged["quicklook"],
+                               title=f"DSA-110 {inputs.group_id}", pb=pb,
+                               pb_level=options.pb_level, rms=rms)
+    except Exception as exc:
+        log.warning("imaging.quicklook_failed", group_id=inputs.group_id, error=repr(exc))
+        return None
+
+
 def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, staging: Path,
            stem: str, names: dict[str, Path], t0: float) -> ImagingResult:
     timings: dict[str, float] = {}
@@ -248,38 +306,10 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
                                            summary.pointing_alt_deg, plan.ref_freq_hz,
                                            inputs.beam, track_ra, track_dec, tweights,
                                            _selfcal_threshold(inputs, options))
-            if peeled and params.get("usemask") == "auto-multithresh":
-                # only faint emission is left for clean (see imaging.params)
-                params["sidelobethreshold"] = SIDELOBETHRESHOLD_AFTER_PEEL
-                cap = int(params["nmajor"])
-                params["nmajor"] = NMAJOR_AFTER_PEEL if cap < 0 else min(cap, NMAJOR_AFTER_PEEL)
+            if peeled:
+                _after_peel(params)
             lap("peel")
-    masks: list[dict[str, Any]] = []
-    try:
-        if peeled and params.get("usemask") == "auto-multithresh" and options.masker == "scipy":
-            out, rounds = run_masked_clean(params, MaskRules(
-                noisethreshold=float(params["noisethreshold"]),
-                sidelobethreshold=float(params["sidelobethreshold"]),
-                lownoisethreshold=float(params["lownoisethreshold"]),
-                minbeamfrac=float(params["minbeamfrac"])))
-            masks = [r.as_dict() for r in rounds]
-        else:
-            out = run_tclean(params)
-    except NonFiniteImage as exc:
-        # the sampled pre-check missed them: look at every row before blaming CASA
-        bad = count_unflagged_nonfinite(ms_path, inputs.datacolumn)
-        if bad:
-            raise BadInputError(f"{bad} unflagged NaN/Inf visibilities in {inputs.datacolumn} "
-                                "blank the image (flag them upstream)", path=str(ms_path)) from exc
-        raise
-    if (out.stopcode == ZERO_MASK and out.iterdone == 0 and out.peak_jy > plan.threshold_jy
-            and params.get("usemask") == "auto-multithresh"):
-        # PSF sidelobes above ~1/sidelobethreshold of the peak (a sparse array, a short
-        # group) leave auto-multithresh nothing to mask: clean unmasked and shallower instead
-        log.warning("imaging.automask_empty", group_id=inputs.group_id, peak_jy=out.peak_jy,
-                    action="cleaning again without a mask, cyclefactor 1")
-        params.update(usemask="user", cyclefactor=max(1.0, float(params["cyclefactor"])))
-        out = run_tclean(params)
+    out, masks = _clean(params, bool(peeled), options, plan.threshold_jy, ms_path, inputs)
     lap("tclean")
 
     keywords = standard_keywords(
@@ -317,16 +347,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         raise StageError("exported image has no finite pixels inside the primary beam")
     lap("pbcor_and_stats")
 
-    quicklook = None
-    if options.quicklook:
-        try:
-            from .quicklook import write_quicklook
-
-            quicklook = write_quicklook(staged["image"], staged["quicklook"],
-                                        title=f"DSA-110 {inputs.group_id}", pb=pb,
-                                        pb_level=options.pb_level, rms=stats["rms_jy"])
-        except Exception as exc:  # a missing picture must not lose the image
-            log.warning("imaging.quicklook_failed", group_id=inputs.group_id, error=repr(exc))
+    quicklook = _quicklook(inputs, options, staged, pb, stats["rms_jy"])
     if not options.keep_residual:
         staged["residual"].unlink()
     lap("quicklook")

@@ -24,6 +24,7 @@ antennas: antennas whose data are all zero are reported as dead (and count again
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -282,38 +283,39 @@ def _channel_stride(t: Any, row: int, sample_channels: int) -> int:
     return max(1, -(-nchan // sample_channels)) if sample_channels > 0 else 1
 
 
-def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid: np.ndarray,
-                 th: MSQAThresholds, g: GateBuilder) -> None:
-    """Zeros, NaN/Inf, dead and weak antennas from a few whole integrations; flags from all.
+@dataclass
+class _DataSample:
+    """What a few whole integrations of DATA say, accumulated per antenna and channel."""
 
-    The flagged fraction leaves out antennas found dead (their zeros are flagged at
-    conversion and must not make every group look heavily flagged, as they must not look
-    zero)."""
-    m = g.metrics
-    ants = np.union1d(a1, a2)
-    n_vis = n_nonfinite = 0
-    cross_zero = np.zeros(ants.size)  # zero cross visibilities touching each antenna
-    cross_all = np.zeros(ants.size)
-    ant_index = {int(a): i for i, a in enumerate(ants)}  # ants is sorted (union1d)
-    # per ddid and channel: live cross visibilities, and how many of them are zero
-    auto_amp: dict[int, list[float]] = {}
-    chan_zero: dict[int, np.ndarray] = {}
-    chan_all: dict[int, np.ndarray] = {}
-    batches = _sample_rows(tcol, th.sample_integrations)
-    m["sampled_integrations"] = len(batches)
-    _limit_tile_cache(t, "DATA")
-    stride = _channel_stride(t, int(batches[0][0]), th.sample_channels)
-    m["channel_stride"] = stride
+    ants: np.ndarray  # sorted antenna numbers in the MS
+    stride: int  # every stride-th channel was read
+    batches: list[np.ndarray]  # rows of each sampled integration
+    n_vis: int = 0
+    n_nonfinite: int = 0
+    cross_zero: np.ndarray = field(default_factory=lambda: np.zeros(0))  # zero cross vis per antenna
+    cross_all: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    auto_amp: dict[int, list[float]] = field(default_factory=dict)  # median |auto| per read
+    chan_zero: dict[int, np.ndarray] = field(default_factory=dict)  # per ddid: live zeros
+    chan_all: dict[int, np.ndarray] = field(default_factory=dict)
     # per sampled batch of cross rows: (ANTENNA1, ANTENNA2, all-pols-zero per row and channel)
-    stash: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    how: list[str] = []
+    stash: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    how: list[str] = field(default_factory=list)
+
+
+def _sample_data(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid: np.ndarray,
+                 th: MSQAThresholds) -> _DataSample:
+    ants = np.union1d(a1, a2)
+    batches = _sample_rows(tcol, th.sample_integrations)
+    _limit_tile_cache(t, "DATA")
+    sm = _DataSample(ants, _channel_stride(t, int(batches[0][0]), th.sample_channels), batches,
+                     cross_zero=np.zeros(ants.size), cross_all=np.zeros(ants.size))
     for rows in batches:
         for d in np.unique(ddid[rows]):
             r = rows[ddid[rows] == d]
-            data = _read_rows(t, "DATA", r, stride, how)  # (nrow, nchan / stride, npol)
+            data = _read_rows(t, "DATA", r, sm.stride, sm.how)  # (nrow, nchan/stride, npol)
             finite = np.isfinite(data)
-            n_vis += data.size
-            n_nonfinite += int(data.size - finite.sum())
+            sm.n_vis += data.size
+            sm.n_nonfinite += int(data.size - finite.sum())
             zero = (data == 0) & finite
             r1, r2 = a1[r], a2[r]
             cross = r1 != r2
@@ -322,37 +324,64 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
             nch = zrow.shape[1]
             for side in (r1, r2):
                 idx = np.searchsorted(ants, side[cross])
-                cross_zero += np.bincount(idx, weights=zcount[cross], minlength=ants.size)
-                cross_all += np.bincount(idx, minlength=ants.size) * nch
+                sm.cross_zero += np.bincount(idx, weights=zcount[cross], minlength=ants.size)
+                sm.cross_all += np.bincount(idx, minlength=ants.size) * nch
             autos = np.flatnonzero(~cross)
             if autos.size:
                 amp = np.abs(np.where(finite[autos], data[autos], 0))
                 for j, row in enumerate(autos):
-                    auto_amp.setdefault(int(r1[row]), []).append(float(np.median(amp[j])))
-            stash.append((r1[cross], r2[cross], zrow[cross]))
-            chan_zero.setdefault(int(d), np.zeros(nch))
-            chan_all.setdefault(int(d), np.zeros(nch))
+                    sm.auto_amp.setdefault(int(r1[row]), []).append(float(np.median(amp[j])))
+            sm.stash.append((r1[cross], r2[cross], zrow[cross]))
+            sm.chan_zero.setdefault(int(d), np.zeros(nch))
+            sm.chan_all.setdefault(int(d), np.zeros(nch))
             del data, finite, zero
-    m["data_read"] = "+".join(sorted(set(how)))  # mapped tiles, casacore, or both
-    # dead antennas: every sampled visibility involving them is zero (autos too, if present)
+    return sm
+
+
+def _dead_antennas(sm: _DataSample) -> list[int]:
+    """Antennas whose every sampled visibility is zero (autocorrelations too, if present)."""
     dead = []
-    for a, i in ant_index.items():
-        cross_dead = cross_all[i] > 0 and cross_zero[i] == cross_all[i]
-        auto_dead = a in auto_amp and max(auto_amp[a]) == 0.0
-        if (cross_dead and (a not in auto_amp or auto_dead)) or (cross_all[i] == 0 and auto_dead):
+    for i, a in enumerate(int(x) for x in sm.ants):  # ants is sorted (union1d)
+        cross_dead = sm.cross_all[i] > 0 and sm.cross_zero[i] == sm.cross_all[i]
+        auto_dead = a in sm.auto_amp and max(sm.auto_amp[a]) == 0.0
+        if ((cross_dead and (a not in sm.auto_amp or auto_dead))
+                or (sm.cross_all[i] == 0 and auto_dead)):
             dead.append(a)
-    dead_set = set(dead)
+    return dead
+
+
+def _live_zero_fraction(sm: _DataSample, ddid: np.ndarray, dead: set[int]) -> float:
+    """The zero fraction of cross visibilities between live antennas (and, as a side effect,
+    the per-channel zero counts of live baselines in ``sm.chan_zero``/``chan_all``)."""
     z_live = n_live = 0
-    for (r1, r2, zrow), d in zip(stash, _ddids_of(batches, ddid), strict=True):
-        live = ~(np.isin(r1, list(dead_set)) | np.isin(r2, list(dead_set)))
+    for (r1, r2, zrow), d in zip(sm.stash, _ddids_of(sm.batches, ddid), strict=True):
+        live = ~(np.isin(r1, list(dead)) | np.isin(r2, list(dead)))
         if live.any():
             z_live += int(zrow[live].sum())
             n_live += int(zrow[live].size)
-            chan_zero[d] += zrow[live].sum(axis=0)
-            chan_all[d] += live.sum()
-    zero_all = float(cross_zero.sum() / max(cross_all.sum(), 1))
-    zero_live = float(z_live / max(n_live, 1)) if n_live else 1.0
-    nonfinite = n_nonfinite / max(n_vis, 1)
+            sm.chan_zero[d] += zrow[live].sum(axis=0)
+            sm.chan_all[d] += live.sum()
+    return float(z_live / max(n_live, 1)) if n_live else 1.0
+
+
+def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid: np.ndarray,
+                 th: MSQAThresholds, g: GateBuilder) -> None:
+    """Zeros, NaN/Inf, dead and weak antennas from a few whole integrations; flags from all.
+
+    The flagged fraction leaves out antennas found dead (their zeros are flagged at
+    conversion and must not make every group look heavily flagged, as they must not look
+    zero)."""
+    m = g.metrics
+    sm = _sample_data(t, a1, a2, tcol, ddid, th)
+    ants, stride = sm.ants, sm.stride
+    m["sampled_integrations"] = len(sm.batches)
+    m["channel_stride"] = stride
+    m["data_read"] = "+".join(sorted(set(sm.how)))  # mapped tiles, casacore, or both
+    dead = _dead_antennas(sm)
+    dead_set = set(dead)
+    zero_live = _live_zero_fraction(sm, ddid, dead_set)
+    zero_all = float(sm.cross_zero.sum() / max(sm.cross_all.sum(), 1))
+    nonfinite = sm.n_nonfinite / max(sm.n_vis, 1)
     nflag, ncell = _flag_counts(t, ddid)
     live_rows = ~(np.isin(a1, list(dead_set)) | np.isin(a2, list(dead_set)))
     if not live_rows.any():  # every antenna dead: the fraction over all rows
@@ -364,10 +393,11 @@ def _data_checks(t: Any, a1: np.ndarray, a2: np.ndarray, tcol: np.ndarray, ddid:
     flagged_out = sorted(a for a, k in lost.items() if k == n_times and a not in dead_set)
     lost_during = {a: k for a, k in sorted(lost.items()) if k < n_times}
     # sampled channels stand for the ``stride`` channels each: an estimate when stride > 1
-    zero_chans = stride * int(sum(int(np.sum((chan_all[d] > 0) & (chan_zero[d] == chan_all[d])))
-                                  for d in chan_all))
+    zero_chans = stride * int(sum(int(np.sum((sm.chan_all[d] > 0)
+                                             & (sm.chan_zero[d] == sm.chan_all[d])))
+                                  for d in sm.chan_all))
     alive = int(ants.size - len(dead) - len(flagged_out))
-    med = {a: float(np.median(v)) for a, v in sorted(auto_amp.items())}
+    med = {a: float(np.median(v)) for a, v in sorted(sm.auto_amp.items())}
     live_levels = [v for a, v in med.items() if a not in dead_set and v > 0]
     array_level = float(np.median(live_levels)) if live_levels else 0.0
     weak = sorted(a for a, v in med.items() if a not in dead_set and array_level > 0
