@@ -79,15 +79,13 @@ _ACTIVE: dict[str, tuple[str, str, str]] = {st.active: (st.waiting, st.done, st.
                                             for st in PIPELINE}
 
 
-def _marks(values: tuple[str, ...]) -> str:
-    """One placeholder per value: state lists are bound as parameters, never spliced in."""
-    return ", ".join("?" * len(values))
-
-
+# One placeholder per state: the state lists are bound as parameters, never spliced into SQL.
+_RESTING_MARKS = ", ".join("?" * len(RESTING_STATES))
+_ACTIVE_MARKS = ", ".join("?" * len(ACTIVE_STATES))
 _HEARTBEAT = ("UPDATE groups SET heartbeat = ? WHERE id = ? AND worker = ? "  # noqa: S608 - placeholders only
-              "AND state IN (" + _marks(ACTIVE_STATES) + ")")
+              "AND state IN (" + _ACTIVE_MARKS + ")")
 _FLAGGED_RESTING = ("SELECT id, flags FROM groups WHERE state IN ("  # noqa: S608 - placeholders only
-                    + _marks(RESTING_STATES) + ") AND json_extract(flags, '$.' || ?) IS NOT NULL")
+                    + _RESTING_MARKS + ") AND json_extract(flags, '$.' || ?) IS NOT NULL")
 
 
 def _legal_transitions() -> frozenset[tuple[str, str]]:
@@ -245,6 +243,11 @@ _SELECT_GROUP = (
     "SELECT id, anchor, state, created, updated, attempts, last_error, not_before, worker, "
     "heartbeat, resting_state, flags, n_subbands, state_reason FROM groups"
 )
+# the oldest group waiting in a resting state whose backoff has passed; groups in an active state
+_CLAIMABLE = (_SELECT_GROUP + " WHERE state IN (" + _RESTING_MARKS  # noqa: S608 - placeholders only
+              + ") AND not_before <= ? ORDER BY anchor, id LIMIT 1")
+_ACTIVE_GROUPS = (_SELECT_GROUP + " WHERE state IN (" + _ACTIVE_MARKS  # noqa: S608 - placeholders only
+                  + ") ORDER BY anchor")
 
 
 _KEEP = object()  # "leave this column as it is"
@@ -487,8 +490,7 @@ class GroupQueue(SQLiteComponent):
         now = _now(now)
         async with self._write() as db:
             row = await _one(
-                db, _SELECT_GROUP + f" WHERE state IN ({_marks(RESTING_STATES)}) AND not_before <= ? "
-                "ORDER BY anchor, id LIMIT 1", (*RESTING_STATES, now))
+                db, _CLAIMABLE, (*RESTING_STATES, now))
             if row is None:
                 return None
             active, stage = _CLAIMS[row["state"]]
@@ -606,7 +608,7 @@ class GroupQueue(SQLiteComponent):
         cutoff = now - self.options.claim_timeout_s
         taken: list[str] = []
         async with self._write() as db:
-            rows = await _all(db, _SELECT_GROUP + f" WHERE state IN ({_marks(ACTIVE_STATES)}) ORDER BY anchor",
+            rows = await _all(db, _ACTIVE_GROUPS,
                               ACTIVE_STATES)
             for row in rows:
                 if not all_active and (row["heartbeat"] or 0.0) >= cutoff:
