@@ -213,6 +213,128 @@ def phase_gains(x: np.ndarray, a1: np.ndarray, a2: np.ndarray, nant: int,
     return g
 
 
+class _FieldModel:
+    """The sources' unit-flux model visibilities and the block-wise normal equations that fit
+    their fluxes: flux constant within each frequency block, one (nsrc x nsrc) system per
+    block."""
+
+    def __init__(self, ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: float,
+                 beam: PrimaryBeam) -> None:
+        self.info = info = read_ms_info(ms)
+        self.freqs = freqs = info.freqs_hz
+        self.starts = _blocks(len(freqs))
+        self.ends = np.append(self.starts[1:], len(freqs))
+        self.nsrc, self.nblk = len(sources), len(self.starts)
+        self.beams = [beam_along_drift(s.ra_deg, s.dec_deg, info, az_deg, alt_deg, beam)
+                      for s in sources]
+        self.lmns = [direction_cosines(s.ra_deg, s.dec_deg, *info.phase_centre_deg)
+                     for s in sources]
+        self.block_freqs = np.add.reduceat(freqs, self.starts) / (self.ends - self.starts)
+        self._scratch: list[np.ndarray] = []
+
+    def models(self, tb: Any, start: int, nrow: int) -> np.ndarray:
+        """Unit-flux visibilities of every source, (nsrc, nchan, nrow), single precision.
+
+        Written into one buffer kept for the whole peel: a fresh 200 MB array per chunk
+        would go to the kernel for new pages every time."""
+        nsrc, freqs = self.nsrc, self.freqs
+        it = rows_to_integrations(self.info.times_mjd, tb.getcol("TIME", start, nrow))
+        uvw = tb.getcol("UVW", start, nrow)
+        size = nsrc * len(freqs) * nrow
+        if not self._scratch or self._scratch[0].size < size:
+            self._scratch[:] = [np.empty(size, dtype=np.complex64)]
+        m = self._scratch[0][:size].reshape(nsrc, len(freqs), nrow)
+        steps = np.flatnonzero(np.diff(it)) + 1  # rows of one integration share a beam
+        spans = list(zip(np.r_[0, steps], np.r_[steps, nrow], strict=True))
+        for k, (lmn, b) in enumerate(zip(self.lmns, self.beams, strict=True)):
+            phasors(delay_path_m(uvw, lmn), freqs, out=m[k])
+            for r0, r1 in spans:
+                m[k, :, r0:r1] *= b[it[r0]][:, None].astype(np.float32)
+        return m
+
+    @staticmethod
+    def read(tb: Any, start: int, nrow: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(DATA, DATA with flagged and non-finite values zeroed, their weights)."""
+        data = tb.getcol("DATA", start, nrow)  # (npol, nchan, nrow)
+        ok = ~tb.getcol("FLAG", start, nrow) & np.isfinite(data)
+        wt = np.where(ok, tb.getcol("WEIGHT", start, nrow)[:, None, :], 0.0)
+        return data, np.where(ok, data, 0), wt
+
+    def block_views(self, m: np.ndarray) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """(b, c0, c1, block b of every source as float32 re, im pairs: (nsrc, 2 n)) per block."""
+        for b, (c0, c1) in enumerate(zip(self.starts, self.ends, strict=True)):
+            yield b, c0, c1, m[:, c0:c1, :].reshape(self.nsrc, -1).view(np.float32)
+
+    def accumulate(self, m: np.ndarray, clean: np.ndarray, wt: np.ndarray,
+                   normal: np.ndarray | None, rhs: np.ndarray) -> None:
+        """Add a chunk's weighted normal equations, one (nsrc x nsrc) system per block (the
+        matrix only depends on the model and the weights: None skips it).
+
+        Only the real parts are wanted: Re(conj(a) b) = a.re b.re + a.im b.im, so the
+        products run on the interleaved float32 views (half the flops of the complex ones,
+        and no conjugated copy)."""
+        wsum = wt.sum(axis=0).astype(np.float32)  # the model is the same in both polarisations
+        z = (wt * clean).sum(axis=0).astype(np.complex64)
+        for b, c0, c1, mb in self.block_views(m):
+            rhs[b] += mb @ np.ascontiguousarray(z[c0:c1]).reshape(-1).view(np.float32)
+            if normal is not None:  # a @ a.T of one array: numpy uses the symmetric product
+                a = mb * np.repeat(np.sqrt(wsum[c0:c1].reshape(-1)), 2)
+                normal[b] += a @ a.T
+
+    def combine(self, flux: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """The model of all sources, (nchan, nrow): sum_k flux[block of c, k] m[k, c, r].
+
+        The fluxes are real and constant within a block, so each block is one float32
+        vector-matrix product on the interleaved view (an einsum over channels is ~4x
+        slower)."""
+        out = np.empty(m.shape[1:], dtype=np.complex64)
+        for b, c0, c1, mb in self.block_views(m):
+            out[c0:c1] = (flux[b].astype(np.float32) @ mb).view(np.complex64).reshape(c1 - c0, -1)
+        return out
+
+    def solve(self, normal: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fluxes per block and source, which of them were replaced as outliers)."""
+        flux = np.full((self.nblk, self.nsrc), np.nan)
+        for b in range(self.nblk):
+            if np.all(np.diag(normal[b]) > 0):
+                flux[b] = np.linalg.lstsq(normal[b], rhs[b], rcond=None)[0]
+        flux, replaced = replace_outlier_blocks(flux, np.diagonal(normal, axis1=1, axis2=2),
+                                                self.block_freqs)
+        # a source without three constrained blocks: not subtracted
+        return np.nan_to_num(flux), replaced
+
+
+def _selfcal_pass(tb: Any, fm: _FieldModel, chunks: list[tuple[int, int]], flux: np.ndarray,
+                  normal: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Phase-self-calibrate DATA in place on the fitted model, per integration and
+    polarisation, and fit the fluxes again on the corrected data (same model and weights:
+    the normal matrix stands). Returns (flux, replaced, the antenna phases applied)."""
+    nant = len(fm.info.antenna_names)
+    rhs = np.zeros((fm.nblk, fm.nsrc))
+    phases = []
+    for s0, s1 in chunks:
+        nrow = s1 - s0
+        data, clean, wt = fm.read(tb, s0, nrow)
+        m = fm.models(tb, s0, nrow)
+        model = fm.combine(flux, m)
+        times = tb.getcol("TIME", s0, nrow)
+        a1, a2 = tb.getcol("ANTENNA1", s0, nrow), tb.getcol("ANTENNA2", s0, nrow)
+        x = (wt * np.conj(model)[None] * clean).sum(axis=1)  # (npol, nrow)
+        corr = np.ones((data.shape[0], nrow), dtype=complex)
+        for t in np.unique(times):
+            rows = np.flatnonzero(times == t)
+            for p in range(data.shape[0]):
+                g = phase_gains(x[p, rows], a1[rows], a2[rows], nant)
+                corr[p, rows] = np.conj(g[a1[rows]]) * g[a2[rows]]
+                live = g[np.unique(np.concatenate([a1[rows], a2[rows]]))]
+                phases.append(np.angle(live * np.exp(-1j * np.angle(live.mean()))))
+        data = (data * corr[:, None, :]).astype(data.dtype)
+        tb.putcol("DATA", data, s0, nrow)
+        fm.accumulate(m, np.where(wt > 0, data, 0), wt, None, rhs)
+    flux, replaced = fm.solve(normal, rhs)
+    return flux, replaced, phases
+
+
 def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: float,
                  ref_freq_hz: float, beam: PrimaryBeam, track_ra_deg: np.ndarray,
                  track_dec_deg: np.ndarray, weights: np.ndarray,
@@ -226,141 +348,39 @@ def peel_sources(ms: Path, sources: list[Calibrator], az_deg: float, alt_deg: fl
     if not sources:
         return [], {"applied": False}
     t0 = time.perf_counter()
-    info = read_ms_info(ms)
-    freqs = info.freqs_hz
-    starts = _blocks(len(freqs))
-    ends = np.append(starts[1:], len(freqs))
-    nsrc, nblk = len(sources), len(starts)
-    beams = [beam_along_drift(s.ra_deg, s.dec_deg, info, az_deg, alt_deg, beam)
-             for s in sources]
-    lmns = [direction_cosines(s.ra_deg, s.dec_deg, *info.phase_centre_deg) for s in sources]
+    fm = _FieldModel(ms, sources, az_deg, alt_deg, beam)
+    nsrc, nblk = fm.nsrc, fm.nblk
     drift = drift_averaged_beam(np.array([s.ra_deg for s in sources]),
                                 np.array([s.dec_deg for s in sources]), track_ra_deg,
                                 track_dec_deg, weights, ref_freq_hz, beam)
-
-    scratch: list[np.ndarray] = []
-
-    def models(tb: Any, start: int, nrow: int) -> np.ndarray:
-        """Unit-flux visibilities of every source, (nsrc, nchan, nrow), single precision.
-
-        Written into one buffer kept for the whole call: a fresh 200 MB array per chunk
-        went to the kernel for new pages every time (on this VM a third of the peel)."""
-        it = rows_to_integrations(info.times_mjd, tb.getcol("TIME", start, nrow))
-        uvw = tb.getcol("UVW", start, nrow)
-        size = nsrc * len(freqs) * nrow
-        if not scratch or scratch[0].size < size:
-            scratch[:] = [np.empty(size, dtype=np.complex64)]
-        m = scratch[0][:size].reshape(nsrc, len(freqs), nrow)
-        steps = np.flatnonzero(np.diff(it)) + 1  # rows of one integration share a beam
-        spans = list(zip(np.r_[0, steps], np.r_[steps, nrow], strict=True))
-        for k, (lmn, b) in enumerate(zip(lmns, beams, strict=True)):
-            phasors(delay_path_m(uvw, lmn), freqs, out=m[k])
-            for r0, r1 in spans:
-                m[k, :, r0:r1] *= b[it[r0]][:, None].astype(np.float32)
-        return m
-
-    def read(tb: Any, start: int, nrow: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        data = tb.getcol("DATA", start, nrow)  # (npol, nchan, nrow)
-        ok = ~tb.getcol("FLAG", start, nrow) & np.isfinite(data)
-        wt = np.where(ok, tb.getcol("WEIGHT", start, nrow)[:, None, :], 0.0)
-        return data, np.where(ok, data, 0), wt
-
-    def block_views(m: np.ndarray) -> Iterator[tuple[int, int, int, np.ndarray]]:
-        """(b, c0, c1, block b of every source as float32 re, im pairs: (nsrc, 2 n)) per block."""
-        for b, (c0, c1) in enumerate(zip(starts, ends, strict=True)):
-            yield b, c0, c1, m[:, c0:c1, :].reshape(nsrc, -1).view(np.float32)
-
-    def accumulate(m: np.ndarray, clean: np.ndarray, wt: np.ndarray,
-                   normal: np.ndarray | None, rhs: np.ndarray) -> None:
-        """Add a chunk's weighted normal equations, one (nsrc x nsrc) system per block (the
-        matrix only depends on the model and the weights: None skips it).
-
-        Only the real parts are wanted: Re(conj(a) b) = a.re b.re + a.im b.im, so the
-        products run on the interleaved float32 views (half the flops of the complex ones,
-        and no conjugated copy)."""
-        wsum = wt.sum(axis=0).astype(np.float32)  # the model is the same in both polarisations
-        z = (wt * clean).sum(axis=0).astype(np.complex64)
-        for b, c0, c1, mb in block_views(m):
-            rhs[b] += mb @ np.ascontiguousarray(z[c0:c1]).reshape(-1).view(np.float32)
-            if normal is not None:  # a @ a.T of one array: numpy uses the symmetric product
-                a = mb * np.repeat(np.sqrt(wsum[c0:c1].reshape(-1)), 2)
-                normal[b] += a @ a.T
-
-    def combine(flux: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """The model of all sources, (nchan, nrow): sum_k flux[block of c, k] m[k, c, r].
-
-        The fluxes are real and constant within a block, so each block is one float32
-        vector-matrix product on the interleaved view (an einsum over channels took ~4x
-        longer)."""
-        out = np.empty(m.shape[1:], dtype=np.complex64)
-        for b, c0, c1, mb in block_views(m):
-            out[c0:c1] = (flux[b].astype(np.float32) @ mb).view(np.complex64).reshape(c1 - c0, -1)
-        return out
-
-    block_freqs = np.add.reduceat(freqs, starts) / (ends - starts)
-
-    def solve(normal: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(fluxes per block and source, which of them were replaced as outliers)."""
-        flux = np.full((nblk, nsrc), np.nan)
-        for b in range(nblk):
-            if np.all(np.diag(normal[b]) > 0):
-                flux[b] = np.linalg.lstsq(normal[b], rhs[b], rcond=None)[0]
-        flux, replaced = replace_outlier_blocks(flux, np.diagonal(normal, axis1=1, axis2=2),
-                                                block_freqs)
-        # a source without three constrained blocks: not subtracted
-        return np.nan_to_num(flux), replaced
-
     selfcal: dict[str, Any] = {"applied": False}
     with open_table(ms, readonly=False) as tb:
         n = int(tb.nrows())
-        rows_per_chunk = max(256, _MODEL_SAMPLES // (nsrc * len(freqs)))
+        rows_per_chunk = max(256, _MODEL_SAMPLES // (nsrc * len(fm.freqs)))
         by_time = integration_chunks(tb.getcol("TIME"), rows_per_chunk)
         chunks = by_time or [(s0, min(n, s0 + rows_per_chunk)) for s0 in range(0, n, rows_per_chunk)]
         normal, rhs = np.zeros((nblk, nsrc, nsrc)), np.zeros((nblk, nsrc))
         for s0, s1 in chunks:
-            data, clean, wt = read(tb, s0, s1 - s0)
-            accumulate(models(tb, s0, s1 - s0), clean, wt, normal, rhs)
-        flux, replaced = solve(normal, rhs)
+            data, clean, wt = fm.read(tb, s0, s1 - s0)
+            fm.accumulate(fm.models(tb, s0, s1 - s0), clean, wt, normal, rhs)
+        flux, replaced = fm.solve(normal, rhs)
         apparent = float(np.sum(np.maximum(flux.mean(axis=0), 0.0) * drift))
         if apparent >= selfcal_min_jy and by_time is not None:
-            nant = len(info.antenna_names)
-            rhs = np.zeros((nblk, nsrc))  # same model and weights: the matrix stands
-            phases = []
-            for s0, s1 in chunks:
-                nrow = s1 - s0
-                data, clean, wt = read(tb, s0, nrow)
-                m = models(tb, s0, nrow)
-                model = combine(flux, m)
-                times = tb.getcol("TIME", s0, nrow)
-                a1, a2 = tb.getcol("ANTENNA1", s0, nrow), tb.getcol("ANTENNA2", s0, nrow)
-                x = (wt * np.conj(model)[None] * clean).sum(axis=1)  # (npol, nrow)
-                corr = np.ones((data.shape[0], nrow), dtype=complex)
-                for t in np.unique(times):
-                    rows = np.flatnonzero(times == t)
-                    for p in range(data.shape[0]):
-                        g = phase_gains(x[p, rows], a1[rows], a2[rows], nant)
-                        corr[p, rows] = np.conj(g[a1[rows]]) * g[a2[rows]]
-                        live = g[np.unique(np.concatenate([a1[rows], a2[rows]]))]
-                        phases.append(np.angle(live * np.exp(-1j * np.angle(live.mean()))))
-                data = (data * corr[:, None, :]).astype(data.dtype)
-                tb.putcol("DATA", data, s0, nrow)
-                accumulate(m, np.where(wt > 0, data, 0), wt, None, rhs)
-            flux, replaced = solve(normal, rhs)
+            flux, replaced, phases = _selfcal_pass(tb, fm, chunks, flux, normal)
             spread = np.concatenate(phases) if phases else np.zeros(1)
             selfcal = {"applied": True, "apparent_jy": round(apparent, 3),
                        "phase_rms_deg": round(float(np.degrees(np.sqrt(np.mean(spread ** 2)))), 3)}
         elif apparent >= selfcal_min_jy:
             log.warning("imaging.selfcal_skipped", ms=str(ms), reason="rows not time-ordered")
         for s0, s1 in chunks:
-            m = models(tb, s0, s1 - s0)
-            model = combine(flux, m)
+            model = fm.combine(flux, fm.models(tb, s0, s1 - s0))
             data = tb.getcol("DATA", s0, s1 - s0)
             tb.putcol("DATA", (data - model[None]).astype(data.dtype), s0, s1 - s0)
     if not np.isfinite(flux).all():
         raise StageError(f"bright-source fit on {ms} gave non-finite fluxes")
     out = []
     for k, s in enumerate(sources):
-        s_ref, alpha = _spectrum(block_freqs, flux[:, k],
+        s_ref, alpha = _spectrum(fm.block_freqs, flux[:, k],
                                  np.where(replaced[:, k], 0.0, normal[:, k, k]), ref_freq_hz,
                                  s.spectral_index)
         out.append(PeeledSource(s.name, s.ra_deg, s.dec_deg, s.flux_at(ref_freq_hz), s_ref, alpha,
