@@ -39,17 +39,17 @@ C = 299_792_458.0
 def _convert(inputs: ConversionInputs, options: ConversionOptions,
              block_bytes: int | None = None) -> dict:
     """Run convert_group in the worker; return the result or the error as plain data."""
-    from dsa110_contimg.conversion import convert
+    from dsa110_contimg.conversion import convert, msfill
 
-    default = convert.BLOCK_BYTES
-    convert.BLOCK_BYTES = block_bytes or default
+    default = msfill.BLOCK_BYTES
+    msfill.BLOCK_BYTES = block_bytes or default
     try:
         r = convert.convert_group(inputs, options)
     except Exception as exc:
         return {"ok": False, "type": type(exc).__name__, "message": str(exc),
                 "path": getattr(exc, "path", None)}
     finally:
-        convert.BLOCK_BYTES = default
+        msfill.BLOCK_BYTES = default
     return {"ok": True, "result": r}
 
 

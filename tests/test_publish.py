@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsa110_contimg.conversion import staging
+from dsa110_contimg.conversion import publish, staging
 
 # not a multiple of the direct-write alignment, and more than one direct chunk
-BIG = max(staging.DIRECT_MIN_BYTES, staging.DIRECT_CHUNK) + 3 * staging.DIRECT_ALIGN + 123
+BIG = max(publish.DIRECT_MIN_BYTES, publish.DIRECT_CHUNK) + 3 * publish.DIRECT_ALIGN + 123
 
 
 def _random_file(path: Path, size: int, seed: int) -> bytes:
@@ -50,7 +50,7 @@ def test_copy_file_writes_big_files_direct_and_identical(tmp_path):
     src, dst = tmp_path / "table.f21_TSM1", tmp_path / "copy"
     data = _random_file(src, BIG, 1)
     src.chmod(0o640)
-    how = staging.copy_file(src, dst)
+    how = publish.copy_file(src, dst)
     assert dst.read_bytes() == data
     assert (dst.stat().st_mode & 0o777) == 0o640
     assert dst.stat().st_mtime == pytest.approx(src.stat().st_mtime)
@@ -58,8 +58,8 @@ def test_copy_file_writes_big_files_direct_and_identical(tmp_path):
     # small files and direct=False take the plain copy
     small = tmp_path / "table.dat"
     _random_file(small, 5000, 2)
-    assert staging.copy_file(small, tmp_path / "small") == "buffered"
-    assert staging.copy_file(src, tmp_path / "plain", direct=False) == "buffered"
+    assert publish.copy_file(small, tmp_path / "small") == "buffered"
+    assert publish.copy_file(src, tmp_path / "plain", direct=False) == "buffered"
     assert (tmp_path / "plain").read_bytes() == data
 
 
@@ -73,8 +73,8 @@ def test_copy_file_falls_back_where_o_direct_is_refused(tmp_path, monkeypatch):
             raise OSError(errno.EINVAL, "Invalid argument", str(path))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(staging.os, "open", refusing_open)
-    assert staging.copy_file(src, dst) == "buffered"
+    monkeypatch.setattr(publish.os, "open", refusing_open)
+    assert publish.copy_file(src, dst) == "buffered"
     assert dst.read_bytes() == data
 
 
@@ -89,8 +89,8 @@ def test_publish_copies_a_staged_tree_atomically(tmp_path):
             "ANTENNA/table.f0": _random_file(staged / "ANTENNA" / "table.f0", 33362, 6),
         }
         final = tmp_path / "products" / "2026-06-01T044410.ms"
-        page = staging.DIRECT_ALIGN
-        assert staging.publish(staged, final, fsync=True, direct=True,
+        page = publish.DIRECT_ALIGN
+        assert publish.publish(staged, final, fsync=True, direct=True,
                                cached={"table.f21_TSM1": [(5 * page, 3 * page)]}) == final
         if _takes_direct(tmp_path):  # the named range, found by its relative path, is cached
             res = _resident(final / "table.f21_TSM1")
@@ -129,12 +129,12 @@ def _resident(path: Path) -> np.ndarray:
 
 
 def test_segments_split_a_file_into_direct_and_cached_pieces():
-    a = staging.DIRECT_ALIGN
+    a = publish.DIRECT_ALIGN
     # unaligned ranges widen to the alignment, overlapping ones merge, the rest is direct
-    assert staging._segments(10 * a, [(a + 5, a), (2 * a + 1, 10), (7 * a, 0)]) == [
+    assert publish._segments(10 * a, [(a + 5, a), (2 * a + 1, 10), (7 * a, 0)]) == [
         (0, a, True), (a, 3 * a, False), (3 * a, 10 * a, True)]
-    assert staging._segments(4 * a, [(3 * a, 5 * a)]) == [(0, 3 * a, True), (3 * a, 4 * a, False)]
-    assert staging._segments(4 * a, []) == [(0, 4 * a, True)]
+    assert publish._segments(4 * a, [(3 * a, 5 * a)]) == [(0, 3 * a, True), (3 * a, 4 * a, False)]
+    assert publish._segments(4 * a, []) == [(0, 4 * a, True)]
 
 
 def test_cached_ranges_are_published_through_the_page_cache(tmp_path):
@@ -144,10 +144,10 @@ def test_cached_ranges_are_published_through_the_page_cache(tmp_path):
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
     src, dst = tmp_path / "big", tmp_path / "copy"
     data = _random_file(src, BIG, 8)
-    page = staging.DIRECT_ALIGN
-    chunk = staging.DIRECT_CHUNK // page
+    page = publish.DIRECT_ALIGN
+    chunk = publish.DIRECT_CHUNK // page
     ranges = [(7 * page + 100, 20 * page), ((chunk - 3) * page, 5 * page)]
-    assert staging.copy_file(src, dst, cached=ranges) == "direct"
+    assert publish.copy_file(src, dst, cached=ranges) == "direct"
     res = _resident(dst)
     assert res[7:28].all() and res[chunk - 3:chunk + 2].all()  # the widened ranges
     assert not res[30:chunk - 4].any() and not res[chunk + 3:BIG // page - 1].any()  # direct
@@ -160,14 +160,14 @@ def test_early_copy_follows_a_file_as_it_fills(tmp_path):
     becomes the published file; a stopped copy leaves nothing behind."""
     if not _takes_direct(tmp_path):
         pytest.skip("the test directory's filesystem refuses O_DIRECT")
-    page = staging.DIRECT_ALIGN
+    page = publish.DIRECT_ALIGN
     src = tmp_path / "stage" / "table.f21_TSM1"
     src.parent.mkdir()
     size = BIG
     data = np.random.default_rng(9).integers(0, 256, size, dtype=np.uint8).tobytes()
     src.write_bytes(bytes(size))  # allocated at full size, then filled in place
     final = tmp_path / "out" / "g.ms"
-    copy = staging.EarlyCopy.start(src, final, size, [(3 * page + 7, page)])
+    copy = publish.EarlyCopy.start(src, final, size, [(3 * page + 7, page)])
     assert copy is not None and copy.path.parent == final.parent
     try:
         half = size // 2 + 1001  # unaligned: the copy stops at the alignment below
@@ -188,7 +188,7 @@ def test_early_copy_follows_a_file_as_it_fills(tmp_path):
     assert dst.read_bytes() == data and not copy.path.exists()
     assert _resident(dst)[3:5].all()
 
-    stopped = staging.EarlyCopy.start(src, final, size)
+    stopped = publish.EarlyCopy.start(src, final, size)
     assert stopped is not None
     stopped.advance(page * 10)
     stopped.close()

@@ -21,7 +21,8 @@ import uuid
 from pathlib import Path
 
 from ..products import product_dir, safe_stem
-from .staging import free_bytes, publish
+from .publish import publish
+from .staging import free_bytes
 
 WORK_PREFIX = "contimg-work-"
 #: written into a kept MS before it is archived; the same token in the product copy means
