@@ -1,8 +1,8 @@
 """RFI and bad-data flagging with casatasks ``flagdata``, with few passes over the data.
 
 Two ``flagdata(mode='list')`` calls: autocorrelations and shadowing (cheap: they read no
-visibilities), then the interference pass: rflag at full resolution by default (~90 s for a
-full-size group on this machine). Exact zeros are flagged by the conversion; an MS from
+visibilities), then the interference pass: rflag at full resolution by default (the
+stage's longest step). Exact zeros are flagged by the conversion; an MS from
 elsewhere gets a clip pass first.
 
 Why rflag alone, at full resolution: scored on simulated interference of known footprint

@@ -1,11 +1,11 @@
 """Clean masks built with scipy between tclean's major cycles, instead of its auto-multithresh.
 
 Why: once the bright catalogued sources are peeled (``imaging.peel``), tclean's own
-auto-multithresh costs more than the cleaning it guides. On a full-size group CASA spent
-40-90 s per major cycle labelling and pruning ~270 candidate regions of a 3240^2 image, and
-built one more mask after the last cycle only to stop at the cycle cap. The same rules in
-numpy/scipy take ~2 s a round, and on the same MS give the same mask: the same iterations,
-fluxes and rms as tclean's (``benchmarks/bench_imaging.py --masker casa|scipy``).
+auto-multithresh costs more than the cleaning it guides: on a full-size image it labels and
+prunes hundreds of candidate regions every major cycle, and builds one more mask after the
+last cycle only to stop at the cycle cap. The same rules in numpy/scipy are an order of
+magnitude cheaper and on the same MS give the same mask: the same iterations, fluxes and rms
+as tclean's (``benchmarks/bench_imaging.py --masker casa|scipy``; docs/performance.md).
 
 The rules are auto-multithresh's (CASA docs, VLA values, ``MaskRules``): seed where the
 residual exceeds the larger of ``noisethreshold`` x the robust rms and ``sidelobethreshold``
@@ -17,8 +17,7 @@ emission above ``lownoisethreshold`` x rms, and is kept. Negative emission is ne
 (a continuum field has none).
 
 :func:`run_masked_clean` runs one tclean call with these masks in place of auto-multithresh
-and skips the mask for the cycle that never runs. On a full-size group (truth-calibrated,
-23 sources peeled): tclean 170 s -> 105 s, the same 358 components, rms and peak.
+and skips the mask for the cycle that never runs.
 """
 
 from __future__ import annotations

@@ -13,15 +13,15 @@ with each image:
   measured in the MS (``MSSummary.vis_sigma_jy``), divided by sqrt(N) and multiplied by the
   Briggs noise penalty, computed here from the gridded uv density exactly as tclean weights.
   ``nsigma`` (tclean's residual-rms stop) is set too, as a backstop when the estimate is off.
-  The measured baseline showed threshold 0 running for 20 minutes.
+  A threshold of 0 would let tclean clean noise until its iteration cap.
 - **w-projection** when the w-term phase pi * w_max * theta^2 at the image edge exceeds
   ``wproj_max_phase_rad``; the number of planes keeps the per-plane phase error below it.
 - **tiers** (quick / standard / deep) vary niter, major-cycle cap, cyclefactor, the clean mask,
   the depth in sigma and the deconvolver. The T-shaped array's PSF has 0.26-0.6 sidelobes: without
-  a mask, cyclefactor stays >= 1 (on the tiny preset 0.5 lost 10 % of the calibrator flux and 0.25
-  diverged: hogbom cleaned sidelobes). With tclean's auto-multithresh mask (VLA settings) the
-  minor cycle only searches real emission, so the standard tier cleans twice as deep per major
-  cycle (cyclefactor 0.5): at full size 9 instead of 11 major cycles, fluxes unchanged.
+  a mask, cyclefactor stays >= 1 (below that the minor cycle cleans the sidelobes and loses
+  flux). With tclean's auto-multithresh mask (VLA settings) the minor cycle only searches real
+  emission, so the standard tier cleans twice as deep per major cycle (cyclefactor 0.5): fewer
+  major cycles for the same fluxes.
 - **the mask after peeling**: auto-multithresh masks down to ``sidelobethreshold`` x the PSF
   sidelobe (0.26) x the residual peak, so each major cycle can lower the mask by that factor
   only. Its guard is against masking a bright source's sidelobes; once ``imaging.peel`` has
@@ -29,15 +29,13 @@ with each image:
   lowers it from 2.0 to ``SIDELOBETHRESHOLD_AFTER_PEEL`` (1.0). The residual then peaks below
   the peel limit (~10 mJy): the first minor cycle cleans the masked sources to half the PSF
   sidelobe times that peak, the second cleans everything above 4.25 sigma to the threshold, so
-  the stage caps the major cycles at ``NMAJOR_AFTER_PEEL`` (2). Further cycles only chased
-  0.5 % peeling residuals around 300 mJy sources (3-8 iterations each) and each cost a re-mask:
-  labelling and pruning ~270 candidate regions of a 3240^2 image takes 40-90 s, two to four
-  times the major cycle's gridding. ``minpercentchange`` stops re-masking once the mask has
-  settled at the clean threshold. ``make bench-e2e``, three full-size groups: the same
-  fluxes and rms to 0.1 %, tclean 301 / 170 / 376 s -> 225 / 140 / 209 s. Since then the
-  stage builds these masks itself with the same rules (``imaging.cleanmask``, ~2 s a round
-  instead of 40-90 s, and none after the last cycle; ``CONTIMG_IMG_MASKER=casa`` restores
-  tclean's own).
+  the stage caps the major cycles at ``NMAJOR_AFTER_PEEL`` (2). Further cycles would only
+  chase sub-percent peeling residuals around the brightest sources, each at the cost of a
+  re-mask, which for a full-size image costs more than the major cycle's gridding.
+  ``minpercentchange`` stops re-masking once the mask has settled at the clean threshold. The
+  stage builds these masks itself with the same rules (``imaging.cleanmask``: much cheaper,
+  and none after the last cycle; ``CONTIMG_IMG_MASKER=casa`` uses tclean's own). The
+  measurements are in docs/performance.md.
 - **imaging copy**: ``chanbin`` channels are averaged (``imaging.average``) as far as the extra
   bandwidth smearing at the image edge stays below ``max_smearing_loss``; gridding, the cost of
   every major cycle, scales with the channel count.

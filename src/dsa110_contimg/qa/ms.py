@@ -265,11 +265,9 @@ def _limit_tile_cache(t: Any, col: str) -> None:
     """Let casacore cache only a few tiles of ``col``.
 
     By default it sizes the cache for the whole slice asked for: 85 MB per full-size
-    integration, allocated afresh (on this VM fresh pages are dear). The gate reads whole
-    integrations in row order, so each tile is used once and a few suffice: from the page
-    cache 0.07-0.12 s per integration instead of 0.1-0.3 s. Straight after an O_DIRECT
-    publish the read from disk dominates (~0.1 s either way). Any other layout keeps
-    casacore's default."""
+    integration, allocated afresh (fresh pages are dear on a VM). The gate reads whole
+    integrations in row order, so each tile is used once and a few suffice. Any other layout
+    keeps casacore's default."""
     try:
         cubes = t.getdminfo(col)["SPEC"]["HYPERCUBES"]
         bucket = max(int(c["BucketSize"]) for c in cubes.values())
