@@ -250,6 +250,30 @@ def _clean(params: dict[str, Any], peeled: bool, options: ImagingOptions, thresh
     return out, masks
 
 
+def _export(out: Any, staged: dict[str, Path], keywords: dict[str, Any]) -> None:
+    """The CASA image and residual as FITS with the product's standard keywords."""
+    try:
+        export_fits(out.image, staged["image"], keywords)
+        export_fits(out.residual, staged["residual"], keywords)
+    except Exception as exc:  # exportfits raises bare RuntimeErrors
+        raise StageError(f"FITS export failed: {exc}") from exc
+
+
+def _image_stats(image_fits: Path, inbeam: np.ndarray) -> tuple[dict[str, Any],
+                                                                 tuple[float, float]]:
+    """(rms / peak / dynamic range inside the beam, the image centre (RA, Dec) in degrees)."""
+    from astropy.io import fits
+
+    with fits.open(image_fits) as hdul:
+        image = np.squeeze(hdul[0].data).astype(np.float64)
+        header = hdul[0].header
+        centre = (float(header["CRVAL1"]), float(header["CRVAL2"]))
+    stats = image_statistics(image, inbeam)
+    if not np.isfinite(stats["rms_jy"]):
+        raise StageError("exported image has no finite pixels inside the primary beam")
+    return stats, centre
+
+
 def _quicklook(inputs: ImagingInputs, options: ImagingOptions, staged: dict[str, Path],
                pb: np.ndarray, rms: float) -> Path | None:
     """The quick-look PNG, or None (a missing picture must not lose the image)."""
@@ -312,19 +336,14 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
     out, masks = _clean(params, bool(peeled), options, plan.threshold_jy, ms_path, inputs)
     lap("tclean")
 
-    keywords = standard_keywords(
+    staged = {k: staging / p.name for k, p in names.items()}
+    _export(out, staged, standard_keywords(
         group_id=inputs.group_id, observer=summary.observer,
         start_mjd_s=min(summary.times_mjd_s) - summary.integration_s / 2,
         end_mjd_s=max(summary.times_mjd_s) + summary.integration_s / 2,
         freq_hz=plan.ref_freq_hz, array_itrf_m=summary.array_itrf_m,
         datacolumn=summary.datacolumn, tier=plan.tier, noise_expected_jy=plan.noise_expected_jy,
-        bandwidth_hz=summary.freq_max_hz - summary.freq_min_hz, ms_name=ms_path.name)
-    staged = {k: staging / p.name for k, p in names.items()}
-    try:
-        export_fits(out.image, staged["image"], keywords)
-        export_fits(out.residual, staged["residual"], keywords)
-    except Exception as exc:  # exportfits raises bare RuntimeErrors
-        raise StageError(f"FITS export failed: {exc}") from exc
+        bandwidth_hz=summary.freq_max_hz - summary.freq_min_hz, ms_name=ms_path.name))
     clear_image_products(imagename)  # CASA images are large and no longer needed
     shutil.rmtree(staging / f"{stem}.img.ms", ignore_errors=True)
     lap("export")
@@ -336,15 +355,7 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
     pb = write_beam_and_pbcor(staged["image"], staged["pb"], staged["pbcor"], track_ra,
                               track_dec, tweights, plan.ref_freq_hz,
                               inputs.beam, options.pb_level)
-    from astropy.io import fits
-
-    with fits.open(staged["image"]) as hdul:
-        image = np.squeeze(hdul[0].data).astype(np.float64)
-        header = hdul[0].header
-        centre = (float(header["CRVAL1"]), float(header["CRVAL2"]))
-    stats = image_statistics(image, pb >= options.pb_level)
-    if not np.isfinite(stats["rms_jy"]):
-        raise StageError("exported image has no finite pixels inside the primary beam")
+    stats, centre = _image_stats(staged["image"], pb >= options.pb_level)
     lap("pbcor_and_stats")
 
     quicklook = _quicklook(inputs, options, staged, pb, stats["rms_jy"])
