@@ -385,6 +385,38 @@ def _solve_on_field(inputs: CalibrationInputs, options: CalibrationOptions, info
                         options.g_validity_h, params)
 
 
+def _transiting(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
+                notes: list[str]) -> Calibrator | None:
+    """The calibrator transiting in this group (bundled list plus the sky catalogue's
+    selection; the bundled list alone, with a note, when the catalogue is unavailable)."""
+    try:
+        candidates = calibrator_candidates(inputs.catalogue_db, inputs.pointing_dec_deg, options,
+                                           inputs.beam)
+    except CatalogueUnavailable as exc:
+        candidates = None
+        notes.append(f"calibrators from the bundled list only: {exc}")
+    return find_transiting_calibrator(info, options, pointing_dec_deg=inputs.pointing_dec_deg,
+                                      candidates=candidates, beam=inputs.beam)
+
+
+def _attempt(inputs: CalibrationInputs, options: CalibrationOptions, info: MSInfo,
+             cal: Calibrator | None, model: FieldModel | None, flags: FlagReport,
+             durations: dict[str, float], notes: list[str]
+             ) -> tuple[str, Callable[[], CalSet]] | None:
+    """(mode, the solve that makes its set) in order of preference, or None: solve on the
+    transiting calibrator; else the whole chain on a field bright enough for a bandpass when
+    none is in force; else the gain on the field with the bandpass in force."""
+    if cal is not None:
+        return "solved", lambda: _solve(inputs, options, info, cal, flags, durations, notes)
+    if model is not None and inputs.bandpass_set is None:
+        return "field", lambda: _solve(inputs, options, info, model.sources[0], flags,
+                                       durations, notes, on_field=model)
+    if model is not None:
+        return "field", lambda: _solve_on_field(inputs, options, info, model, flags,
+                                                durations, notes)
+    return None
+
+
 def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> CalibrationResult:
     """Calibrate one group, in this order of preference:
 
@@ -421,14 +453,7 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
     info = read_ms_info(ms)
     if "DATA" not in info.columns:
         raise BadInputError("measurement set has no DATA column", path=str(ms))
-    try:
-        candidates = calibrator_candidates(inputs.catalogue_db, inputs.pointing_dec_deg, options,
-                                           inputs.beam)
-    except CatalogueUnavailable as exc:
-        candidates = None
-        notes.append(f"calibrators from the bundled list only: {exc}")
-    cal = find_transiting_calibrator(info, options, pointing_dec_deg=inputs.pointing_dec_deg,
-                                     candidates=candidates, beam=inputs.beam)
+    cal = _transiting(inputs, options, info, notes)
     durations["find_calibrator"] = time.perf_counter() - t0
     no_field: str | None
     model, no_field, durations["field_model"] = (None, "a calibrator transits", 0.0)
@@ -444,19 +469,10 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
         raise CalibrationUnavailable(_unavailable(inputs, missing))
 
     mode, new_set, applied, refant = "uncalibrated", None, None, None
-    attempt: tuple[str, Callable[[], CalSet]] | None = None
-    if cal is not None:
-        attempt = "solved", lambda: _solve(inputs, options, info, cal, flags, durations, notes)
-    elif model is not None and inputs.bandpass_set is None:
-        # no bandpass in force, and a field bright enough for one: the whole chain on the field
-        attempt = "field", lambda: _solve(inputs, options, info, model.sources[0], flags,
-                                          durations, notes, on_field=model)
-    elif model is not None:
-        attempt = "field", lambda: _solve_on_field(inputs, options, info, model, flags,
-                                                   durations, notes)
-    else:
+    attempt = _attempt(inputs, options, info, cal, model, flags, durations, notes)
+    if attempt is None:
         notes.append(f"no field solve: {no_field}")
-    if attempt is not None:
+    else:
         try:
             new_set = attempt[1]()
             durations["applycal"] = apply_calset(ms, new_set, same_group=True)
