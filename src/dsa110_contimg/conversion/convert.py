@@ -213,29 +213,28 @@ def _convert(inputs: ConversionInputs, options: ConversionOptions, final: Path, 
         staged_ms = stage.root / (stem + ".ms")
         record = write_group_ms(layout, meta, staged_ms, group_id, options, probe, notes,
                                 timings, warm, start_early if early_ok else None)
-        publish_started = time.perf_counter()
-        keep = _keep_in_work_area(options, work, kind, staged_ms, notes, blog)
-        record.update(staged_on=kind, input_bytes=layout.input_bytes, kept_in_tmpfs=keep,
-                      published_early=sorted(early), notes=list(notes))
-        mark_complete(staged_ms, record)
-        found = _converted(work, final)
-        if found is not None:  # converted meanwhile by another worker: keep theirs
-            blog.warning("MS was converted by another process meanwhile; keeping it",
-                         ms=str(found[0]))
-            return _result_from_record(group_id, *found, time.perf_counter() - t0)
-        if keep and work is not None:
-            work.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(staged_ms, work)  # same tmpfs: the MS appears complete or not at all
-            published = work
-        else:
-            cached = (_sampled_data_ranges(staged_ms, meta.uv.time_array[meta.order],
-                                           inputs.cache_integrations)
-                      if options.publish_direct and inputs.cache_integrations and not early
-                      else {})
-            published = publish.publish(staged_ms, final, fsync=options.publish_fsync,
-                                        direct=options.publish_direct, cached=cached,
-                                        early=early)
-        timings["publish"] = time.perf_counter() - publish_started
+        with timings.lap("publish"):
+            keep = _keep_in_work_area(options, work, kind, staged_ms, notes, blog)
+            record.update(staged_on=kind, input_bytes=layout.input_bytes, kept_in_tmpfs=keep,
+                          published_early=sorted(early), notes=list(notes))
+            mark_complete(staged_ms, record)
+            found = _converted(work, final)
+            if found is not None:  # converted meanwhile by another worker: keep theirs
+                blog.warning("MS was converted by another process meanwhile; keeping it",
+                             ms=str(found[0]))
+                return _result_from_record(group_id, *found, time.perf_counter() - t0)
+            if keep and work is not None:
+                work.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(staged_ms, work)  # same tmpfs: the MS appears complete or not at all
+                published = work
+            else:
+                cached = (_sampled_data_ranges(staged_ms, meta.uv.time_array[meta.order],
+                                               inputs.cache_integrations)
+                          if options.publish_direct and inputs.cache_integrations and not early
+                          else {})
+                published = publish.publish(staged_ms, final, fsync=options.publish_fsync,
+                                            direct=options.publish_direct, cached=cached,
+                                            early=early)
         if warm is not None and not keep:
             with timings.lap("warm_keep"):
                 try:

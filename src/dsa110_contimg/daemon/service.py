@@ -175,10 +175,6 @@ async def run_daemon(settings: Settings, once: bool = False) -> int:
         lock.release()
 
 
-def _free_warm_columns(s: Settings) -> None:
-    """A stopped daemon holds no RAM: drop the tile files kept for the next conversion."""
-    ms_storage(s).free_warm_columns()
-
 
 async def _queue_stats(queue: GroupQueue) -> dict[str, Any]:
     """Counts by state, the groups waiting, and the oldest claim per active state (for the
@@ -353,7 +349,8 @@ class _Daemon:
                 log.warning("released_unfinished", groups=released)
         if self.executor is not None:
             await self.executor.shutdown(kill=True)
-        await asyncio.to_thread(_free_warm_columns, self.s)
+        # a stopped daemon holds no RAM: drop the tile files kept for the next conversion
+        await asyncio.to_thread(ms_storage(self.s).free_warm_columns)
         stop.set()
         for t in tasks:
             t.cancel()

@@ -6,10 +6,11 @@ Each :class:`StageSpec` says what the queue and the scheduler need to know of a 
   ``pending``), is ``active`` while a worker runs it, and rests in ``done`` after it;
 - ``task``: the function a worker runs (the stage and its QA gate, see :mod:`.tasks`);
 - ``result``: the stage's typed result (a :class:`~dsa110_contimg.products.Record`), kept in
-  the group's flags under the stage's name for later stages (``Handoff.result``);
+  the group's flags under the stage's name and read back by later stages
+  (:meth:`StageSpec.handoff`);
 - ``prepare``: builds the task's arguments from the claim (daemon side, in the event loop);
-- ``finish``: what the daemon does with a passing (result, verdict): register, archive,
-  alert; returns what the queue records of the run.
+- ``finish``: what the daemon does with the (result, verdict): record and judge the verdict,
+  then register, archive, alert; returns the verdict the queue records with the run.
 
 The queue's states and transitions and the scheduler's dispatch are derived from
 :data:`PIPELINE`; adding a stage is one declaration here plus the stage's own package (see
