@@ -38,6 +38,25 @@ async def test_local_executor_fresh_process_per_task_survives_worker_death():
         await ex.shutdown(kill=True)
 
 
+async def test_local_executor_keeps_no_descriptor_of_a_failed_or_dead_worker():
+    ex = LocalExecutor(max_workers=1, log_format="json")
+    errors = []  # kept, as the scheduler's tasks keep theirs: tracebacks hold the frames
+    try:
+        await ex.run(workerfns.add, 0, 0)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            for fn in (workerfns.die, workerfns.raises):
+                try:
+                    await ex.run(fn)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+        after = len(os.listdir("/proc/self/fd"))
+    finally:
+        await ex.shutdown(kill=True)
+    assert len(errors) == 10
+    assert after <= before + 1, f"descriptors {before} -> {after} after 10 failed tasks"
+
+
 async def test_local_executor_warms_up_without_taking_a_worker_slot():
     ex = LocalExecutor(max_workers=1, log_format="json")
     try:

@@ -17,6 +17,10 @@ def niceness():
     return os.nice(0)
 
 
+def raises():
+    raise ValueError("bad value")
+
+
 def die():
     os._exit(13)
 

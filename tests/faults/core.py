@@ -164,6 +164,19 @@ def proc_sample(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_targets(pid: int) -> list[str]:
+    """What each open descriptor of a process points at (sockets, pipes and anon inodes
+    reduced to their kind), for naming a leak."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        out.append(re.sub(r":\[\d+\]$", "", target))
+    return sorted(out)
+
+
 # ---------------------------------------------------------------------------- HTTP
 def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
          host: str = "127.0.0.1", body: bytes | None = None) -> tuple[int, dict[str, str], str]:

@@ -188,6 +188,10 @@ class LocalExecutor:
                 proc.kill()
                 await asyncio.to_thread(proc.join, 5)
             self._procs.discard(proc)
+            if not proc.is_alive():
+                # the forkserver's two pipes per process are otherwise closed only when the
+                # Process is garbage-collected, and a failed task's traceback keeps it alive
+                proc.close()
         if ok:
             return value, usage
         raise value
