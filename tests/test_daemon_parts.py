@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -204,6 +205,120 @@ async def test_scheduler_runs_stage_and_gate_as_one_task_and_records_its_usage(t
     (run,) = group["stage_runs"]
     assert (run["cpu_s"], run["peak_rss_mb"], run["qa_s"]) == (3.5, 400.0, 0.25)
     assert not sched._usage, "nothing kept after the stage"
+
+
+async def test_scheduler_retries_a_completion_the_locked_database_refused(tmp_path):
+    """The database locked past its busy timeout when the stage finishes: the completion is
+    retried until it lands (the group advances), instead of the group staying claimed."""
+    import sqlite3
+    import threading
+    import time
+
+    from dsa110_contimg.config import QueueOptions
+    from dsa110_contimg.daemon.queue import GroupQueue
+    from dsa110_contimg.daemon.scheduler import Scheduler
+
+    ex = _CannedExecutor({"convert_and_check": (_conversion_answer(tmp_path), TaskUsage(1, 1))})
+    db = tmp_path / "q.sqlite"
+    async with await GroupQueue.open(db, QueueOptions(), busy_timeout_s=0.2) as q:
+        await _queue_with_group(q, tmp_path)
+        sched = Scheduler(_settings(tmp_path), q, ex, lambda alert: None, None, None, Metrics(),
+                          worker_id="w")
+        claim = await q.claim("w")
+        held = threading.Event()
+
+        def hold_lock(seconds):
+            raw = sqlite3.connect(db, isolation_level=None)
+            raw.execute("BEGIN IMMEDIATE")
+            held.set()
+            time.sleep(seconds)
+            raw.execute("ROLLBACK")
+            raw.close()
+
+        locker = threading.Thread(target=hold_lock, args=(2.0,))
+        locker.start()
+        held.wait()
+        await sched._process(claim)
+        locker.join()
+        group = await q.get_group(GID)
+    assert group["state"] == "converted" and group["worker"] is None
+    assert [r["outcome"] for r in group["stage_runs"]] == ["ok"]
+
+
+async def test_scheduler_holds_a_group_on_a_full_disk_without_using_an_attempt(tmp_path):
+    from dsa110_contimg.alerting.alert import Severity
+    from dsa110_contimg.config import QueueOptions
+    from dsa110_contimg.daemon.queue import GroupQueue
+    from dsa110_contimg.daemon.scheduler import Scheduler
+    from dsa110_contimg.errors import DiskFull
+
+    alerts = []
+    full = DiskFull("no space left on device writing /products/x.ms")
+    ex = _CannedExecutor({"convert_and_check": full})
+    async with await GroupQueue.open(tmp_path / "q.sqlite", QueueOptions(max_attempts=1)) as q:
+        await _queue_with_group(q, tmp_path)
+        sched = Scheduler(_settings(tmp_path), q, ex, alerts.append, None, None, Metrics(),
+                          worker_id="w")
+        for _ in range(3):  # more tries than max_attempts: none of them counts
+            await sched._process(await q.claim("w", now=time.time() + 3600))
+        group = await q.get_group(GID)
+        assert (group["state"], group["attempts"]) == ("pending", 0)
+        assert group["not_before"] > time.time() + 30, "tried again after the disk retry delay"
+        assert [r["outcome"] for r in group["stage_runs"]] == ["abandoned"] * 3
+        assert "no space left" in group["stage_runs"][0]["error"]
+        assert [(a.severity, a.category) for a in alerts] == [(Severity.CRITICAL, "disk.full")]
+        ex.answers["convert_and_check"] = (_conversion_answer(tmp_path), TaskUsage(1, 1))
+        await sched._process(await q.claim("w", now=time.time() + 3600))
+        assert await q.group_state(GID) == "converted"
+    assert [(a.severity, a.category) for a in alerts][1:] == [(Severity.INFO, "disk.full")]
+    assert sched.disk_full is None
+
+
+async def test_scheduler_sweep_takes_back_a_claim_left_behind_but_not_one_in_flight(tmp_path):
+    from dsa110_contimg.config import QueueOptions
+    from dsa110_contimg.daemon.queue import GroupQueue
+    from dsa110_contimg.daemon.scheduler import Scheduler
+
+    alerts = []
+    async with await GroupQueue.open(tmp_path / "q.sqlite",
+                                     QueueOptions(claim_timeout_s=1)) as q:
+        await _queue_with_group(q, tmp_path)
+        sched = Scheduler(_settings(tmp_path), q, _CannedExecutor({}), alerts.append, None,
+                          None, Metrics(), worker_id="w")
+        await q.claim("w")
+        await asyncio.sleep(1.2)
+        sched.inflight[GID] = asyncio.current_task()  # still running here: leave it alone
+        await sched._sweep()
+        assert (await q.get_group(GID))["state"] == "converting"
+        del sched.inflight[GID]  # its task is gone (crashed): nothing heartbeats the claim
+        sched._next_sweep = 0.0
+        await sched._sweep()
+        group = await q.get_group(GID)
+    assert group["state"] == "pending" and group["attempts"] == 0
+    assert [a.category for a in alerts] == ["daemon.recovered"]
+
+
+async def test_scheduler_logs_and_alerts_a_group_task_that_crashed(tmp_path):
+    import sqlite3
+
+    from dsa110_contimg.daemon.scheduler import Scheduler
+
+    alerts = []
+    sched = Scheduler(_settings(tmp_path), None, _CannedExecutor({}), alerts.append, None, None,
+                      Metrics(), worker_id="w")
+
+    async def crash():
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    task = asyncio.create_task(crash())
+    sched.inflight[GID] = task
+    task.add_done_callback(lambda t: sched._finished(GID, t))
+    with pytest.raises(sqlite3.DatabaseError):
+        await task
+    await asyncio.sleep(0)
+    assert GID not in sched.inflight
+    (alert,) = alerts
+    assert alert.category == "daemon.task" and "malformed" in alert.message
 
 
 def _calset(name="2026-06-01T044606_3C286"):

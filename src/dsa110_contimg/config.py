@@ -42,6 +42,8 @@ class QueueOptions:
     backoff_max_s: float = setting("CONTIMG_BACKOFF_MAX_S", 1800.0, "Longest retry delay", minimum=0)
     heartbeat_s: float = setting("CONTIMG_HEARTBEAT_S", 10.0, "How often a running stage refreshes its claim", minimum=0.1)
     claim_timeout_s: float = setting("CONTIMG_CLAIM_TIMEOUT_S", 300.0, "A claim without heartbeat this long is taken back", minimum=1)
+    disk_full_retry_s: float = setting("CONTIMG_DISK_FULL_RETRY_S", 60.0, "A stage stopped by a full disk is held (no attempt used) and tried again this often, until space returns", minimum=1)
+    poison_starts: int = setting("CONTIMG_POISON_STARTS", 3, "A group found in flight at this many consecutive unclean daemon starts (crash, kill, power cut) is quarantined as a suspected poison group rather than crash-looping the daemon", minimum=1)
     hold_retry_s: float = setting("CONTIMG_CAL_HOLD_RETRY_S", 120.0, "A group held for want of calibration is re-tried this often", minimum=0.1)
 
 

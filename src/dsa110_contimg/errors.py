@@ -1,11 +1,14 @@
 """A small exception tree.
 
-The scheduler translates these at the boundary: ``BadInputError`` quarantines a group
-(re-running cannot help), ``StageError`` and ``QAFailure`` are retried with backoff, and
+The scheduler translates these at the boundary: ``BadInputError`` and ``QAFailure``
+quarantine a group (re-running cannot help), ``StageError`` is retried with backoff (except
+``DiskFull``: held without using an attempt until space returns), and
 ``ConfigError`` stops the daemon at start-up with one line for the operator.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class ContimgError(Exception):
@@ -29,6 +32,22 @@ class BadInputError(ContimgError):
 
 class StageError(ContimgError):
     """A stage could not finish for a reason that may pass (disk full, CASA fault): retry."""
+
+
+class DiskFull(StageError):
+    """A disk filled while the stage wrote: not the group's fault, and no attempt is used.
+
+    The group is held and tried again until space returns."""
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when casacore or CASA reports it as a RuntimeError message."""
+    if isinstance(exc, DiskFull):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 class QAFailure(ContimgError):

@@ -68,12 +68,11 @@ def _poll(s: Session, state: str, timeout: float, boundary: bool) -> dict[str, s
 
 def session_crash(workdir: Path) -> list[Row]:
     rows = [Row(label, GOAL) for label, _, _ in KILLS]
-    # Every kill abandons the stages in flight and, by design (GroupQueue.recover_stale), an
-    # abandoned run uses one attempt, so that a group which kills the daemon cannot
-    # crash-loop it. Seven kills within a minute on two workers can hit one group's stage
-    # three times, which would (rightly) fail it under the default of 3: allow 6 here.
+    # Every kill abandons the stages in flight; a group in flight at CONTIMG_POISON_STARTS
+    # unclean starts in a row is quarantined as a suspected poison group. Seven kills within
+    # a minute can find one group in flight at each of them: allow 8 here.
     s = Session(workdir, "crash", CONTIMG_MAX_WORKERS="2", CONTIMG_CAL_HOLD_RETRY_S="5",
-                CONTIMG_MAX_ATTEMPTS="6")
+                CONTIMG_POISON_STARTS="8")
     try:
         a, b = s.simulate_run(at(0), 2, seed=81)  # 3C286 transits in a; b applies a's set
         s.start()

@@ -3,9 +3,10 @@ queue database locked by another process, worker processes dying and CASA raisin
 
 Expectations (each row's goal column):
 
-* output disk full (1 MB tmpfs): conversion fails with a 'no space left on device' reason and
-  is retried; nothing half-written in the output; once space returns (remount) the same group
-  converts, exactly once;
+* output disk full (1 MB tmpfs): conversion stops with a 'no space left on device' reason, the
+  group is held without using an attempt and a CRITICAL disk.full alert goes out; nothing
+  half-written in the output; once space returns (remount) the same group converts, exactly
+  once;
 * tmpfs too small: staging falls back to the scratch disk with a warning; the group converts;
 * state dir read-only at start: exit code 2 and one line naming CONTIMG_STATE_DIR;
 * queue locked by another process (BEGIN EXCLUSIVE) for a few seconds during ingest and during
@@ -60,11 +61,11 @@ def _wait_runs(s: Session, pred, what: str, timeout: float = WAIT_S) -> list[dic
 
 # ---------------------------------------------------------------------------- disks
 def session_disk(workdir: Path) -> list[Row]:
-    full = Row("output disk full (1 MB tmpfs), then space returns", "ENOSPC→retry→converted once")
+    full = Row("output disk full (1 MB tmpfs), then space returns",
+               "ENOSPC→held, no attempt→converted once")
     small = Row("tmpfs too small for staging (1 MB)", "disk staging + warning→converted")
     rows = [full, small]
-    s = Session(workdir, "disk", CONTIMG_MAX_ATTEMPTS="8", CONTIMG_BACKOFF_BASE_S="2",
-                CONTIMG_BACKOFF_MAX_S="4")
+    s = Session(workdir, "disk", CONTIMG_MAX_ATTEMPTS="1", CONTIMG_DISK_FULL_RETRY_S="2")
     try:
         out, shm = s.root / "outfs", s.root / "shmfs"
         why = s.mount_tmpfs(out, "1m") or s.mount_tmpfs(shm, "1m")
@@ -78,13 +79,16 @@ def session_disk(workdir: Path) -> list[Row]:
         gid = g["group_id"]
         s.start()
         s.drop(gid)
-        runs = _wait_runs(s, lambda rs: any(r["outcome"] == "failed" for r in rs),
-                          "a failed conversion attempt")
-        failed = [r for r in runs if r["outcome"] == "failed"]
-        full.check(re.search(r"no space left on device", failed[0]["error"] or "", re.I),
-                   f"the failure does not say the disk is full: {failed[0]['error']!r}")
-        full.check(s.groups()[gid]["state"] in ("pending", "converting"),
-                   f"after ENOSPC the group is {s.groups()[gid]['state']}, not retrying")
+        runs = _wait_runs(s, lambda rs: sum(r["outcome"] == "abandoned" for r in rs) >= 2,
+                          "two conversions stopped by the full disk")
+        held = [r for r in runs if r["outcome"] == "abandoned"]
+        full.check(re.search(r"no space left on device", held[0]["error"] or "", re.I),
+                   f"the hold does not say the disk is full: {held[0]['error']!r}")
+        full.check(not any(r["outcome"] == "failed" for r in runs),
+                   "a full disk was charged as a failed attempt")
+        g = s.groups()[gid]
+        full.check(g["state"] in ("pending", "converting") and g["attempts"] == 0,
+                   f"after ENOSPC the group is {g['state']} with {g['attempts']} attempts used")
         leftovers = [str(p.relative_to(out)) for p in out.rglob("*")
                      if p.is_file() and p.name != "qa.json" and not p.name.startswith(".contimg-write-test")]
         full.check(not leftovers and not half_written(out),
@@ -95,7 +99,7 @@ def session_disk(workdir: Path) -> list[Row]:
         s.wait_states({gid: CONVERTED_PLUS}, what="the group converted once space returned")
         status = s.status_json()
         finish(s, rows)
-        s.account(full, [Expect(gid, CONVERTED_PLUS, alerts=("conversion.failed",))],
+        s.account(full, [Expect(gid, CONVERTED_PLUS, alerts=("disk.full",))],
                   status=status)
         s.leftovers(full)
         warn = [e for e in s.events() if e.get("event") == "staging on disk"

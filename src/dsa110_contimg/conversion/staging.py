@@ -10,7 +10,6 @@ are removed the same way. Copying the inputs into staging is :mod:`.inputcopy`.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from ..errors import StageError
+from ..errors import DiskFull, StageError, is_no_space
 
 log = structlog.get_logger(__name__)
 
@@ -154,17 +153,9 @@ def remove_stale_partials(directory: Path) -> list[Path]:
     return removed
 
 
-def is_no_space(exc: BaseException) -> bool:
-    """ENOSPC/EDQUOT, also when casacore reports it as a RuntimeError message."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    return "No space left on device" in text or "Disk quota exceeded" in text
-
-
 def disk_error(exc: BaseException, path: Path) -> StageError:
     if is_no_space(exc):
-        return StageError(f"no space left on device writing {path}")
+        return DiskFull(f"no space left on device writing {path}")
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return StageError(f"cannot write {path}: {reason}")
 
@@ -180,7 +171,7 @@ def require_space(path: Path, need: int, what: str) -> None:
         probe = probe.parent
     free = free_bytes(probe)
     if free < need:
-        raise StageError(f"no space left on device for {what} at {path}: "
+        raise DiskFull(f"no space left on device for {what} at {path}: "
                          f"{free / 1e6:.1f} MB free, {need / 1e6:.1f} MB needed")
 
 

@@ -236,12 +236,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " AND json_type(flags, '$.calibration.group_id') IS NULL",
     ),
 }
+MIGRATIONS[5] = (
+    # v5: how many daemon starts in a row found the group in flight (claimed by a daemon that
+    # did not stop cleanly); reset when one of its stages completes. A poison group that
+    # crashes the daemon every time is quarantined instead of crash-looping it.
+    "ALTER TABLE groups ADD COLUMN unclean_starts INTEGER NOT NULL DEFAULT 0",
+)
 SCHEMA_VERSION = max(MIGRATIONS)
 COMPONENT = "queue"
 
 _SELECT_GROUP = (
     "SELECT id, anchor, state, created, updated, attempts, last_error, not_before, worker, "
-    "heartbeat, resting_state, flags, n_subbands, state_reason FROM groups"
+    "heartbeat, resting_state, flags, n_subbands, state_reason, unclean_starts FROM groups"
 )
 # the oldest group waiting in a resting state whose backoff has passed; groups in an active state
 _CLAIMABLE = (_SELECT_GROUP + " WHERE state IN (" + _RESTING_MARKS  # noqa: S608 - placeholders only
@@ -530,6 +536,7 @@ class GroupQueue(SQLiteComponent):
                                   {"cpu_s": cpu_s, "peak_rss_mb": peak_rss_mb, "qa_s": qa_s})
             await self._change(db, row, after, now, f"{_ACTIVE[row['state']][2]} ok",
                                attempts=0, last_error=None)
+            await db.execute("UPDATE groups SET unclean_starts = 0 WHERE id = ?", (group_id,))
         return after
 
     @_atomic
@@ -562,15 +569,20 @@ class GroupQueue(SQLiteComponent):
 
     @_atomic
     async def defer(self, group_id: str, worker_id: str, until_ts: float, reason: str,
-                    now: float | None = None) -> None:
-        """Put a claim back until ``until_ts`` without using an attempt (e.g. no calibration
-        yet). The stage never ran, so its open run row is dropped; the event keeps the reason."""
+                    now: float | None = None, ran: bool = False) -> None:
+        """Put a claim back until ``until_ts`` without using an attempt: no calibration yet
+        (the stage never ran: its open run row is dropped, the event keeps the reason), or
+        with ``ran`` a stage stopped by something that was not its fault, e.g. a full disk
+        (the run is recorded abandoned with the reason)."""
         now = _now(now)
         async with self._write() as db:
             row = await self._group(db, group_id)
             self._require_claim(row, worker_id)
-            await db.execute("DELETE FROM stage_runs WHERE group_id = ? AND finished IS NULL",
-                             (group_id,))
+            if ran:
+                await self._close_run(db, group_id, now, "abandoned", reason)
+            else:
+                await db.execute("DELETE FROM stage_runs WHERE group_id = ? AND finished IS NULL",
+                                 (group_id,))
             await self._change(db, row, _ACTIVE[row["state"]][0], now, f"deferred: {reason}",
                                not_before=float(until_ts))
 
@@ -598,35 +610,49 @@ class GroupQueue(SQLiteComponent):
         log.warning("queue.reconvert", group_id=group_id, reason=reason)
 
     @_atomic
-    async def recover_stale(self, now: float | None = None, all_active: bool = False) -> list[str]:
-        """Take back claims whose worker stopped heartbeating (or every claim, at start-up).
+    async def recover_stale(self, now: float | None = None, all_active: bool = False,
+                            exclude: Iterable[str] = ()) -> list[str]:
+        """Take back claims whose heartbeat stopped (or, with ``all_active``, every claim: at
+        start-up they belong to a daemon that did not stop cleanly); ``exclude`` the groups a
+        running daemon still has in flight.
 
-        An abandoned run counts as an attempt: a group that kills its worker every time (out of
-        memory, say) must end in ``failed`` rather than crash-loop the daemon.
+        No attempt is charged: a worker that dies is a stage failure, charged where it is seen;
+        what leaves a claim behind is the daemon (a crash, a lost database write). Instead
+        each start-up recovery counts an unclean start, and a group in flight at
+        ``poison_starts`` consecutive unclean starts is quarantined as a suspected poison
+        group, so it cannot crash-loop the daemon.
         """
         now = _now(now)
         cutoff = now - self.options.claim_timeout_s
+        skip = set(exclude)
         taken: list[str] = []
+        poisoned: list[str] = []
         async with self._write() as db:
-            rows = await _all(db, _ACTIVE_GROUPS,
-                              ACTIVE_STATES)
+            rows = await _all(db, _ACTIVE_GROUPS, ACTIVE_STATES)
             for row in rows:
-                if not all_active and (row["heartbeat"] or 0.0) >= cutoff:
+                if row["id"] in skip or (not all_active and (row["heartbeat"] or 0.0) >= cutoff):
                     continue
                 why = (f"claim by {row['worker']} abandoned "
                        f"(last heartbeat {now - (row['heartbeat'] or now):.0f} s ago)")
                 await self._close_run(db, row["id"], now, "abandoned", why)
-                attempts = row["attempts"] + 1
                 resting = _ACTIVE[row["state"]][0]
-                if attempts >= self.options.max_attempts:
-                    await self._change(db, row, "failed", now, f"{attempts} attempts used: {why}",
-                                       attempts=attempts, last_error=why, resting_state=resting)
+                starts = row["unclean_starts"]
+                if all_active:
+                    starts += 1
+                    await db.execute("UPDATE groups SET unclean_starts = ? WHERE id = ?",
+                                     (starts, row["id"]))
+                if starts >= self.options.poison_starts:
+                    why = (f"suspected poison group: in flight at {starts} consecutive unclean "
+                           f"daemon starts ({why})")
+                    await self._change(db, row, "quarantined", now, why, last_error=why,
+                                       resting_state=resting)
+                    poisoned.append(row["id"])
                 else:
-                    await self._change(db, row, resting, now, why, attempts=attempts,
-                                       last_error=why)
+                    await self._change(db, row, resting, now, why)
                 taken.append(row["id"])
         if taken:
-            log.warning("queue.recovered_stale_claims", groups=taken, all_active=all_active)
+            log.warning("queue.recovered_stale_claims", groups=taken, all_active=all_active,
+                        quarantined=poisoned)
         return taken
 
     @_atomic

@@ -18,18 +18,25 @@ import asyncio
 import json
 import os
 import socket
+import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from ..alerting.alert import Alert, Severity
 from ..config import Settings
 from ..conversion.storage import MSStorage
-from ..errors import BadInputError, CalibrationUnavailable, MeasurementSetLost, QAFailure
+from ..errors import (
+    BadInputError,
+    CalibrationUnavailable,
+    MeasurementSetLost,
+    QAFailure,
+    is_no_space,
+)
 from ..products import atomic_write, dumps, product_dir
 from ..qa.result import QAResult
 from .executor import StageExecutor
@@ -41,6 +48,8 @@ from .worker import TaskUsage
 log = structlog.get_logger(__name__)
 
 _NO_USAGE = TaskUsage(0.0, 0.0)
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.5, 30.0
+T = TypeVar("T")
 
 
 def new_worker_id() -> str:
@@ -89,6 +98,8 @@ class Scheduler:
         self._usage: dict[str, TaskUsage | None] = {}
         self._wake = asyncio.Event()
         self.draining = False
+        self._next_sweep = 0.0
+        self.disk_full: str | None = None  # why groups are held for space, while they are
 
     def wake(self, *_: object) -> None:
         self._wake.set()
@@ -98,6 +109,7 @@ class Scheduler:
                   idle_check: Callable[[], Any] | None = None) -> None:
         """Claim while there is room; with ``once``, return when nothing is left to do."""
         while not stop.is_set():
+            await self._sweep()
             while len(self.inflight) < self.s.executor.max_workers and not stop.is_set():
                 try:
                     claim = await self.queue.claim(self.worker_id)
@@ -108,7 +120,7 @@ class Scheduler:
                     break
                 task = asyncio.create_task(self._process(claim), name=f"group:{claim.group_id}")
                 self.inflight[claim.group_id] = task
-                task.add_done_callback(lambda t, g=claim.group_id: self._finished(g))
+                task.add_done_callback(lambda t, g=claim.group_id: self._finished(g, t))
             if once and not self.inflight and idle_check is not None and await idle_check():
                 return
             self._wake.clear()
@@ -117,9 +129,35 @@ class Scheduler:
             for w in waiters:
                 w.cancel()
 
-    def _finished(self, group_id: str) -> None:
+    def _finished(self, group_id: str, task: asyncio.Task) -> None:
         self.inflight.pop(group_id, None)
         self._wake.set()
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        # _process handles every stage outcome; what escapes is the daemon's own fault. The
+        # claim stays behind and the sweep takes it back once its heartbeat is stale.
+        log.error("group_task_crashed", group_id=group_id,
+                  error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        self.emit(Alert(Severity.ERROR, "daemon.task", f"Processing of {group_id} crashed",
+                        f"{type(exc).__name__}: {exc}", {"group_id": group_id}))
+
+    async def _sweep(self) -> None:
+        """Take back, while running, claims nothing heartbeats any more (a group task that
+        crashed, a claim whose outcome could not be written); never the groups in flight."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + max(1.0, self.s.queue.claim_timeout_s / 4)
+        try:
+            taken = await self.queue.recover_stale(exclude=set(self.inflight))
+        except Exception as exc:  # noqa: BLE001 - e.g. DB locked: the next sweep tries again
+            log.error("stale_sweep_failed", error=str(exc))
+            return
+        if taken:
+            self.emit(Alert(Severity.WARNING, "daemon.recovered",
+                            f"Took back {len(taken)} stale claim(s)", ", ".join(taken),
+                            {"groups": taken}))
 
     async def drain(self, timeout: float) -> list[str]:
         """Let in-flight stages finish up to ``timeout``; give the rest back to the queue."""
@@ -145,9 +183,25 @@ class Scheduler:
     async def _heartbeat(self, group_id: str) -> None:
         while True:
             await asyncio.sleep(self.s.queue.heartbeat_s)
-            if not await self.queue.heartbeat(group_id, self.worker_id):
-                log.warning("claim_lost", group_id=group_id)
-                return
+            try:
+                if not await self.queue.heartbeat(group_id, self.worker_id):
+                    log.warning("claim_lost", group_id=group_id)
+                    return
+            except Exception as exc:  # noqa: BLE001 - e.g. DB locked: beat again next time
+                log.warning("heartbeat_failed", group_id=group_id, error=str(exc))
+
+    async def _bookkeep(self, what: str, write: Callable[[], Awaitable[T]]) -> T:
+        """A queue write that records a stage's outcome, retried until it succeeds: given up,
+        the group would stay claimed with its result lost. Only the database's own trouble
+        (locked past the busy timeout, disk full, I/O) is retried."""
+        delay = _RETRY_FIRST_S
+        while True:
+            try:
+                return await write()
+            except sqlite3.OperationalError as exc:
+                log.error("queue_write_retry", what=what, error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(_RETRY_MAX_S, 2 * delay)
 
     async def _process(self, claim: Claim) -> None:
         gid, stage = claim.group_id, claim.stage
@@ -171,16 +225,20 @@ class Scheduler:
             await self._quarantine(claim, exc, time.monotonic() - t0)
             await self.archive(claim)
         except Exception as exc:  # noqa: BLE001 - any other failure is retried, never fatal
-            if await self._retry(claim, exc, time.monotonic() - t0) == "failed":
+            if is_no_space(exc):
+                await self._hold_for_space(claim, exc)
+            elif await self._retry(claim, exc, time.monotonic() - t0) == "failed":
                 await self.archive(claim)
         else:
+            self._space_back()
             took = time.monotonic() - t0
             self.metrics.stage_done(stage, took)
             metrics = {"result": result, "qa": qa.as_dict()}
             usage = self._usage.get(gid)
             cpu_s, rss_mb = (None, None) if usage is None else (usage.cpu_s, usage.peak_rss_mb)
-            state = await self.queue.complete(gid, self.worker_id, took, metrics, cpu_s=cpu_s,
-                                              peak_rss_mb=rss_mb, qa_s=qa.duration_s)
+            state = await self._bookkeep("complete", lambda: self.queue.complete(
+                gid, self.worker_id, took, metrics, cpu_s=cpu_s, peak_rss_mb=rss_mb,
+                qa_s=qa.duration_s))
             log.info("stage_done", duration_s=round(took, 2), state=state,
                      qa_s=round(qa.duration_s, 3), cpu_s=cpu_s and round(cpu_s, 2),
                      peak_rss_mb=rss_mb and round(rss_mb, 1))
@@ -201,32 +259,59 @@ class Scheduler:
 
     async def _hold(self, claim: Claim, reason: str) -> None:
         policy_retry = self.s.queue.hold_retry_s
-        await self.queue.set_flag(claim.group_id, HOLD_FLAG, reason)
-        await self.queue.defer(claim.group_id, self.worker_id, time.time() + policy_retry, reason)
+        gid = claim.group_id
+        await self._bookkeep("hold", lambda: self.queue.set_flag(gid, HOLD_FLAG, reason))
+        await self._bookkeep("defer", lambda: self.queue.defer(
+            gid, self.worker_id, time.time() + policy_retry, reason))
         self.emit(Alert(Severity.WARNING, "calibration.stale",
                         f"Calibration stale: holding {claim.group_id}", reason,
                         {"group_id": claim.group_id, "policy": "hold"}))
+
+    async def _hold_for_space(self, claim: Claim, exc: Exception) -> None:
+        """A disk filled: the group is not at fault. Hold it without using an attempt and try
+        again every CONTIMG_DISK_FULL_RETRY_S; alert once until a stage completes again."""
+        reason = f"{type(exc).__name__}: {exc}"
+        gid, retry_s = claim.group_id, self.s.queue.disk_full_retry_s
+        await self._bookkeep("defer", lambda: self.queue.defer(
+            gid, self.worker_id, time.time() + retry_s, f"disk full: {reason}", ran=True))
+        log.error("stage_held_disk_full", error=reason, retry_in_s=retry_s)
+        if self.disk_full is None:
+            self.emit(Alert(Severity.CRITICAL, "disk.full",
+                            f"Disk full: holding groups at {claim.stage}",
+                            f"{reason}. Groups wait without using attempts and resume by "
+                            "themselves once space is freed.", {"group_id": gid,
+                                                                "stage": claim.stage}))
+        self.disk_full = reason
+
+    def _space_back(self) -> None:
+        if self.disk_full is not None:
+            log.info("disk_space_back", was=self.disk_full)
+            self.emit(Alert(Severity.INFO, "disk.full", "Disk space is back",
+                            f"A stage completed again after: {self.disk_full}", {}))
+            self.disk_full = None
 
     async def _quarantine(self, claim: Claim, exc: Exception, took: float) -> None:
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, QAFailure):
             self.metrics.qa_failed(claim.stage)
-        await self.queue.quarantine(claim.group_id, reason, worker_id=self.worker_id)
+        await self._bookkeep("quarantine", lambda: self.queue.quarantine(
+            claim.group_id, reason, worker_id=self.worker_id))
         log.error("group_quarantined", reason=reason, duration_s=round(took, 2))
         self.emit(Alert(Severity.ERROR, f"{claim.stage}.quarantined",
                         f"Group {claim.group_id} quarantined at {claim.stage}", reason,
                         {"group_id": claim.group_id, "stage": claim.stage}))
 
     async def _reconvert(self, claim: Claim, reason: str) -> None:
-        await self.queue.reconvert(claim.group_id, self.worker_id, reason)
+        await self._bookkeep("reconvert", lambda: self.queue.reconvert(
+            claim.group_id, self.worker_id, reason))
         self.emit(Alert(Severity.WARNING, "conversion.lost",
                         f"MS of {claim.group_id} lost: converting it again", reason,
                         {"group_id": claim.group_id, "stage": claim.stage}))
 
     async def _retry(self, claim: Claim, exc: Exception, took: float) -> str:
         reason = f"{type(exc).__name__}: {exc}"
-        state = await self.queue.fail(claim.group_id, self.worker_id, reason, retry=True,
-                                      duration_s=took)
+        state = await self._bookkeep("fail", lambda: self.queue.fail(
+            claim.group_id, self.worker_id, reason, retry=True, duration_s=took))
         sev = Severity.ERROR if state == "failed" else Severity.WARNING
         log.log(40 if state == "failed" else 30, "stage_failed", error=reason, state=state,
                 attempt=claim.attempt)
@@ -309,5 +394,5 @@ class Scheduler:
         res, qa = await self._run(claim, spec.task, *args, nice=nice)
         qa = await spec.finish(self, claim, res, qa)
         rec = record(res)
-        await self.queue.set_flag(claim.group_id, spec.name, rec)
+        await self._bookkeep("result", lambda: self.queue.set_flag(claim.group_id, spec.name, rec))
         return rec, qa

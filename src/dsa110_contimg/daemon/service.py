@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import signal
 import sqlite3
@@ -33,6 +34,7 @@ from .queue import ACTIVE_STATES, RESTING_STATES, GroupQueue
 from .scheduler import Scheduler, ms_storage, new_worker_id
 from .sdnotify import Notifier, watchdog_interval_s, watchdog_loop
 from .stages import HOLD_FLAG
+from .supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ..catalogue import BuildReport
@@ -208,6 +210,7 @@ class _Daemon:
     watcher: Any = None
     api: Any = None
     outlook: Any = None  # the calibration outlook (cached), shared by its monitor and the API
+    supervisor: Supervisor | None = None
     metrics: Metrics = field(default_factory=Metrics)
 
     async def open(self) -> None:
@@ -224,12 +227,7 @@ class _Daemon:
         self.registry = await CalRegistry.open(s.queue_db)
         self.catalog = await ImageCatalog.open(s.queue_db)
         await sweep_work_area(s, self.queue)
-        recovered = await self.queue.recover_stale(all_active=True)
-        if recovered:
-            log.warning("claims_recovered", groups=recovered)
-            self.router.emit(Alert(Severity.WARNING, "daemon.recovered",
-                                   f"Took back {len(recovered)} unfinished stage(s) after a "
-                                   "restart", ", ".join(recovered), {"groups": recovered}))
+        await self.recover_claims()
         self.executor = await make_executor(s.executor.executor, s.executor.max_workers,
                                             s.log.level, _worker_log_format(s.log.format),
                                             s.executor.stage_timeout_s)
@@ -239,6 +237,24 @@ class _Daemon:
                                on_ready=self.scheduler.wake)
         self.watcher = Watcher(s.paths.input_dir, self.grouper.submit)
         self.outlook = outlook_provider(s, self.registry, self.queue)
+
+    async def recover_claims(self) -> None:
+        """Take back the claims of a predecessor that did not stop cleanly (a clean stop
+        releases them); a group in flight at too many such starts in a row is quarantined."""
+        recovered = await self.queue.recover_stale(all_active=True)
+        if not recovered:
+            return
+        log.warning("claims_recovered", groups=recovered)
+        self.router.emit(Alert(Severity.WARNING, "daemon.recovered",
+                               f"Took back {len(recovered)} unfinished stage(s) after an "
+                               "unclean stop", ", ".join(recovered), {"groups": recovered}))
+        for gid in recovered:
+            if await self.queue.group_state(gid) == "quarantined":
+                reason = (await self.queue.get_group(gid))["last_error"]
+                log.error("group_quarantined", group_id=gid, reason=reason)
+                self.router.emit(Alert(Severity.ERROR, "daemon.poison",
+                                       f"Group {gid} quarantined: suspected poison group",
+                                       reason, {"group_id": gid}))
 
     def monitors(self) -> list[Any]:
         from ..alerting.monitors import CalibrationOutlookMonitor, SystemMonitor
@@ -267,7 +283,14 @@ class _Daemon:
         s, queue, router, scheduler = self.s, self.queue, self.router, self.scheduler
 
         async def health() -> dict[str, Any]:
-            return {"executor": self.executor.describe(), "inflight": sorted(scheduler.inflight),
+            sup = self.supervisor
+            problems = [f"task {n}: {st.state}" for n, st in (sup.status if sup else {}).items()
+                        if st.state not in ("running", "stopped")]
+            if scheduler.disk_full:
+                problems.append(f"disk full: {scheduler.disk_full}")
+            return {"status": "degraded" if problems else "ok", "problems": problems,
+                    "tasks": sup.report() if sup else {},
+                    "executor": self.executor.describe(), "inflight": sorted(scheduler.inflight),
                     "draining": scheduler.draining, "counts": await queue.counts()}
 
         async def queue_view() -> dict[str, Any]:
@@ -352,6 +375,8 @@ class _Daemon:
         # a stopped daemon holds no RAM: drop the tile files kept for the next conversion
         await asyncio.to_thread(ms_storage(self.s).free_warm_columns)
         stop.set()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -388,15 +413,16 @@ async def _serve(s: Settings, once: bool) -> int:
         await d.start_api()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, d.on_signal, stop, sig.name)
-    tasks = [asyncio.create_task(d.watcher.run(stop_intake), name="watcher"),
-             asyncio.create_task(d.grouper.run(stop_intake), name="grouper"),
-             *(asyncio.create_task(m.run(stop), name=name)
-               for name, m in zip(("monitor", "calibration-outlook"), d.monitors(), strict=True)),
-             asyncio.create_task(_status_loop(notifier, d.queue, stop), name="sd-status"),
-             asyncio.create_task(_warm(d.executor), name="warm-executor")]
+    sup = d.supervisor = Supervisor(d.router.emit, lambda name: stop.set())
+    sup.start("watcher", lambda: d.watcher.run(stop_intake))
+    sup.start("grouper", lambda: d.grouper.run(stop_intake))
+    for name, monitor in zip(("monitor", "calibration-outlook"), d.monitors(), strict=True):
+        sup.start(name, functools.partial(monitor.run, stop))
+    sup.start("sd-status", lambda: _status_loop(notifier, d.queue, stop))
     wd = watchdog_interval_s()
     if wd:
-        tasks.append(asyncio.create_task(watchdog_loop(notifier, wd, stop), name="watchdog"))
+        sup.start("watchdog", lambda: watchdog_loop(notifier, wd, stop))
+    tasks = [asyncio.create_task(_warm(d.executor), name="warm-executor")]
     started = time.monotonic()
     log.info("daemon_ready", input_dir=str(s.paths.input_dir), executor=d.executor.describe(),
              once=once, api=f"{s.api.host}:{d.api.port}" if d.api else None)
@@ -407,6 +433,10 @@ async def _serve(s: Settings, once: bool) -> int:
     finally:
         released = await d.close(tasks, stop, stop_intake)
         log.info("daemon_stopped", released=released)
+    if sup.failed:
+        log.critical("daemon_exit", reason=f"background task {sup.failed} could not be kept "
+                                           "running")
+        return 1
     return 0
 
 

@@ -12,8 +12,12 @@ run. Imports stay inside the functions so a worker loads only its own stage's st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from ..errors import BadInputError, is_no_space
 
 if TYPE_CHECKING:
     from ..calibration.options import CalibrationOptions
@@ -24,6 +28,8 @@ if TYPE_CHECKING:
     from ..imaging.stage import ImagingInputs, ImagingResult
     from ..qa.options import CalQAThresholds, ImageQAThresholds, MSQAThresholds
     from ..qa.result import QAResult
+
+T = TypeVar("T")
 
 
 def convert_and_check(inputs: ConversionInputs, options: ConversionOptions,
@@ -45,7 +51,7 @@ def calibrate_and_check(inputs: CalibrationInputs, options: CalibrationOptions,
     from ..calibration.stage import calibrate_group
     from ..qa.calibration import check_calibration_quality
 
-    res = calibrate_group(inputs, options)
+    res = _reading_ms(inputs.ms_path, lambda: calibrate_group(inputs, options))
     if res.mode == "uncalibrated":
         return res, None
     return res, check_calibration_quality(res.new_set or inputs.apply_set, inputs.ms_path,
@@ -58,5 +64,48 @@ def image_and_check(inputs: ImagingInputs, options: ImagingOptions, thresholds: 
     from ..imaging.stage import image_group
     from ..qa.image import check_image_quality
 
-    res = image_group(inputs, options)
+    res = _reading_ms(inputs.ms_path, lambda: image_group(inputs, options))
     return res, check_image_quality(res, thresholds, calibrator)
+
+
+def _reading_ms(ms: Path, stage: Callable[[], T]) -> T:
+    """Run a stage that reads a converted MS. When CASA raises, look at the MS itself: a
+    table CASA cannot read is bad input (quarantined: retrying cannot mend it, and an operator
+    requeue converts it again), anything else stays a failure that may pass (retried)."""
+    try:
+        return stage()
+    except RuntimeError as exc:
+        if is_no_space(exc):
+            raise
+        why = ms_unreadable(Path(ms))
+        if why is None:
+            raise
+        raise BadInputError(f"corrupt measurement set: {why} (the stage failed with: {exc})",
+                            path=str(ms)) from None
+
+
+def ms_unreadable(ms: Path) -> str | None:
+    """Why casatools cannot read the MS, or None when it can: the main table's first and last
+    rows and the subtables every stage needs."""
+    import casatools
+
+    tb = casatools.table()
+    for sub in ("", "ANTENNA", "SPECTRAL_WINDOW", "FIELD", "DATA_DESCRIPTION"):
+        path = f"{ms}/{sub}" if sub else str(ms)
+        try:
+            tb.open(path, nomodify=True)
+        except RuntimeError as exc:
+            return f"cannot open {path}: {exc}"
+        try:
+            n = tb.nrows()
+            if n == 0:
+                return f"{path} has no rows"
+            cols = ("TIME", "DATA", "FLAG") if not sub else (tb.colnames()[0],)
+            for col in cols:
+                for row in (0, n - 1):
+                    tb.getcell(col, row)
+        except RuntimeError as exc:
+            return f"cannot read {path}: {exc}"
+        finally:
+            tb.close()
+    return None

@@ -11,6 +11,8 @@ from typing import Any
 
 import structlog
 
+from ..errors import DiskFull, is_no_space
+
 
 @dataclass(frozen=True)
 class TaskUsage:
@@ -49,4 +51,11 @@ def call_stage(fn: Any, args: tuple, group_id: str | None, nice: int = 0) -> Any
     structlog.contextvars.clear_contextvars()
     if group_id:
         structlog.contextvars.bind_contextvars(group_id=group_id)
-    return fn(*args)
+    try:
+        return fn(*args)
+    except DiskFull:
+        raise
+    except (OSError, RuntimeError) as exc:
+        if is_no_space(exc):  # whichever stage and library hit it: the daemon holds the group
+            raise DiskFull(f"no space left on device: {exc}") from exc
+        raise
