@@ -553,7 +553,7 @@ def _api(tmp_path, token="s3cret-token"):
 
     async def metrics():
         return render_prometheus({"pending": 1}, Metrics(), {"sent": {"slack": {"qa": 2}}},
-                                 {"output": tmp_path})
+                                 {"output": shutil.disk_usage(tmp_path).free, "input": None})
 
     async def empty():
         return []

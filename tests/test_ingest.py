@@ -360,18 +360,18 @@ async def test_watcher_deduplicates_and_stops(tmp_path: Path, template: Path) ->
     seen: list[str] = []
     watcher = Watcher(tmp_path, lambda p: seen.append(p.name))
     a = put(tmp_path, "2025-06-01T16:00:00_sb00.hdf5", template)
-    watcher.scan()
-    watcher.scan()
-    watcher.consider(a)
+    await watcher.scan()
+    await watcher.scan()
+    await watcher.consider(a)
     assert seen == [a.name]
     os.utime(a, ns=(1, 1))                       # mtime change
-    watcher.consider(a)
+    await watcher.consider(a)
     put(tmp_path, "x.partial", template)
     os.replace(tmp_path / "x.partial", a)        # new inode
-    watcher.consider(a)
+    await watcher.consider(a)
     a.unlink()
-    watcher.consider(a)                          # vanished: forwarded once
-    watcher.consider(a)
+    await watcher.consider(a)                          # vanished: forwarded once
+    await watcher.consider(a)
     assert seen == [a.name] * 4
 
     seen.clear()
@@ -389,3 +389,52 @@ async def test_watcher_deduplicates_and_stops(tmp_path: Path, template: Path) ->
     t0 = time.monotonic()
     await asyncio.wait_for(task, 5)
     assert time.monotonic() - t0 < 1.0
+
+
+# --------------------------------------------------------------------------- the input mount
+async def test_an_input_directory_that_goes_away_and_comes_back_loses_nothing(
+        tmp_path: Path, template: Path) -> None:
+    """The input directory vanishes (an unmounted NFS share) for longer than the group
+    timeout: the group waits instead of timing out, keeps its files, and completes once the
+    directory is back; the watcher watches the directory anew."""
+    options = replace(FAST, group_timeout_s=1.5, stable_seconds=0.2, timeout_policy="quarantine")
+    gid = "2025-06-01T18:00:00"
+    async with Ingest(tmp_path, options) as ing:
+        for sb in range(3):
+            put(ing.input, f"{gid}_sb{sb:02d}.hdf5", template)
+        await wait_until(lambda: _has_files(ing.queue, gid, 3), 10, "three files recorded")
+        away = tmp_path / "away"
+        ing.input.rename(away)
+        await asyncio.sleep(3 * options.group_timeout_s)
+        assert (await ing.states())[gid] == "collecting", "timed out while its input was away"
+        put(away, f"{gid}_sb03.hdf5", template)  # written on the server meanwhile
+        away.rename(ing.input)
+        await wait_until(lambda: _state_is(ing.queue, gid, "pending"), 15,
+                         "the group complete once its directory is back")
+        group = await ing.queue.get_group(gid)
+    assert sorted(f["subband"] for f in group["files"]) == [0, 1, 2, 3]
+    assert not ing.alerts
+
+
+async def test_a_requeued_group_stopped_at_ingest_finds_its_files_again(
+        tmp_path: Path, template: Path) -> None:
+    """Timed out and quarantined with a subband missing; the file turns up later; the
+    operator's requeue sends the group back to collecting and ingest finds all four."""
+    options = replace(FAST, group_timeout_s=1.0, stable_seconds=0.2, timeout_policy="quarantine")
+    gid = "2025-06-01T19:00:00"
+    async with Ingest(tmp_path, options) as ing:
+        for sb in range(3):
+            put(ing.input, f"{gid}_sb{sb:02d}.hdf5", template)
+        await wait_until(lambda: _state_is(ing.queue, gid, "quarantined"), 10, "timed out")
+        put(ing.input, f"{gid}_sb03.hdf5", template)  # late: ignored for a stopped group
+        await asyncio.sleep(0.5)
+        assert await ing.queue.requeue(gid, expected_subbands=4) == "collecting"
+        await wait_until(lambda: _state_is(ing.queue, gid, "pending"), 20,
+                         "the requeued group complete")
+        group = await ing.queue.get_group(gid)
+    assert sorted(f["subband"] for f in group["files"]) == [0, 1, 2, 3]
+
+
+async def _state_is(queue: GroupQueue, gid: str, state: str) -> bool:
+    groups = {g["id"]: g["state"] for g in await queue.list_groups()}
+    return groups.get(gid) == state

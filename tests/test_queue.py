@@ -142,7 +142,20 @@ def test_expected_table_covers_exactly_the_legal_transitions() -> None:
     exercised = {(s, t) for s, ops in EXPECTED.items() for t in ops.values() if t}
     # active -> failed is reached by fail() once attempts run out (tested below)
     exercised |= {(a, "failed") for a in ("converting", "calibrating", "imaging")}
+    # quarantined -> collecting: the requeue of a group stopped at ingest with files missing
+    exercised.add(("quarantined", "collecting"))
     assert exercised == set(LEGAL_TRANSITIONS)
+
+
+async def test_requeue_sends_a_group_stopped_at_ingest_short_of_files_to_collecting(
+        queue: GroupQueue) -> None:
+    await queue.create_group(G1)
+    await queue.record_file(G1, 0, Path(f"/in/{G1}_sb00.hdf5"), 10, 1.0)
+    await queue.quarantine(G1, "timed out: 1/16 subbands")
+    assert await queue.requeue(G1, expected_subbands=16) == "collecting"
+    assert await state_of(queue, G1) == "collecting"
+    await queue.quarantine(G1, "timed out again")
+    assert await queue.requeue(G1) == "pending", "without an expected count: pending as before"
 
 
 async def test_claim_walks_stages_oldest_first_and_done_once(queue: GroupQueue) -> None:

@@ -33,6 +33,7 @@ class IngestOptions:
     timeout_policy: str = setting("CONTIMG_TIMEOUT_POLICY", "process", "What to do with a group still incomplete at the timeout", choices=("process", "quarantine"))
     min_subbands: int = setting("CONTIMG_MIN_SUBBANDS", 12, "Fewest subbands the 'process' timeout policy accepts", minimum=1)
     poll_interval_s: float = setting("CONTIMG_INGEST_POLL_S", 1.0, "How often pending files are re-checked for completeness", minimum=0.05)
+    fs_timeout_s: float = setting("CONTIMG_INPUT_FS_TIMEOUT_S", 30.0, "A filesystem call on the input mount (stat, listing, header read) that takes longer marks the mount hung: ingest pauses (no group times out), /health says so and an alert goes out, until the call returns", minimum=0.1)
 
 
 @dataclass(frozen=True)

@@ -43,14 +43,16 @@ def register(sub: argparse._SubParsersAction, settings_from: Callable[[argparse.
 
     p.set_defaults(func=status)
 
-    p = sub.add_parser("requeue", help="put a failed/quarantined group back to pending")
+    p = sub.add_parser("requeue", help="put a failed/quarantined group back to pending (or, stopped at ingest "
+                       "with files missing, to collecting: ingest looks for them again)")
     add_common(p)
     p.add_argument("group")
 
     def requeue(args: argparse.Namespace) -> int:
         from .status import requeue_group
 
-        print(asyncio.run(requeue_group(settings_from(args).queue_db, args.group)))
+        s = settings_from(args)
+        print(asyncio.run(requeue_group(s.queue_db, args.group, s.ingest.expected_subbands)))
         return 0
 
     p.set_defaults(func=requeue)

@@ -13,7 +13,15 @@ group quarantined under it.
 The stability clock starts at the moment a change is known to have happened: after the previous
 observation and no later than now, and at the file's mtime when that falls between the two.
 So a file found complete at start-up is not made to wait again, and a missed event costs no
-latency.
+latency. Durations (stability, group timeouts, retries) run on the monotonic clock; the wall
+clock only converts a file's mtime and a group's stored creation time once, so a step of the
+wall clock moves nothing by more than the step.
+
+Every filesystem call goes through the input mount's :class:`FsGate`. A tracked file that is
+gone while its directory is gone too, or now lies on another filesystem (the input mount went
+away, leaving the bare mount point), or while the mount hangs, is *unavailable*, not vanished:
+its group keeps it and its timeout pauses until the mount is back, and the file is taken up
+again when it reappears.
 
 Everything runs in one task: the watcher only enqueues paths (:meth:`Grouper.submit`), so no
 state here is shared between coroutines.
@@ -35,6 +43,7 @@ from ..config import IngestOptions
 from ..conversion.validate import check_uvh5_header
 from ..errors import IllegalTransition
 from ..products import InvalidName, group_id_for, parse_subband_name
+from .fsgate import FsGate, MountHung
 from .queue import DuplicateSubband, GroupQueue
 
 log = structlog.get_logger(__name__)
@@ -45,10 +54,40 @@ Signature = tuple[int, int, int]  # (inode, size, mtime_ns)
 _MTIME_EPS = 1e-3
 _MTIME_TICK = 0.02
 _MAX_IGNORED = 10_000
+_ADOPT_EVERY_S = 5.0
 
 
 def _signature(st: os.stat_result) -> Signature:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_UNAVAILABLE = "unavailable"
+
+
+def _stat_files(paths: list[tuple[Path, int | None]]) -> list[os.stat_result | str | None]:
+    """Blocking, on the input mount's gate: each (path, device it was seen on) stats to its
+    stat_result, None (gone: its directory is there, on the same device), ``_UNAVAILABLE``
+    (its directory is gone or on another device: the mount went away), or an error text."""
+    parents: dict[Path, os.stat_result | None] = {}
+    out: list[os.stat_result | str | None] = []
+    for path, dev in paths:
+        try:
+            out.append(path.stat())
+            continue
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            out.append(str(exc))
+            continue
+        if path.parent not in parents:
+            try:
+                parents[path.parent] = path.parent.stat()
+            except OSError:
+                parents[path.parent] = None
+        parent = parents[path.parent]
+        gone = parent is not None and (dev is None or parent.st_dev == dev)
+        out.append(None if gone else _UNAVAILABLE)
+    return out
 
 
 @dataclass
@@ -57,19 +96,26 @@ class _File:
     group_id: str
     subband: int
     sig: Signature | None = None
-    changed_at: float = 0.0      # the current signature has held since at least this time
+    dev: int | None = None       # the filesystem the file was seen on
+    # monotonic times: the current signature has held since at least changed_at
+    changed_at: float = 0.0
     seen_at: float = float("-inf")
     verified: bool = False
     bad_since: float | None = None
     bad_reason: str | None = None
     stat_error: str | None = None
+    unavailable: bool = False
 
-    def observe(self, sig: Signature, now: float) -> bool:
-        """Record a stat; True when the file changed since the last one."""
+    def observe(self, st: os.stat_result, now: float, wall: float) -> bool:
+        """Record a stat at monotonic ``now`` (wall time ``wall``); True when the file
+        changed since the last one."""
+        sig = _signature(st)
+        self.dev = st.st_dev
+        self.unavailable = False
         changed = sig != self.sig
         if changed:
             # Kernels stamp mtime from a coarse clock (one tick, a few ms, behind): pad it.
-            mtime = sig[2] / 1e9 + _MTIME_TICK
+            mtime = now - max(0.0, wall - (sig[2] / 1e9 + _MTIME_TICK))
             self.changed_at = max(self.seen_at, min(now, mtime))
             self.sig = sig
             self.verified = False
@@ -81,8 +127,9 @@ class _File:
 @dataclass
 class _Group:
     group_id: str
-    created: float
+    created: float  # monotonic; paused time (input unavailable) is added to it
     files: dict[int, _File] = field(default_factory=dict)
+    paused_since: float | None = None  # monotonic: since when its input is unavailable
 
 
 class Grouper:
@@ -91,12 +138,15 @@ class Grouper:
     def __init__(self, queue: GroupQueue, options: IngestOptions,
                  emit: Callable[[Alert], None] | None = None,
                  on_ready: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, fs: FsGate | None = None) -> None:
         self.queue = queue
         self.options = options
         self._emit = emit
         self._on_ready = on_ready
         self._clock = clock
+        self._wall = wall
+        self._fs = fs or FsGate("input", Path("."))
         self._inbox: asyncio.Queue[Path] = asyncio.Queue()
         self._groups: dict[str, _Group] = {}
         self._files: dict[Path, _File] = {}
@@ -106,6 +156,7 @@ class Grouper:
         # watcher forwards a path only once per signature, so without a retry the file would
         # be dropped from its group. path -> (when to retry, backoff)
         self._retry: dict[Path, tuple[float, float]] = {}
+        self._next_adopt = 0.0
 
     # ----------------------------------------------------------------- inputs
     def submit(self, path: Path) -> None:
@@ -147,6 +198,9 @@ class Grouper:
                             backoff = min(60.0, max(1.0, 2 * backoff))
                             self._retry[path] = (self._clock() + backoff, backoff)
                     await self._guarded(self.check(), "ingest.check_failed")
+                    if self._clock() >= self._next_adopt:
+                        self._next_adopt = self._clock() + _ADOPT_EVERY_S
+                        await self._guarded(self.adopt(), "ingest.adopt_failed")
                 finally:
                     self._busy = False
         finally:
@@ -178,13 +232,37 @@ class Grouper:
     async def restore(self) -> None:
         """Pick up groups that were still collecting when the daemon stopped."""
         for row in await self.queue.list_groups(states=["collecting"], limit=100_000):
-            group = self._groups.setdefault(row["id"], _Group(row["id"], row["created"]))
+            group = self._groups.setdefault(row["id"], _Group(row["id"],
+                                                              self._since(row["created"])))
             for sb, rec in (await self.queue.file_records(row["id"])).items():
                 f = _File(rec.path, row["id"], sb)
                 group.files[sb] = f
                 self._files[rec.path] = f
         if self._groups:
             log.info("ingest.restored", groups=sorted(self._groups), files=len(self._files))
+
+    async def adopt(self) -> None:
+        """Take up groups put back to ``collecting`` from outside (an operator's requeue of a
+        group stopped at ingest) and look in the input directory for their files again."""
+        rows = [r for r in await self.queue.list_groups(states=["collecting"], limit=100_000)
+                if r["id"] not in self._groups]
+        if not rows:
+            return
+        names = await self._fs.call(os.listdir, self._fs.path)
+        tol = self.options.group_tolerance_s
+        for row in rows:
+            group = self._groups[row["id"]] = _Group(row["id"], self._clock())
+            log.info("ingest.group_adopted", group_id=row["id"],
+                     reason="back in collecting (requeued): looking for its files again")
+            for sb, rec in (await self.queue.file_records(row["id"])).items():
+                group.files[sb] = self._files[rec.path] = _File(rec.path, row["id"], sb)
+            for name in names:
+                try:
+                    parsed = parse_subband_name(name)
+                except InvalidName:
+                    continue
+                if abs(parsed.timestamp.timestamp() - row["anchor"]) <= tol:
+                    await self.handle(self._fs.path / name)
 
     # ----------------------------------------------------------------- one sighting
     async def handle(self, path: Path) -> None:
@@ -197,16 +275,18 @@ class Grouper:
                 self._remember_ignored(path.name)
                 log.debug("ingest.ignored_name", path=str(path), reason=exc.reason)
             return
-        now = self._clock()
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            st = None
         tracked = self._files.get(path)
+        (got,) = await self._fs.call(_stat_files, [(path, tracked.dev if tracked else None)])
+        now, wall = self._clock(), self._wall()
+        if isinstance(got, str) and got != _UNAVAILABLE:
+            raise OSError(f"cannot stat {path}: {got}")
+        st = got if isinstance(got, os.stat_result) else None
         if tracked is not None:
-            if st is None:
+            if got is None:
                 await self._vanished(tracked)
-            elif tracked.observe(_signature(st), now):
+            elif got == _UNAVAILABLE:
+                tracked.unavailable = True
+            elif st is not None and tracked.observe(st, now, wall):
                 log.debug("ingest.file_changed", path=str(path), size=st.st_size)
             return
         if st is None:
@@ -223,7 +303,7 @@ class Grouper:
         group_id = await self.queue.find_group_for(parsed.timestamp, tol)
         if group_id is None:
             group_id = group_id_for(parsed.timestamp)
-            if await self.queue.create_group(group_id, now=now):
+            if await self.queue.create_group(group_id, now=wall):
                 log.info("ingest.group_created", group_id=group_id, first_file=path.name)
         state = await self.queue.group_state(group_id)
         if state != "collecting":
@@ -237,9 +317,9 @@ class Grouper:
         group = self._groups.get(group_id)
         if group is None:
             info = await self.queue.get_group(group_id)
-            group = self._groups[group_id] = _Group(group_id, info["created"])
+            group = self._groups[group_id] = _Group(group_id, self._since(info["created"]))
         f = _File(path, group_id, parsed.subband)
-        f.observe(_signature(st), now)
+        f.observe(st, now, wall)
         group.files[parsed.subband] = f
         self._files[path] = f
         log.debug("ingest.file_added", group_id=group_id, path=path.name, size=st.st_size)
@@ -286,28 +366,37 @@ class Grouper:
     # ----------------------------------------------------------------- periodic check
     async def check(self) -> None:
         """Re-stat tracked files, verify the stable ones, and close complete or late groups."""
-        now = self._clock()
         stable = self.options.stable_seconds
-        for f in list(self._files.values()):
-            try:
-                st = f.path.stat()
-            except FileNotFoundError:
+        files = list(self._files.values())
+        try:
+            got = await self._fs.call(_stat_files, [(f.path, f.dev) for f in files])
+        except MountHung:
+            got = [_UNAVAILABLE] * len(files)
+        now, wall = self._clock(), self._wall()
+        for f, st in zip(files, got, strict=True):
+            if st is None:
                 await self._vanished(f)
-                continue
-            except OSError as exc:  # e.g. permissions, a stale NFS handle: say so once
-                if f.stat_error != str(exc):
-                    f.stat_error = str(exc)
-                    log.warning("ingest.stat_failed", path=str(f.path), error=str(exc))
-                continue
-            f.stat_error = None
-            f.observe(_signature(st), now)
+            elif st == _UNAVAILABLE:
+                f.unavailable = True
+            elif isinstance(st, str):  # e.g. permissions, a stale NFS handle: say so once
+                if f.stat_error != st:
+                    f.stat_error = st
+                    log.warning("ingest.stat_failed", path=str(f.path), error=st)
+            else:
+                f.stat_error = None
+                f.observe(st, now, wall)
+        self._pause_or_resume(now)
         for f in list(self._files.values()):
-            if f.verified or f.path not in self._files or now - f.changed_at < stable:
+            if (f.verified or f.unavailable or f.path not in self._files
+                    or now - f.changed_at < stable):
                 continue
             if f.bad_since is not None and now - f.bad_since < stable:
                 continue
             sig = f.sig
-            reason = await asyncio.to_thread(check_uvh5_header, f.path)
+            try:
+                reason = await self._fs.call(check_uvh5_header, f.path)
+            except MountHung:
+                break  # the mount hangs: nothing more to read now; groups pause next pass
             if f.sig != sig or f.path not in self._files:
                 continue  # changed while we looked; the next pass decides
             if reason is None and sig is not None:
@@ -338,7 +427,30 @@ class Grouper:
         log.warning("ingest.group_left_collecting", group_id=group_id, error=str(exc))
         self._forget(group_id)
 
+    def _since(self, wall_time: float) -> float:
+        """A stored wall-clock time as a monotonic one (no earlier than now minus its age)."""
+        return self._clock() - max(0.0, self._wall() - wall_time)
+
+    def _pause_or_resume(self, now: float) -> None:
+        """A group with unavailable files pauses (no timeout) until they are back; the pause
+        is added to its age."""
+        for group in self._groups.values():
+            away = [f for f in group.files.values() if f.unavailable]
+            if away and group.paused_since is None:
+                group.paused_since = now
+                log.warning("ingest.input_unavailable", group_id=group.group_id,
+                            files=[f.path.name for f in away],
+                            reason="input mount gone or hung: the group waits for it")
+            elif not away and group.paused_since is not None:
+                paused = now - group.paused_since
+                group.created += paused
+                group.paused_since = None
+                log.info("ingest.input_back", group_id=group.group_id,
+                         paused_s=round(paused, 1))
+
     async def _decide(self, group: _Group, now: float) -> None:
+        if group.paused_since is not None:
+            return
         opt = self.options
         expected = range(opt.expected_subbands)
         done = [sb for sb in expected if sb in group.files and group.files[sb].verified]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
-from pathlib import Path
 
 
 class Metrics:
@@ -32,8 +30,11 @@ def _esc(value: str) -> str:
 
 
 def render_prometheus(counts: dict[str, int], metrics: Metrics, alert_stats: dict,
-                      disks: dict[str, Path]) -> str:
-    """Prometheus text exposition (version 0.0.4). Never includes settings or secrets."""
+                      disk_free: dict[str, int | None]) -> str:
+    """Prometheus text exposition (version 0.0.4). Never includes settings or secrets.
+
+    ``disk_free``: free bytes per named filesystem, measured by the caller off the event loop
+    (None: unknown, e.g. its mount hangs)."""
     out: list[str] = []
 
     def family(name: str, kind: str, help_: str) -> None:
@@ -57,10 +58,8 @@ def render_prometheus(counts: dict[str, int], metrics: Metrics, alert_stats: dic
         for key, n in sorted(_flatten(alert_stats.get(outcome, {})).items()):
             out.append(f'contimg_alerts_total{{outcome="{outcome}",key="{_esc(key)}"}} {n}')
     family("contimg_disk_free_bytes", "gauge", "Free space on the pipeline's filesystems")
-    for name, path in sorted(disks.items()):
-        try:
-            free = shutil.disk_usage(path).free
-        except OSError:
+    for name, free in sorted(disk_free.items()):
+        if free is None:
             continue
         out.append(f'contimg_disk_free_bytes{{path="{_esc(name)}"}} {free}')
     return "\n".join(out) + "\n"

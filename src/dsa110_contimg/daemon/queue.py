@@ -90,7 +90,7 @@ _FLAGGED_RESTING = ("SELECT id, flags FROM groups WHERE state IN ("  # noqa: S60
 
 def _legal_transitions() -> frozenset[tuple[str, str]]:
     edges = {("collecting", "pending"), ("collecting", "quarantined"),
-             ("failed", "pending"), ("quarantined", "pending")}
+             ("failed", "pending"), ("quarantined", "pending"), ("quarantined", "collecting")}
     for resting, (active, _) in _CLAIMS.items():
         edges |= {(resting, active), (resting, "quarantined")}
     for active, (resting, after, _) in _ACTIVE.items():
@@ -656,8 +656,12 @@ class GroupQueue(SQLiteComponent):
         return taken
 
     @_atomic
-    async def requeue(self, group_id: str, now: float | None = None) -> None:
-        """Operator retry: failed/quarantined -> pending with fresh attempts."""
+    async def requeue(self, group_id: str, now: float | None = None,
+                      expected_subbands: int | None = None) -> str:
+        """Operator retry: failed/quarantined -> pending with fresh attempts; returns the new
+        state. A group stopped at ingest (no stage ever ran) with fewer files than expected
+        goes back to ``collecting`` instead, so ingest looks for its files again (an input
+        mount that was away, files that came late)."""
         now = _now(now)
         async with self._write() as db:
             row = await self._group(db, group_id)
@@ -665,9 +669,17 @@ class GroupQueue(SQLiteComponent):
                 raise IllegalTransition(
                     f"group {group_id} is {row['state']}; only failed or quarantined groups "
                     "can be requeued")
-            await self._change(db, row, "pending", now,
+            ran = await _one(db, "SELECT 1 FROM stage_runs WHERE group_id = ? LIMIT 1",
+                             (group_id,))
+            files = await _one(db, "SELECT count(*) AS n FROM group_files WHERE group_id = ?",
+                               (group_id,))
+            short = files is not None and files["n"] < (expected_subbands or 0)
+            to = "collecting" if row["state"] == "quarantined" and ran is None and short else "pending"
+            await self._change(db, row, to, now,
                                f"requeued (was {row['state']}: {row['last_error']})", attempts=0)
-        log.info("queue.requeued", group_id=group_id, was=row["state"])
+            await db.execute("UPDATE groups SET unclean_starts = 0 WHERE id = ?", (group_id,))
+        log.info("queue.requeued", group_id=group_id, was=row["state"], to=to)
+        return to
 
     @_atomic
     async def wake_flagged(self, key: str, now: float | None = None) -> list[str]:

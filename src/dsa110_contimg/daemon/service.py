@@ -13,6 +13,7 @@ import asyncio
 import fcntl
 import functools
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -29,6 +30,7 @@ from ..casa_env import prepare_casa
 from ..config import Settings, check_directories
 from ..errors import ConfigError
 from .executor import StageExecutor, make_executor
+from .fsgate import FsGate
 from .metrics import Metrics, render_prometheus
 from .queue import ACTIVE_STATES, RESTING_STATES, GroupQueue
 from .scheduler import Scheduler, ms_storage, new_worker_id
@@ -211,6 +213,7 @@ class _Daemon:
     api: Any = None
     outlook: Any = None  # the calibration outlook (cached), shared by its monitor and the API
     supervisor: Supervisor | None = None
+    input_fs: FsGate | None = None  # every call on the input mount, with a timeout
     metrics: Metrics = field(default_factory=Metrics)
 
     async def open(self) -> None:
@@ -233,9 +236,11 @@ class _Daemon:
                                             s.executor.stage_timeout_s)
         self.scheduler = Scheduler(s, self.queue, self.executor, self.router.emit,
                                    self.registry, self.catalog, self.metrics, new_worker_id())
+        self.input_fs = FsGate("input", s.paths.input_dir, s.ingest.fs_timeout_s,
+                               emit=self.router.emit)
         self.grouper = Grouper(self.queue, s.ingest, emit=self.router.emit,
-                               on_ready=self.scheduler.wake)
-        self.watcher = Watcher(s.paths.input_dir, self.grouper.submit)
+                               on_ready=self.scheduler.wake, fs=self.input_fs)
+        self.watcher = Watcher(s.paths.input_dir, self.grouper.submit, fs=self.input_fs)
         self.outlook = outlook_provider(s, self.registry, self.queue)
 
     async def recover_claims(self) -> None:
@@ -288,8 +293,11 @@ class _Daemon:
                         if st.state not in ("running", "stopped")]
             if scheduler.disk_full:
                 problems.append(f"disk full: {scheduler.disk_full}")
+            if self.input_fs is not None and self.input_fs.hung:
+                problems.append(f"input filesystem hung: {self.input_fs.path}")
             return {"status": "degraded" if problems else "ok", "problems": problems,
                     "tasks": sup.report() if sup else {},
+                    "input": self.input_fs.describe() if self.input_fs else None,
                     "executor": self.executor.describe(), "inflight": sorted(scheduler.inflight),
                     "draining": scheduler.draining, "counts": await queue.counts()}
 
@@ -310,11 +318,10 @@ class _Daemon:
 
         async def metrics_view() -> str:
             return render_prometheus(await queue.counts(), self.metrics, router.stats(),
-                                     {"input": s.paths.input_dir, "scratch": s.paths.scratch_dir,
-                                      "output": s.paths.output_dir, "tmpfs": s.paths.tmpfs_path})
+                                     await self.disk_free())
 
         async def requeue(gid: str) -> str:
-            msg = await requeue_group(s.queue_db, gid)
+            msg = await requeue_group(s.queue_db, gid, s.ingest.expected_subbands)
             scheduler.wake()
             return msg
 
@@ -322,6 +329,25 @@ class _Daemon:
                 "alerts": alerts_view, "calibration": calibration_view,
                 "calibration_outlook": self.outlook, "images": images_view,
                 "metrics": metrics_view, "requeue": requeue}
+
+    async def disk_free(self) -> dict[str, int | None]:
+        """Free bytes per filesystem, measured off the loop: the input mount through its gate
+        (None while it hangs), the others in a thread each with a timeout."""
+        s = self.s
+        out: dict[str, int | None] = {}
+        for name, path in (("input", s.paths.input_dir), ("scratch", s.paths.scratch_dir),
+                           ("output", s.paths.output_dir), ("state", s.paths.state_dir),
+                           ("tmpfs", s.paths.tmpfs_path)):
+            try:
+                if name == "input" and self.input_fs is not None:
+                    usage = await self.input_fs.call(shutil.disk_usage, path)
+                else:
+                    usage = await asyncio.wait_for(asyncio.to_thread(shutil.disk_usage, path),
+                                                   s.ingest.fs_timeout_s)
+                out[name] = usage.free
+            except (OSError, TimeoutError):
+                out[name] = None
+        return out
 
     async def start_api(self) -> None:
         from .api import StatusAPI
@@ -389,6 +415,8 @@ class _Daemon:
         for part in (self.catalog, self.registry, self.queue):
             if part is not None:
                 await part.close()
+        if self.input_fs is not None:
+            self.input_fs.close()
         self.notifier.close()
         return released
 

@@ -68,8 +68,10 @@ async def status_report(db_path: Path, as_json: bool, limit: int = 50) -> str:
     return "\n".join(lines)
 
 
-async def requeue_group(db_path: Path, group_id: str) -> str:
-    """Send a failed or quarantined group back to ``pending``; returns what was done.
+async def requeue_group(db_path: Path, group_id: str, expected_subbands: int | None = None) -> str:
+    """Send a failed or quarantined group back to ``pending`` (or, stopped at ingest short of
+    ``expected_subbands`` files, to ``collecting``: ingest looks for its files again);
+    returns what was done.
 
     Raises ``InvalidName`` (malformed id), ``UnknownGroup`` or ``IllegalTransition`` (wrong
     state), each a ContimgError whose message is written for the operator.
@@ -78,6 +80,6 @@ async def requeue_group(db_path: Path, group_id: str) -> str:
     _require_db(db_path)
     async with await GroupQueue.open(Path(db_path), QueueOptions()) as queue:
         before = await queue.get_group(group_id)
-        await queue.requeue(group_id)
+        to = await queue.requeue(group_id, expected_subbands=expected_subbands)
     why = f" (was {before['state']}: {before['last_error']})" if before["last_error"] else ""
-    return f"group {group_id} requeued to pending{why}"
+    return f"group {group_id} requeued to {to}{why}"
