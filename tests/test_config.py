@@ -8,6 +8,7 @@ import pytest
 
 from dsa110_contimg.config import (
     check_directories,
+    known_credentials,
     known_variables,
     load_settings,
     public_view,
@@ -76,6 +77,32 @@ def test_secrets_never_shown():
     for secret in ("SECRET", "hunter2", "tok123"):
         assert secret not in text
     assert s.alerts.slack_webhook_url.get().endswith("SECRET")
+
+
+def test_secrets_from_systemd_credentials_win_over_the_environment(tmp_path):
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    assert known_credentials() == {"contimg-api-token": "CONTIMG_API_TOKEN",
+                                   "contimg-slack-webhook-url": "CONTIMG_SLACK_WEBHOOK_URL",
+                                   "contimg-smtp-password": "CONTIMG_SMTP_PASSWORD"}
+    (creds / "contimg-api-token").write_text("tok-from-file\n")  # one newline dropped
+    (creds / "contimg-smtp-password").write_text(" pw with spaces\n\n")  # only one
+    env = {"CREDENTIALS_DIRECTORY": str(creds), "CONTIMG_API_TOKEN": "tok-from-env",
+           "CONTIMG_SLACK_WEBHOOK_URL": "https://hooks.example/from-env"}
+    s = load_settings(environ=env)
+    assert s.api.token.get() == "tok-from-file"
+    assert s.alerts.smtp_password.get() == " pw with spaces\n"
+    # no credential file: the variable is the fallback
+    assert s.alerts.slack_webhook_url.get() == "https://hooks.example/from-env"
+    # without CREDENTIALS_DIRECTORY the files are not looked at
+    assert load_settings(environ={"CONTIMG_API_TOKEN": "tok-from-env"}).api.token.get() == "tok-from-env"
+    (creds / "contimg-slack-webhook-url").mkdir()  # unreadable as a file
+    with pytest.raises(ConfigError, match="^CONTIMG_SLACK_WEBHOOK_URL: cannot read credential"):
+        load_settings(environ=env)
+    env_file = render_env_file()
+    for name, var in known_credentials().items():
+        doc = env_file.split(f"#{var}=")[0].rsplit("\n# ", 1)[1]
+        assert f"systemd credential {name} " in doc, doc
 
 
 def test_env_file_documents_every_variable():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .alerting.options import AlertOptions, MonitorOptions
 from .calibration.options import CalibrationOptions
-from .configbase import Secret, describe_slice, load_slice, setting
+from .configbase import Secret, credential_names, describe_slice, load_slice, setting
 from .conversion.options import ConversionOptions
 from .errors import ConfigError
 from .imaging.options import ImagingOptions
@@ -59,7 +59,7 @@ class ApiOptions:
     enabled: bool = setting("CONTIMG_API_ENABLED", True, "Serve the status/metrics HTTP endpoint")
     host: str = setting("CONTIMG_API_HOST", "127.0.0.1", "Address the status API binds to (keep it on loopback unless proxied)")
     port: int = setting("CONTIMG_API_PORT", 8787, "Port of the status API (0 = any free port)", minimum=0, maximum=65535)
-    token: Secret = setting("CONTIMG_API_TOKEN", Secret(""), "Bearer token required by state-changing endpoints (empty disables them)")
+    token: Secret = setting("CONTIMG_API_TOKEN", Secret(""), "Bearer token required by state-changing endpoints (empty disables them)", credential="contimg-api-token")
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,11 @@ class Settings:
 
 def known_variables() -> set[str]:
     return {env for cls in SLICES.values() for env, _, _ in describe_slice(cls)}
+
+
+def known_credentials() -> dict[str, str]:
+    """{systemd credential name: variable} of every secret that may come as a credential."""
+    return {name: env for cls in SLICES.values() for name, env in credential_names(cls).items()}
 
 
 def load_settings(environ: Mapping[str, str] | None = None,
