@@ -327,7 +327,8 @@ async def test_hung_mail_server_blocks_neither_loop_nor_slack() -> None:
         async with SlackServer() as slack:
             o = opts(slack_webhook_url=Secret(slack.url), smtp_host="127.0.0.1", smtp_port=port,
                      smtp_to=("ops@example.org",), smtp_user="contimg",
-                     smtp_password=Secret(PASSWORD), send_timeout_s=0.4, max_retries=0)
+                     smtp_password=Secret(PASSWORD), smtp_allow_plaintext_login=True,
+                     send_timeout_s=0.4, max_retries=0)
             with capture_logs() as logs:
                 async with AlertRouter(o) as router:
                     tick = asyncio.create_task(ticker.run())
@@ -540,25 +541,43 @@ async def _send_one(o: AlertOptions) -> tuple[AlertRouter, list[dict[str, Any]]]
     return router, logs
 
 
-async def test_email_login_without_tls() -> None:
+async def test_email_login_without_tls_only_when_allowed() -> None:
     box = Inbox()
-    ctl = BoundController(box, authenticator=authenticator, auth_require_tls=False)
+    tried: list[str] = []
+
+    def counting(*args: Any) -> AuthResult:
+        tried.append(args[3])  # the mechanism
+        return authenticator(*args)
+
+    ctl = BoundController(box, authenticator=counting, auth_require_tls=False)
     ctl.start()
     try:
-        good = opts(smtp_host="127.0.0.1", smtp_port=ctl.port, smtp_to=("ops@example.org",),
-                    smtp_user="contimg", smtp_password=Secret(PASSWORD))
+        base = dict(smtp_host="127.0.0.1", smtp_port=ctl.port, smtp_to=("ops@example.org",),
+                    smtp_user="contimg")
+        # not allowed: refused before any connection, not retried, the setting named
+        router, refused_logs = await _send_one(opts(smtp_password=Secret(PASSWORD), **base))
+        assert router.stats()["failed"]["email"] == {"calibration": 1}
+        assert tried == [] and box.messages == []
+        good = opts(smtp_password=Secret(PASSWORD), smtp_allow_plaintext_login=True, **base)
         router, _ = await _send_one(good)
         assert router.stats()["sent"]["email"] == {"calibration": 1}
         assert box.messages[0]["Subject"] == "[ERROR] DSA-110: calibration"
-        bad = opts(smtp_host="127.0.0.1", smtp_port=ctl.port, smtp_to=("ops@example.org",),
-                   smtp_user="contimg", smtp_password=Secret("wrong-" + PASSWORD))
+        assert len(tried) == 1
+        bad = opts(smtp_password=Secret("wrong-" + PASSWORD), smtp_allow_plaintext_login=True,
+                   **base)
         router, logs = await _send_one(bad)
+        logins = len(tried)
+        rows = await alert_test(opts(smtp_password=Secret(PASSWORD), **base))
     finally:
         ctl.stop()
+    (refused,) = events(refused_logs, "alert_delivery_failed")
+    assert refused["attempts"] == 1
+    assert "CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN" in refused["error"], refused["error"]
+    assert rows[1][:2] == ("email", False) and "CONTIMG_SMTP_SECURITY=none" in rows[1][2]
     (failed,) = events(logs, "alert_delivery_failed")
     assert failed["error"].startswith("login refused: 535") and failed["attempts"] == 1
-    assert len(box.messages) == 1
-    no_secret(router, router.stats(), logs, bad)
+    assert len(box.messages) == 1 and len(tried) == logins  # alert-test did not log in
+    no_secret(router, router.stats(), logs, bad, refused_logs, rows)
 
 
 async def test_email_starttls_with_login(cert: tuple[Path, Path]) -> None:
@@ -573,7 +592,8 @@ async def test_email_starttls_with_login(cert: tuple[Path, Path]) -> None:
         assert router.stats()["sent"]["email"] == {"calibration": 1}
         assert box.messages[0]["Subject"] == "[ERROR] DSA-110: calibration"
         assert box.envelopes[0].mail_from == "contimg@localhost"
-        # the server refuses plain-text login, and an untrusted certificate is not retried
+        # a login without TLS is refused (by us; the server would too), and an untrusted
+        # certificate is not retried
         _, plain_logs = await _send_one(opts(**base))
         _, untrusted_logs = await _send_one(opts(smtp_security="starttls", **base))
     finally:

@@ -118,3 +118,16 @@ def test_cli_reports_bad_value_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "contimg: configuration error: CONTIMG_MAX_WORKERS: 'many' is not an integer"
+
+
+def test_smtp_login_without_tls_is_a_configuration_error():
+    env = {"CONTIMG_SMTP_HOST": "mail.example.org", "CONTIMG_SMTP_USER": "contimg"}
+    with pytest.raises(ConfigError) as exc:
+        load_settings(environ=env)
+    msg = str(exc.value)
+    assert msg.startswith("CONTIMG_SMTP_USER:") and "CONTIMG_SMTP_SECURITY" in msg
+    assert "CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN=true" in msg
+    for extra in ({"CONTIMG_SMTP_SECURITY": "starttls"}, {"CONTIMG_SMTP_SECURITY": "tls"},
+                  {"CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN": "true"}):
+        load_settings(environ={**env, **extra})
+    load_settings(environ={"CONTIMG_SMTP_HOST": "mail.example.org"})  # no login: fine

@@ -150,6 +150,11 @@ def load_settings(environ: Mapping[str, str] | None = None,
 def _cross_check(s: Settings) -> None:
     if s.monitors.disk_crit_gb > s.monitors.disk_warn_gb:
         raise ConfigError("CONTIMG_DISK_CRIT_GB: must not exceed CONTIMG_DISK_WARN_GB")
+    a = s.alerts
+    if a.smtp_host and a.smtp_user and a.smtp_security == "none" and not a.smtp_allow_plaintext_login:
+        raise ConfigError("CONTIMG_SMTP_USER: a login with CONTIMG_SMTP_SECURITY=none would send "
+                          "the password in clear; set CONTIMG_SMTP_SECURITY to starttls or tls, "
+                          "or CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN=true for a trusted relay")
     if s.ingest.min_subbands > s.ingest.expected_subbands:
         raise ConfigError("CONTIMG_MIN_SUBBANDS: must not exceed CONTIMG_EXPECTED_SUBBANDS")
     if s.calibration.field_catalogue:

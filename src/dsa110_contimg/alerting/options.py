@@ -20,6 +20,7 @@ class AlertOptions:
     smtp_port: int = setting("CONTIMG_SMTP_PORT", 25, "SMTP port", minimum=1, maximum=65535)
     smtp_security: str = setting("CONTIMG_SMTP_SECURITY", "none", "Connection security", choices=("none", "starttls", "tls"))
     smtp_user: str = setting("CONTIMG_SMTP_USER", "", "SMTP login user (empty: no login)")
+    smtp_allow_plaintext_login: bool = setting("CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN", False, "Allow the SMTP login (CONTIMG_SMTP_USER) without TLS, i.e. with CONTIMG_SMTP_SECURITY=none, sending the password in clear; only for a trusted local relay")
     smtp_password: Secret = setting("CONTIMG_SMTP_PASSWORD", Secret(""), "SMTP login password (secret)", credential="contimg-smtp-password")
     smtp_from: str = setting("CONTIMG_SMTP_FROM", "contimg@localhost", "Sender address")
     smtp_to: tuple[str, ...] = setting("CONTIMG_SMTP_TO", (), "Recipients, comma separated")
