@@ -11,13 +11,16 @@ import asyncio
 import email
 import email.policy
 import json
+import os
 import shutil
 import socket
 import ssl
 import statistics
 import subprocess
+import sys
 import threading
 import time
+from asyncio.subprocess import PIPE, STDOUT
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -642,6 +645,41 @@ async def test_alert_test_reports_failures_without_secrets() -> None:
     assert rows[2] == ("email", False, "no recipients (CONTIMG_SMTP_TO is empty)")
     assert [r[0] for r in await alert_test(AlertOptions())] == ["log"]  # nothing configured
     no_secret(rows)
+
+
+async def test_alert_failure_command_sends_critical_with_what_systemd_said(
+        inbox: Inbox, tmp_path: Path) -> None:
+    """As contimg-failure@.service runs it: settings from the environment, the webhook as a
+    systemd credential, the failed unit's result in MONITOR_* variables."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    async with SlackServer() as slack:
+        (creds / "contimg-slack-webhook-url").write_text(slack.url + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
+        env.update(CONTIMG_SMTP_HOST="127.0.0.1", CONTIMG_SMTP_PORT=str(inbox.port),
+                   CONTIMG_SMTP_TO="ops@example.org", CONTIMG_STATE_DIR=str(tmp_path / "state"),
+                   CONTIMG_LOG_FORMAT="json", CREDENTIALS_DIRECTORY=str(creds),
+                   MONITOR_SERVICE_RESULT="start-limit-hit", MONITOR_EXIT_CODE="exited",
+                   MONITOR_EXIT_STATUS="1")
+        cmd = [sys.executable, "-m", "dsa110_contimg.cli", "alert-failure", "contimg.service"]
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=PIPE, stderr=STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        text = out.decode()
+        assert proc.returncode == 0, text
+        assert "slack    OK" in text and "email    OK" in text
+        (msg,) = inbox.messages
+        assert msg["Subject"] == "[CRITICAL] DSA-110: daemon.failed"
+        body = msg.get_content()
+        assert "contimg.service failed" in body and "start-limit-hit" in body
+        assert "exit_status: 1" in body
+        (req,) = slack.requests
+        assert req["json"]["text"].startswith(":rotating_light: [CRITICAL] contimg.service failed")
+        # a channel that cannot deliver makes the command fail, so the failure unit shows it
+        slack.default = (404, {})
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=PIPE, stderr=STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and "slack    FAILED" in out.decode(), out.decode()
+    assert TOKEN not in out.decode()
 
 
 def test_emit_without_a_loop_and_bad_input_never_raise() -> None:
