@@ -92,8 +92,11 @@ def test_secrets_from_systemd_credentials_win_over_the_environment(tmp_path):
     s = load_settings(environ=env)
     assert s.api.token.get() == "tok-from-file"
     assert s.alerts.smtp_password.get() == " pw with spaces\n"
-    # no credential file: the variable is the fallback
+    # no credential file, or an empty one: the variable is the fallback
     assert s.alerts.slack_webhook_url.get() == "https://hooks.example/from-env"
+    (creds / "contimg-slack-webhook-url").write_text("\n")
+    assert load_settings(environ=env).alerts.slack_webhook_url.get() == "https://hooks.example/from-env"
+    (creds / "contimg-slack-webhook-url").unlink()
     # without CREDENTIALS_DIRECTORY the files are not looked at
     assert load_settings(environ={"CONTIMG_API_TOKEN": "tok-from-env"}).api.token.get() == "tok-from-env"
     (creds / "contimg-slack-webhook-url").mkdir()  # unreadable as a file

@@ -62,7 +62,8 @@ CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
 
 def read_credential(name: str, env: str, environ: Mapping[str, str]) -> Secret | None:
     """The credential ``name`` from ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``),
-    less one trailing newline; None when there is no such directory or file."""
+    less one trailing newline; None when there is no such directory or file, or it is empty
+    (the unit loads every credential, and an unused one is an empty file)."""
     directory = environ.get(CREDENTIALS_DIRECTORY, "")
     if not directory:
         return None
@@ -79,7 +80,7 @@ def read_credential(name: str, env: str, environ: Mapping[str, str]) -> Secret |
         raise ConfigError(f"{env}: credential {path} is not UTF-8 text") from None
     if text.endswith("\n"):
         text = text[:-1]
-    return Secret(text)
+    return Secret(text) if text else None
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -179,8 +180,8 @@ def describe_slice(cls: type) -> list[tuple[str, str, str]]:
         if f.metadata.get("credential"):
             doc += (f". Better as the systemd credential {f.metadata['credential']} "
                     "(LoadCredential=; read from $CREDENTIALS_DIRECTORY less one trailing "
-                    "newline), which wins over the variable and stays out of the environment "
-                    "that worker processes inherit")
+                    "newline; an empty one counts as unset), which wins over the variable and "
+                    "stays out of the environment that worker processes inherit")
         rows.append((env, text, doc))
     return rows
 
