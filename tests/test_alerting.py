@@ -11,13 +11,16 @@ import asyncio
 import email
 import email.policy
 import json
+import os
 import shutil
 import socket
 import ssl
 import statistics
 import subprocess
+import sys
 import threading
 import time
+from asyncio.subprocess import PIPE, STDOUT
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -327,7 +330,8 @@ async def test_hung_mail_server_blocks_neither_loop_nor_slack() -> None:
         async with SlackServer() as slack:
             o = opts(slack_webhook_url=Secret(slack.url), smtp_host="127.0.0.1", smtp_port=port,
                      smtp_to=("ops@example.org",), smtp_user="contimg",
-                     smtp_password=Secret(PASSWORD), send_timeout_s=0.4, max_retries=0)
+                     smtp_password=Secret(PASSWORD), smtp_allow_plaintext_login=True,
+                     send_timeout_s=0.4, max_retries=0)
             with capture_logs() as logs:
                 async with AlertRouter(o) as router:
                     tick = asyncio.create_task(ticker.run())
@@ -540,25 +544,43 @@ async def _send_one(o: AlertOptions) -> tuple[AlertRouter, list[dict[str, Any]]]
     return router, logs
 
 
-async def test_email_login_without_tls() -> None:
+async def test_email_login_without_tls_only_when_allowed() -> None:
     box = Inbox()
-    ctl = BoundController(box, authenticator=authenticator, auth_require_tls=False)
+    tried: list[str] = []
+
+    def counting(*args: Any) -> AuthResult:
+        tried.append(args[3])  # the mechanism
+        return authenticator(*args)
+
+    ctl = BoundController(box, authenticator=counting, auth_require_tls=False)
     ctl.start()
     try:
-        good = opts(smtp_host="127.0.0.1", smtp_port=ctl.port, smtp_to=("ops@example.org",),
-                    smtp_user="contimg", smtp_password=Secret(PASSWORD))
+        base = dict(smtp_host="127.0.0.1", smtp_port=ctl.port, smtp_to=("ops@example.org",),
+                    smtp_user="contimg")
+        # not allowed: refused before any connection, not retried, the setting named
+        router, refused_logs = await _send_one(opts(smtp_password=Secret(PASSWORD), **base))
+        assert router.stats()["failed"]["email"] == {"calibration": 1}
+        assert tried == [] and box.messages == []
+        good = opts(smtp_password=Secret(PASSWORD), smtp_allow_plaintext_login=True, **base)
         router, _ = await _send_one(good)
         assert router.stats()["sent"]["email"] == {"calibration": 1}
         assert box.messages[0]["Subject"] == "[ERROR] DSA-110: calibration"
-        bad = opts(smtp_host="127.0.0.1", smtp_port=ctl.port, smtp_to=("ops@example.org",),
-                   smtp_user="contimg", smtp_password=Secret("wrong-" + PASSWORD))
+        assert len(tried) == 1
+        bad = opts(smtp_password=Secret("wrong-" + PASSWORD), smtp_allow_plaintext_login=True,
+                   **base)
         router, logs = await _send_one(bad)
+        logins = len(tried)
+        rows = await alert_test(opts(smtp_password=Secret(PASSWORD), **base))
     finally:
         ctl.stop()
+    (refused,) = events(refused_logs, "alert_delivery_failed")
+    assert refused["attempts"] == 1
+    assert "CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN" in refused["error"], refused["error"]
+    assert rows[1][:2] == ("email", False) and "CONTIMG_SMTP_SECURITY=none" in rows[1][2]
     (failed,) = events(logs, "alert_delivery_failed")
     assert failed["error"].startswith("login refused: 535") and failed["attempts"] == 1
-    assert len(box.messages) == 1
-    no_secret(router, router.stats(), logs, bad)
+    assert len(box.messages) == 1 and len(tried) == logins  # alert-test did not log in
+    no_secret(router, router.stats(), logs, bad, refused_logs, rows)
 
 
 async def test_email_starttls_with_login(cert: tuple[Path, Path]) -> None:
@@ -573,7 +595,8 @@ async def test_email_starttls_with_login(cert: tuple[Path, Path]) -> None:
         assert router.stats()["sent"]["email"] == {"calibration": 1}
         assert box.messages[0]["Subject"] == "[ERROR] DSA-110: calibration"
         assert box.envelopes[0].mail_from == "contimg@localhost"
-        # the server refuses plain-text login, and an untrusted certificate is not retried
+        # a login without TLS is refused (by us; the server would too), and an untrusted
+        # certificate is not retried
         _, plain_logs = await _send_one(opts(**base))
         _, untrusted_logs = await _send_one(opts(smtp_security="starttls", **base))
     finally:
@@ -622,6 +645,41 @@ async def test_alert_test_reports_failures_without_secrets() -> None:
     assert rows[2] == ("email", False, "no recipients (CONTIMG_SMTP_TO is empty)")
     assert [r[0] for r in await alert_test(AlertOptions())] == ["log"]  # nothing configured
     no_secret(rows)
+
+
+async def test_alert_failure_command_sends_critical_with_what_systemd_said(
+        inbox: Inbox, tmp_path: Path) -> None:
+    """As contimg-failure@.service runs it: settings from the environment, the webhook as a
+    systemd credential, the failed unit's result in MONITOR_* variables."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    async with SlackServer() as slack:
+        (creds / "contimg-slack-webhook-url").write_text(slack.url + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTIMG_")}
+        env.update(CONTIMG_SMTP_HOST="127.0.0.1", CONTIMG_SMTP_PORT=str(inbox.port),
+                   CONTIMG_SMTP_TO="ops@example.org", CONTIMG_STATE_DIR=str(tmp_path / "state"),
+                   CONTIMG_LOG_FORMAT="json", CREDENTIALS_DIRECTORY=str(creds),
+                   MONITOR_SERVICE_RESULT="start-limit-hit", MONITOR_EXIT_CODE="exited",
+                   MONITOR_EXIT_STATUS="1")
+        cmd = [sys.executable, "-m", "dsa110_contimg.cli", "alert-failure", "contimg.service"]
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=PIPE, stderr=STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        text = out.decode()
+        assert proc.returncode == 0, text
+        assert "slack    OK" in text and "email    OK" in text
+        (msg,) = inbox.messages
+        assert msg["Subject"] == "[CRITICAL] DSA-110: daemon.failed"
+        body = msg.get_content()
+        assert "contimg.service failed" in body and "start-limit-hit" in body
+        assert "exit_status: 1" in body
+        (req,) = slack.requests
+        assert req["json"]["text"].startswith(":rotating_light: [CRITICAL] contimg.service failed")
+        # a channel that cannot deliver makes the command fail, so the failure unit shows it
+        slack.default = (404, {})
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=PIPE, stderr=STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and "slack    FAILED" in out.decode(), out.decode()
+    assert TOKEN not in out.decode()
 
 
 def test_emit_without_a_loop_and_bad_input_never_raise() -> None:

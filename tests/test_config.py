@@ -8,6 +8,7 @@ import pytest
 
 from dsa110_contimg.config import (
     check_directories,
+    known_credentials,
     known_variables,
     load_settings,
     public_view,
@@ -78,6 +79,35 @@ def test_secrets_never_shown():
     assert s.alerts.slack_webhook_url.get().endswith("SECRET")
 
 
+def test_secrets_from_systemd_credentials_win_over_the_environment(tmp_path):
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    assert known_credentials() == {"contimg-api-token": "CONTIMG_API_TOKEN",
+                                   "contimg-slack-webhook-url": "CONTIMG_SLACK_WEBHOOK_URL",
+                                   "contimg-smtp-password": "CONTIMG_SMTP_PASSWORD"}
+    (creds / "contimg-api-token").write_text("tok-from-file\n")  # one newline dropped
+    (creds / "contimg-smtp-password").write_text(" pw with spaces\n\n")  # only one
+    env = {"CREDENTIALS_DIRECTORY": str(creds), "CONTIMG_API_TOKEN": "tok-from-env",
+           "CONTIMG_SLACK_WEBHOOK_URL": "https://hooks.example/from-env"}
+    s = load_settings(environ=env)
+    assert s.api.token.get() == "tok-from-file"
+    assert s.alerts.smtp_password.get() == " pw with spaces\n"
+    # no credential file, or an empty one: the variable is the fallback
+    assert s.alerts.slack_webhook_url.get() == "https://hooks.example/from-env"
+    (creds / "contimg-slack-webhook-url").write_text("\n")
+    assert load_settings(environ=env).alerts.slack_webhook_url.get() == "https://hooks.example/from-env"
+    (creds / "contimg-slack-webhook-url").unlink()
+    # without CREDENTIALS_DIRECTORY the files are not looked at
+    assert load_settings(environ={"CONTIMG_API_TOKEN": "tok-from-env"}).api.token.get() == "tok-from-env"
+    (creds / "contimg-slack-webhook-url").mkdir()  # unreadable as a file
+    with pytest.raises(ConfigError, match="^CONTIMG_SLACK_WEBHOOK_URL: cannot read credential"):
+        load_settings(environ=env)
+    env_file = render_env_file()
+    for name, var in known_credentials().items():
+        doc = env_file.split(f"#{var}=")[0].rsplit("\n# ", 1)[1]
+        assert f"systemd credential {name} " in doc, doc
+
+
 def test_env_file_documents_every_variable():
     text = (ROOT / "systemd" / "contimg.env").read_text()
     assert text.strip() == render_env_file().strip(), "regenerate: contimg config env > systemd/contimg.env"
@@ -91,3 +121,16 @@ def test_cli_reports_bad_value_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "contimg: configuration error: CONTIMG_MAX_WORKERS: 'many' is not an integer"
+
+
+def test_smtp_login_without_tls_is_a_configuration_error():
+    env = {"CONTIMG_SMTP_HOST": "mail.example.org", "CONTIMG_SMTP_USER": "contimg"}
+    with pytest.raises(ConfigError) as exc:
+        load_settings(environ=env)
+    msg = str(exc.value)
+    assert msg.startswith("CONTIMG_SMTP_USER:") and "CONTIMG_SMTP_SECURITY" in msg
+    assert "CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN=true" in msg
+    for extra in ({"CONTIMG_SMTP_SECURITY": "starttls"}, {"CONTIMG_SMTP_SECURITY": "tls"},
+                  {"CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN": "true"}):
+        load_settings(environ={**env, **extra})
+    load_settings(environ={"CONTIMG_SMTP_HOST": "mail.example.org"})  # no login: fine

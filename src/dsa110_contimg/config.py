@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .alerting.options import AlertOptions, MonitorOptions
 from .calibration.options import CalibrationOptions
-from .configbase import Secret, describe_slice, load_slice, setting
+from .configbase import Secret, credential_names, describe_slice, load_slice, setting
 from .conversion.options import ConversionOptions
 from .errors import ConfigError
 from .imaging.options import ImagingOptions
@@ -62,7 +62,7 @@ class ApiOptions:
     enabled: bool = setting("CONTIMG_API_ENABLED", True, "Serve the status/metrics HTTP endpoint")
     host: str = setting("CONTIMG_API_HOST", "127.0.0.1", "Address the status API binds to (keep it on loopback unless proxied)")
     port: int = setting("CONTIMG_API_PORT", 8787, "Port of the status API (0 = any free port)", minimum=0, maximum=65535)
-    token: Secret = setting("CONTIMG_API_TOKEN", Secret(""), "Bearer token required by state-changing endpoints (empty disables them)")
+    token: Secret = setting("CONTIMG_API_TOKEN", Secret(""), "Bearer token required by state-changing endpoints (empty disables them)", credential="contimg-api-token")
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,11 @@ def known_variables() -> set[str]:
     return {env for cls in SLICES.values() for env, _, _ in describe_slice(cls)}
 
 
+def known_credentials() -> dict[str, str]:
+    """{systemd credential name: variable} of every secret that may come as a credential."""
+    return {name: env for cls in SLICES.values() for name, env in credential_names(cls).items()}
+
+
 def load_settings(environ: Mapping[str, str] | None = None,
                   overrides: Mapping[str, str] | None = None) -> Settings:
     """Read every slice; CLI flags arrive as ``overrides`` keyed by variable name."""
@@ -148,6 +153,11 @@ def load_settings(environ: Mapping[str, str] | None = None,
 def _cross_check(s: Settings) -> None:
     if s.monitors.disk_crit_gb > s.monitors.disk_warn_gb:
         raise ConfigError("CONTIMG_DISK_CRIT_GB: must not exceed CONTIMG_DISK_WARN_GB")
+    a = s.alerts
+    if a.smtp_host and a.smtp_user and a.smtp_security == "none" and not a.smtp_allow_plaintext_login:
+        raise ConfigError("CONTIMG_SMTP_USER: a login with CONTIMG_SMTP_SECURITY=none would send "
+                          "the password in clear; set CONTIMG_SMTP_SECURITY to starttls or tls, "
+                          "or CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN=true for a trusted relay")
     if s.ingest.min_subbands > s.ingest.expected_subbands:
         raise ConfigError("CONTIMG_MIN_SUBBANDS: must not exceed CONTIMG_EXPECTED_SUBBANDS")
     if s.calibration.field_catalogue:

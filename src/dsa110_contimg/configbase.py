@@ -1,7 +1,9 @@
 """Declarative settings: each field names its ``CONTIMG_*`` variable, default and meaning.
 
 Slices are frozen dataclasses built from these fields; ``load_slice`` reads one from an
-environment mapping and reports a bad value as one line naming the variable.
+environment mapping and reports a bad value as one line naming the variable. A secret may
+also name a systemd credential, read from ``$CREDENTIALS_DIRECTORY`` in preference to its
+variable (credentials, unlike the environment, are not inherited by worker processes).
 """
 
 from __future__ import annotations
@@ -43,12 +45,42 @@ class Secret:
 
 
 def setting(env: str, default: Any, doc: str, choices: tuple[str, ...] | None = None,
-            minimum: float | None = None, maximum: float | None = None) -> Any:
-    """A dataclass field bound to an environment variable."""
-    meta = {"env": env, "doc": doc, "choices": choices, "min": minimum, "max": maximum}
+            minimum: float | None = None, maximum: float | None = None,
+            credential: str | None = None) -> Any:
+    """A dataclass field bound to an environment variable (and, for a secret, a credential)."""
+    meta = {"env": env, "doc": doc, "choices": choices, "min": minimum, "max": maximum,
+            "credential": credential}
     if isinstance(default, list | dict | set):
         raise TypeError("use tuples for sequence defaults")
+    if credential is not None and not isinstance(default, Secret):
+        raise TypeError(f"{env}: only a Secret setting can name a credential")
     return dataclasses.field(default=default, metadata=meta)
+
+
+CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
+
+
+def read_credential(name: str, env: str, environ: Mapping[str, str]) -> Secret | None:
+    """The credential ``name`` from ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``),
+    less one trailing newline; None when there is no such directory or file, or it is empty
+    (the unit loads every credential, and an unused one is an empty file)."""
+    directory = environ.get(CREDENTIALS_DIRECTORY, "")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{env}: cannot read credential {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{env}: credential {path} is not UTF-8 text") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+    return Secret(text) if text else None
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -103,7 +135,11 @@ def load_slice(cls: type, environ: Mapping[str, str]) -> Any:
         if env is None:
             continue
         value = f.default
-        if env in environ:
+        credential = f.metadata.get("credential")
+        from_file = read_credential(credential, env, environ) if credential else None
+        if from_file is not None:
+            value = from_file
+        elif env in environ:
             value = _parse(environ[env], hints[f.name], env)
         choices = f.metadata.get("choices")
         if choices and value not in choices:
@@ -141,5 +177,16 @@ def describe_slice(cls: type) -> list[tuple[str, str, str]]:
         doc = f.metadata["doc"]
         if f.metadata.get("choices"):
             doc += f" (one of: {', '.join(f.metadata['choices'])})"
+        if f.metadata.get("credential"):
+            doc += (f". Better as the systemd credential {f.metadata['credential']} "
+                    "(LoadCredential=; read from $CREDENTIALS_DIRECTORY less one trailing "
+                    "newline; an empty one counts as unset), which wins over the variable and "
+                    "stays out of the environment that worker processes inherit")
         rows.append((env, text, doc))
     return rows
+
+
+def credential_names(cls: type) -> dict[str, str]:
+    """{credential name: variable} for every secret of a slice that can come as a credential."""
+    return {f.metadata["credential"]: f.metadata["env"] for f in dataclasses.fields(cls)
+            if f.metadata.get("credential")}

@@ -50,6 +50,7 @@ def session_security(workdir: Path) -> list[Row]:
                     CONTIMG_SLACK_WEBHOOK_URL=webhook.url(hook_path),
                     CONTIMG_SLACK_MIN_SEVERITY="WARNING", CONTIMG_SMTP_HOST="127.0.0.1",
                     CONTIMG_SMTP_PORT=str(smtp.port), CONTIMG_SMTP_USER="contimg",
+                    CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN="true",  # the local fake has no TLS
                     CONTIMG_SMTP_PASSWORD=password, CONTIMG_SMTP_TO="ops@example.org",
                     CONTIMG_EMAIL_MIN_SEVERITY="WARNING", CONTIMG_LOG_LEVEL="DEBUG",
                     CONTIMG_ALERT_TIMEOUT_S="5")

@@ -193,6 +193,17 @@ class SlackChannel(Channel):
             await client.aclose()
 
 
+PLAINTEXT_LOGIN_REFUSED = (
+    "login refused by contimg: CONTIMG_SMTP_USER is set but CONTIMG_SMTP_SECURITY=none would "
+    "send the password in clear; use starttls or tls, or set "
+    "CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN=true for a trusted relay")
+
+
+def plaintext_login_refused(o: AlertOptions) -> bool:
+    """True when the settings ask for an SMTP login without TLS and do not allow it."""
+    return bool(o.smtp_user) and o.smtp_security == "none" and not o.smtp_allow_plaintext_login
+
+
 class EmailChannel(Channel):
     """Sends mail with the stdlib ``smtplib`` in a private one-thread executor.
 
@@ -232,6 +243,8 @@ class EmailChannel(Channel):
     async def send(self, alert: Alert) -> None:
         if not self._o.smtp_to:
             raise DeliveryError("no recipients (CONTIMG_SMTP_TO is empty)", retryable=False)
+        if plaintext_login_refused(self._o):
+            raise DeliveryError(PLAINTEXT_LOGIN_REFUSED, retryable=False)
         msg = self.message(alert)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contimg-smtp")
@@ -256,7 +269,7 @@ class EmailChannel(Channel):
                     smtp.ehlo()
                     smtp.starttls(context=self._ssl_context())
                     smtp.ehlo()
-                if o.smtp_user:
+                if o.smtp_user:  # never in clear unless allowed: send() refuses first
                     smtp.login(o.smtp_user, pw)
                 smtp.send_message(msg)
         except DeliveryError:

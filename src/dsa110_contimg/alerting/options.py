@@ -12,7 +12,7 @@ SEVERITIES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 @dataclass(frozen=True)
 class AlertOptions:
-    slack_webhook_url: Secret = setting("CONTIMG_SLACK_WEBHOOK_URL", Secret(""), "Slack incoming-webhook URL (secret; empty disables Slack)")
+    slack_webhook_url: Secret = setting("CONTIMG_SLACK_WEBHOOK_URL", Secret(""), "Slack incoming-webhook URL (secret; empty disables Slack)", credential="contimg-slack-webhook-url")
     slack_min_severity: str = setting("CONTIMG_SLACK_MIN_SEVERITY", "WARNING", "Lowest severity sent to Slack", choices=SEVERITIES)
     email_min_severity: str = setting("CONTIMG_EMAIL_MIN_SEVERITY", "ERROR", "Lowest severity sent by email", choices=SEVERITIES)
     log_min_severity: str = setting("CONTIMG_LOG_ALERT_MIN_SEVERITY", "DEBUG", "Lowest severity written to the log", choices=SEVERITIES)
@@ -20,7 +20,8 @@ class AlertOptions:
     smtp_port: int = setting("CONTIMG_SMTP_PORT", 25, "SMTP port", minimum=1, maximum=65535)
     smtp_security: str = setting("CONTIMG_SMTP_SECURITY", "none", "Connection security", choices=("none", "starttls", "tls"))
     smtp_user: str = setting("CONTIMG_SMTP_USER", "", "SMTP login user (empty: no login)")
-    smtp_password: Secret = setting("CONTIMG_SMTP_PASSWORD", Secret(""), "SMTP login password (secret)")
+    smtp_allow_plaintext_login: bool = setting("CONTIMG_SMTP_ALLOW_PLAINTEXT_LOGIN", False, "Allow the SMTP login (CONTIMG_SMTP_USER) without TLS, i.e. with CONTIMG_SMTP_SECURITY=none, sending the password in clear; only for a trusted local relay")
+    smtp_password: Secret = setting("CONTIMG_SMTP_PASSWORD", Secret(""), "SMTP login password (secret)", credential="contimg-smtp-password")
     smtp_from: str = setting("CONTIMG_SMTP_FROM", "contimg@localhost", "Sender address")
     smtp_to: tuple[str, ...] = setting("CONTIMG_SMTP_TO", (), "Recipients, comma separated")
     rate_limit_count: int = setting("CONTIMG_ALERT_RATE_LIMIT", 10, "Alerts per category per window before suppression", minimum=1)

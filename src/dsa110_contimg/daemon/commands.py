@@ -1,4 +1,5 @@
-"""CLI subcommands backed by the daemon package: run, status, requeue, alert-test, calibration."""
+"""CLI subcommands backed by the daemon package: run, status, requeue, alert-test,
+alert-failure, calibration."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +71,24 @@ def register(sub: argparse._SubParsersAction, settings_from: Callable[[argparse.
         return 0 if all(ok for _, ok, _ in results) else 1
 
     p.set_defaults(func=alert_test)
+
+    p = sub.add_parser("alert-failure", help="send a CRITICAL alert that a systemd unit failed "
+                       "(run by contimg-failure@.service through OnFailure=)")
+    add_common(p)
+    p.add_argument("unit", help="the unit that failed, e.g. contimg.service")
+
+    def alert_failure(args: argparse.Namespace) -> int:
+        from ..alerting.cli import alert_failure as send_failure
+
+        stats = asyncio.run(send_failure(settings_from(args).alerts, args.unit, os.environ))
+        lost = {ch: n for ch, n in stats["failed"].items() if n}
+        lost.update({ch: n for ch, n in stats["dropped"].items() if n})
+        for channel in stats["channels"]:
+            state = "FAILED" if channel in lost else "OK"
+            print(f"{channel:<8} {state}")
+        return 1 if lost else 0
+
+    p.set_defaults(func=alert_failure)
 
     p = sub.add_parser("calibration", help="calibration outlook: sets in force, next calibrator "
                        "transits, and when groups would go without calibration")

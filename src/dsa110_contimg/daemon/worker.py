@@ -43,14 +43,16 @@ class TaskUsage:
 def call_stage(fn: Any, args: tuple, group_id: str | None, nice: int = 0) -> Any:
     """Body of every task, in the worker process: lower its CPU priority by ``nice`` (the
     process is fresh, so this affects this task only), bind the group id for the logs, call."""
-    if nice > 0:
-        try:
-            os.nice(nice)
-        except OSError:  # a lower priority is always allowed; keep going if it is not
-            pass
     structlog.contextvars.clear_contextvars()
     if group_id:
         structlog.contextvars.bind_contextvars(group_id=group_id)
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError as exc:  # always allowed, unless e.g. a syscall filter denies it:
+            # keep going at equal priority, but say so (stages then compete for CPU)
+            structlog.get_logger(__name__).warning("worker_nice_failed", nice=nice,
+                                                   error=exc.strerror)
     try:
         return fn(*args)
     except DiskFull:
