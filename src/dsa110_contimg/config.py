@@ -82,7 +82,7 @@ class DatabaseOptions:
 class StateLogOptions:
     prune_interval_s: float = setting("CONTIMG_STATE_PRUNE_INTERVAL_S", 600.0, "How often CASA's logs under STATE_DIR/casa/logs are pruned and worker-stderr.log rotated", minimum=10)
     casa_log_max_age_d: float = setting("CONTIMG_CASA_LOG_MAX_AGE_D", 14.0, "CASA logs (one per worker process) older than this many days are deleted; 0 keeps them regardless of age", minimum=0)
-    casa_log_max_mb: float = setting("CONTIMG_CASA_LOG_MAX_MB", 2000.0, "The oldest CASA logs are deleted while all of them together (rotated worker-stderr logs included) exceed this many MB; 0 = no size limit", minimum=0)
+    casa_log_max_mb: float = setting("CONTIMG_CASA_LOG_MAX_MB", 2000.0, "The oldest CASA logs and rotated worker-stderr logs are deleted while STATE_DIR/casa/logs holds more than this many MB; 0 = no size limit", minimum=0)
     stderr_rotate_mb: float = setting("CONTIMG_WORKER_STDERR_ROTATE_MB", 100.0, "worker-stderr.log is renamed to .1 (older ones shifted up) once larger than this many MB", minimum=0.001)
     stderr_keep: int = setting("CONTIMG_WORKER_STDERR_KEEP", 5, "Rotated worker-stderr.log files kept (.1 .. .N)", minimum=1, maximum=1000)
 
