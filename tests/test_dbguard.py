@@ -292,6 +292,8 @@ def test_rotation_keeps_n(tmp_path):
     con.commit()
     con.close()
     t0 = 1_750_000_000.0
+    site.backups.mkdir()
+    (site.backups / f".{backup_name(t0 - 60)}.12345.tmp").write_bytes(b"half")  # a crash's
     for i in range(7):
         take_backup(site.db, site.backups, keep=3, now=t0 + 3600 * i)
     kept = list_backups(site.backups)

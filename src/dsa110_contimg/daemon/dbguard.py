@@ -179,8 +179,9 @@ def take_backup(db_path: Path, backup_dir: Path, keep: int, now: float | None = 
     final = backup_dir / backup_name(time.time() if now is None else now)
     tmp = backup_dir / f".{final.name}.{os.getpid()}.tmp"
     started = time.monotonic()
+    for stale in backup_dir.glob(f".{BACKUP_PREFIX}*.tmp*"):  # a backup cut short by a crash
+        stale.unlink(missing_ok=True)
     try:
-        tmp.unlink(missing_ok=True)
         backup_to(db_path, tmp)
         problems = check_integrity(tmp)
         if problems:
