@@ -234,3 +234,34 @@ def test_grade_hysteresis() -> None:
     assert grade(105, 100, 50, higher_is_worse=False, held=Severity.CRITICAL, **kw) == \
         Severity.CRITICAL
     assert grade(111, 100, 50, higher_is_worse=False, held=Severity.CRITICAL, **kw) is None
+
+
+async def test_state_disk_has_its_own_thresholds(tmp_path: Path) -> None:
+    """The state directory alerts on its own (small-disk) thresholds; sharing a filesystem
+    with a data directory, the higher thresholds of the two apply to the one condition."""
+    state = tmp_path / "state"
+    state.mkdir()
+    free_gb = shutil.disk_usage(state).free / GB
+    alerts: list[Alert] = []
+    # the data-disk thresholds would not fire; the state-disk warning (above free) does
+    o = MonitorOptions(disk_warn_gb=0, disk_crit_gb=0, state_disk_warn_gb=free_gb * 2 + 1,
+                       state_disk_crit_gb=0)
+    mon = SystemMonitor(o, {"state": state}, emit=alerts.append)
+    got = await mon.check_once()
+    assert summary(got) == [("disk", "WARNING", "disk")]
+    assert "state" in got[0].title and str(state) in got[0].message
+    assert got[0].context["warn_gb"] == o.state_disk_warn_gb
+    assert await mon.check_once() == []
+    # critical on the state disk
+    crit = MonitorOptions(disk_warn_gb=0, disk_crit_gb=0, state_disk_warn_gb=free_gb * 3 + 2,
+                          state_disk_crit_gb=free_gb * 2 + 1)
+    got = await SystemMonitor(crit, {"state": state}).check_once()
+    assert summary(got) == [("disk", "CRITICAL", "disk")]
+    # the data-disk thresholds do not apply to the state directory alone
+    quiet = MonitorOptions(disk_warn_gb=free_gb * 2 + 1, disk_crit_gb=0, state_disk_warn_gb=0,
+                           state_disk_crit_gb=0)
+    assert await SystemMonitor(quiet, {"state": state}).check_once() == []
+    # one filesystem, two names: one condition, graded against the higher thresholds
+    shared = await SystemMonitor(o, {"output": tmp_path, "state": state}).check_once()
+    assert summary(shared) == [("disk", "WARNING", "disk")]
+    assert "output, state" in shared[0].title

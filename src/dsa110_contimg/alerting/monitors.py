@@ -12,7 +12,10 @@ Filesystem probes (``statvfs``) run in a thread with a timeout: a hung NFS mount
 alert instead of a frozen event loop, and a probe still hung from the previous round is not
 started again.
 
-GB here means 10^9 bytes (as ``df -H``); thresholds may be fractional.
+GB here means 10^9 bytes (as ``df -H``); thresholds may be fractional. The watched directory
+named ``state`` (queue database, backups, CASA logs: often the small root filesystem) has its
+own thresholds (``state_disk_warn_gb``/``state_disk_crit_gb``); a filesystem holding several
+watched directories is graded against the highest of their thresholds.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .options import MonitorOptions
 log = structlog.get_logger(__name__)
 
 GB = 1e9
+STATE_DISK = "state"  # the watched name that takes the state-disk thresholds
 
 
 class QueueStats(TypedDict, total=False):
@@ -103,7 +107,7 @@ class SystemMonitor:
     """Periodic checks that emit alerts on state changes only.
 
     ``watched`` names directories whose filesystem's free space matters (input, scratch,
-    output); paths on one filesystem share one condition. ``tmpfs`` is checked for use %.
+    output, state); paths on one filesystem share one condition. ``tmpfs`` is checked for use %.
     ``queue_stats`` returns a ``QueueStats`` dict; ``calibration_age_h`` the age in hours of
     the newest calibration set, or None when there is none yet (no alert: the scheduler
     reports missing calibration itself).
@@ -230,14 +234,15 @@ class SystemMonitor:
                                                 f"free space of {name}", path, None))
             dev, _, _, free = res
             by_dev.setdefault(dev, []).append((name, free))
-        o = self._o
         for dev, members in by_dev.items():
             label = ", ".join(n for n, _ in members)
             paths = ", ".join(str(self._watched[n]) for n, _ in members)
             free_gb = min(f for _, f in members) / GB
             key = f"disk:dev{dev}"
-            level = self._grade(key, free_gb, o.disk_warn_gb, o.disk_crit_gb, False)
-            limit = o.disk_crit_gb if level == Severity.CRITICAL else o.disk_warn_gb
+            warn_gb = max(self._limits(n)[0] for n, _ in members)
+            crit_gb = max(self._limits(n)[1] for n, _ in members)
+            level = self._grade(key, free_gb, warn_gb, crit_gb, False)
+            limit = crit_gb if level == Severity.CRITICAL else warn_gb
             readings.append(Reading(
                 key=key, category="disk", level=level,
                 title=f"Low disk space on {label}: {free_gb:.3g} GB free",
@@ -246,8 +251,15 @@ class SystemMonitor:
                          f"(threshold {limit:g} GB)." if level else
                          f"{free_gb:.3g} GB free on the filesystem holding {paths}."),
                 context={"paths": paths, "free_gb": round(free_gb, 4),
-                         "warn_gb": o.disk_warn_gb, "crit_gb": o.disk_crit_gb}))
+                         "warn_gb": warn_gb, "crit_gb": crit_gb}))
         return readings
+
+    def _limits(self, name: str) -> tuple[float, float]:
+        """(warn, crit) free-space thresholds in GB of one watched directory."""
+        o = self._o
+        if name == STATE_DISK:
+            return o.state_disk_warn_gb, o.state_disk_crit_gb
+        return o.disk_warn_gb, o.disk_crit_gb
 
     async def _tmpfs_readings(self) -> list[Reading]:
         if self._tmpfs is None:

@@ -39,6 +39,8 @@ class MonitorOptions:
     interval_s: float = setting("CONTIMG_MONITOR_INTERVAL_S", 60.0, "How often system monitors run", minimum=0.1)
     disk_warn_gb: float = setting("CONTIMG_DISK_WARN_GB", 200.0, "WARNING when free disk on input/scratch/output falls below this", minimum=0)
     disk_crit_gb: float = setting("CONTIMG_DISK_CRIT_GB", 100.0, "CRITICAL when free disk falls below this", minimum=0)
+    state_disk_warn_gb: float = setting("CONTIMG_STATE_DISK_WARN_GB", 5.0, "WARNING when free disk on the state directory (queue database, backups, CASA logs) falls below this; used instead of CONTIMG_DISK_WARN_GB when the state directory has a filesystem to itself", minimum=0)
+    state_disk_crit_gb: float = setting("CONTIMG_STATE_DISK_CRIT_GB", 1.0, "CRITICAL when free disk on the state directory falls below this (SQLite cannot commit on a full disk)", minimum=0)
     tmpfs_warn_pct: float = setting("CONTIMG_TMPFS_WARN_PCT", 90.0, "WARNING when tmpfs use exceeds this percentage", minimum=0, maximum=100)
     tmpfs_crit_pct: float = setting("CONTIMG_TMPFS_CRIT_PCT", 95.0, "CRITICAL when tmpfs use exceeds this percentage", minimum=0, maximum=100)
     queue_depth_warn: int = setting("CONTIMG_QUEUE_DEPTH_WARN", 6, "WARNING when more groups than this wait", minimum=1)
