@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
+
+import pytest
 
 from dsa110_contimg.products import (
     SEAL_NAME,
+    atomic_write,
+    fsync_dir,
     make_dirs,
     publish_file,
     seal_mismatch,
@@ -15,6 +20,7 @@ from dsa110_contimg.products import (
     stamp,
     stamp_mismatch,
 )
+from faults.powercut import PowerCutMount, unavailable
 
 
 def test_stamp_of_a_file_notices_emptying_truncation_and_zeros(tmp_path):
@@ -59,3 +65,76 @@ def test_make_dirs_and_publish_file(tmp_path):
     assert final.read_bytes() == b"abc" and not staged.exists()
 
 
+
+
+# ------------------------------------------------------------------ the power-cut filesystem
+@pytest.fixture
+def powercut(tmp_path):
+    why = unavailable()
+    if why is not None:
+        pytest.skip(f"power-cut filesystem unavailable: {why}")
+    with PowerCutMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "fs") as m:
+        yield m
+
+
+def _write(path: Path, data: bytes, sync: bool) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        if sync:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def test_a_write_not_fsynced_is_lost_at_the_cut(powercut):
+    mnt = powercut.mountpoint
+    _write(mnt / "kept", b"old", sync=True)
+    fsync_dir(mnt)
+    powercut.cut()
+    assert (mnt / "kept").read_bytes() == b"old"
+    _write(mnt / "kept", b"new, never fsynced", sync=False)
+    _write(mnt / "fresh", b"named but empty", sync=False)
+    fsync_dir(mnt)  # the name is durable, the data is not: an empty file after the cut
+    _write(mnt / "nameless", b"data", sync=True)  # data durable, name not
+    (mnt / "sub").mkdir()
+    _write(mnt / "sub" / "deep", b"x", sync=True)
+    fsync_dir(mnt / "sub")  # its entry in the root was never fsynced
+    assert (mnt / "kept").read_bytes() == b"new, never fsynced"
+    powercut.cut()
+    assert sorted(p.name for p in mnt.iterdir()) == ["fresh", "kept"]
+    assert (mnt / "kept").read_bytes() == b"old"
+    assert (mnt / "fresh").read_bytes() == b""
+
+
+def test_an_fsynced_write_survives_and_a_rename_needs_the_directory_fsynced(powercut):
+    mnt = powercut.mountpoint
+    _write(mnt / "product.fits", b"old image", sync=True)
+    fsync_dir(mnt)
+    _write(mnt / ".staged", b"new image", sync=True)
+    os.replace(mnt / ".staged", mnt / "product.fits")
+    assert (mnt / "product.fits").read_bytes() == b"new image"
+    powercut.cut()  # the rename was not made durable: the old name, the old file
+    assert (mnt / "product.fits").read_bytes() == b"old image"
+    assert not (mnt / ".staged").exists()
+    _write(mnt / ".staged", b"new image", sync=True)
+    publish_file(mnt / ".staged", mnt / "product.fits")
+    fsync_dir(mnt)
+    os.unlink(mnt / "product.fits")  # an unlink not made durable is undone too
+    powercut.cut()
+    assert (mnt / "product.fits").read_bytes() == b"new image"
+    assert [p.name for p in mnt.iterdir()] == ["product.fits"]
+
+
+def test_durable_helpers_survive_the_cut(powercut):
+    mnt = powercut.mountpoint
+    d = make_dirs(mnt / "2026-06-01" / "group")
+    atomic_write(d / "record.json", "{}")
+    table = d / "cal.G"
+    (table / "sub").mkdir(parents=True)
+    (table / "table.dat").write_bytes(b"t" * 1000)
+    (table / "sub" / "table.f0").write_bytes(b"f" * 100)
+    seal_tree(table)
+    (d / "scratch").write_bytes(b"never fsynced")
+    powercut.cut()
+    assert (d / "record.json").read_text() == "{}"
+    assert seal_mismatch(table) is None and (table / "sub" / "table.f0").stat().st_size == 100
+    assert not (d / "scratch").exists()
