@@ -134,7 +134,10 @@ def test_durable_helpers_survive_the_cut(powercut):
     (table / "sub" / "table.f0").write_bytes(b"f" * 100)
     seal_tree(table)
     (d / "scratch").write_bytes(b"never fsynced")
+    (mnt / "made-by-another").mkdir()  # not synced by whoever made it: make_dirs syncs it
+    make_dirs(mnt / "made-by-another")
     powercut.cut()
+    assert (mnt / "made-by-another").is_dir()
     assert (d / "record.json").read_text() == "{}"
     assert seal_mismatch(table) is None and (table / "sub" / "table.f0").stat().st_size == 100
     assert not (d / "scratch").exists()

@@ -204,8 +204,9 @@ def fsync_tree(root: Path) -> None:
 
 
 def make_dirs(path: Path) -> Path:
-    """``mkdir -p`` whose new directories survive a power cut: each created level's parent
-    is fsynced (a product renamed into a directory whose own entry is lost is lost too)."""
+    """``mkdir -p`` whose directories survive a power cut: the parent of each level created
+    here, and of ``path`` itself, is fsynced (a product renamed into a directory whose own
+    entry is lost is lost too; ``path`` may have been made by a caller that did not sync)."""
     path = Path(path)
     missing = []
     at = path
@@ -215,8 +216,8 @@ def make_dirs(path: Path) -> Path:
             break
         at = at.parent
     path.mkdir(parents=True, exist_ok=True)
-    for made in reversed(missing):
-        fsync_dir(made.parent)
+    for parent in dict.fromkeys([*(m.parent for m in reversed(missing)), path.parent]):
+        fsync_dir(parent)
     return path
 
 

@@ -50,6 +50,7 @@ from ..products import (
     atomic_write,
     dumps,
     fsync_tree,
+    make_dirs,
     safe_stem,
     seal_mismatch,
     seal_tree,
@@ -469,7 +470,7 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
     if not ms.exists():
         raise BadInputError("measurement set does not exist", path=str(ms))
     caldir = Path(inputs.caltable_dir)
-    caldir.mkdir(parents=True, exist_ok=True)
+    make_dirs(caldir)  # its entry in the product directory must survive a power cut
     done = _finished(inputs, options)
     if done is not None:
         log.info("calibration_skipped", group_id=inputs.group_id, mode=done.mode)

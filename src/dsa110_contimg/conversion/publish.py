@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from ..products import fsync_dir, fsync_tree
+from ..products import fsync_dir, fsync_tree, make_dirs
 from .staging import (
     PARTIAL_MARK,
     disk_error,
@@ -56,7 +56,7 @@ def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True,
     """
     final = Path(final)
     early = early or {}
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     tmp = final.with_name(f".{final.name}{PARTIAL_MARK}{os.getpid()}")
     try:
         if tmp.exists():
@@ -219,7 +219,7 @@ class EarlyCopy:
               cached: Sequence[tuple[int, int]] = ()) -> EarlyCopy | None:
         """None when the target filesystem refuses ``O_DIRECT`` (publish copies it then)."""
         path = _early_path(final, Path(src).name)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(final.parent)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         except OSError as exc:

@@ -212,6 +212,7 @@ def image_group(inputs: ImagingInputs, options: ImagingOptions) -> ImagingResult
             from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        fsync_dir(staging.parent)  # or a power cut brings the staging directory back
     log.info("imaging.done", group_id=inputs.group_id, image=str(result.image_fits),
              rms_jy=result.rms_jy, peak_jy=result.peak_jy, bmaj=round(result.bmaj_arcsec, 2),
              bmin=round(result.bmin_arcsec, 2), duration_s=round(result.duration_s, 2))
