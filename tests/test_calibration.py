@@ -13,6 +13,7 @@ fresh process (python-casacore and casatools must not share one).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from conftest import convert_groups_isolated
+from dsa110_contimg.calibration.apply import apply_calset
 from dsa110_contimg.calibration.calset import CalSet, CalTable
 from dsa110_contimg.calibration.casarun import open_table, read_ms_info, run_task
 from dsa110_contimg.calibration.flagging import STEPS, census, flag_calls, flag_ms
@@ -38,10 +41,11 @@ from dsa110_contimg.calibration.solve import (
     read_caltable,
     total_gains,
 )
-from dsa110_contimg.calibration.stage import CalibrationInputs, calibrate_group
+from dsa110_contimg.calibration.stage import CalibrationInputs, calibrate_group, marker_path
 from dsa110_contimg.catalogue.reference import get_calibrator
 from dsa110_contimg.daemon.calregistry import CalRegistry
 from dsa110_contimg.errors import BadInputError, CalibrationUnavailable, StageError
+from dsa110_contimg.products import SEAL_NAME, seal_mismatch
 from dsa110_contimg.qa.calibration import check_calibration_quality
 from dsa110_contimg.qa.options import CalQAThresholds
 from dsa110_contimg.simulate import core
@@ -368,6 +372,57 @@ def test_rerun_is_skipped_unless_options_change(solved, tmp_path):
     redo = calibrate_group(moved, replace(OPTIONS, min_snr=4.0))
     assert not redo.skipped and redo.mode == "solved"
     assert redo.new_set.params["min_snr"] == 4.0
+
+
+def _moved_calibration(inp: CalibrationInputs, work: Path) -> CalibrationInputs:
+    """A copy of a calibrated group (MS, caltables, marker pointing at the copies)."""
+    work.mkdir()
+    ms = copy_ms(inp.ms_path, work)
+    caldir = work / "caltables"
+    shutil.copytree(inp.caltable_dir, caldir)
+    marker = caldir / f"{ms.stem}.calibration.json"
+    marker.write_text(marker.read_text().replace(str(inp.caltable_dir), str(caldir)))
+    return replace(inp, ms_path=ms, caltable_dir=caldir)
+
+
+def test_tables_are_sealed_and_reading_them_keeps_the_seal(solved, tmp_path):
+    inp, res, _ = solved
+    marker = json.loads(marker_path(inp).read_text())
+    assert set(marker["table_stamps"]) == {t.kind for t in res.new_set.tables}
+    for t in res.new_set.tables:
+        sealed = json.loads((Path(t.path) / SEAL_NAME).read_text())
+        assert sealed == marker["table_stamps"][t.kind] and sealed["size"] > 0
+    # applycal of the set to another MS opens every table: the seals still hold
+    apply_calset(copy_ms(inp.ms_path, tmp_path), res.new_set, same_group=False)
+    assert all(seal_mismatch(t.path) is None for t in res.new_set.tables)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "zeroed"])
+def test_a_table_damaged_behind_the_marker_is_solved_again(solved, tmp_path, how):
+    inp, _, _ = solved
+    moved = _moved_calibration(inp, tmp_path / "copy")
+    first = calibrate_group(moved, OPTIONS)
+    assert first.skipped
+    table = next(t.path for t in first.new_set.tables if t.kind == "G")
+    victim = max((p for p in Path(table).iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+    size = victim.stat().st_size
+    if how == "empty":  # a file renamed into place whose data never reached the disk
+        victim.write_bytes(b"")
+    elif how == "truncated":
+        os.truncate(victim, size // 2)
+    else:  # size recorded, blocks never written: reads back zeros
+        victim.write_bytes(bytes(size))
+    # a borrowed set is refused by its seal before applycal runs
+    with pytest.raises(StageError, match="does not match its seal"):
+        apply_calset(moved.ms_path, CalSet.from_dict(
+            json.loads(marker_path(moved).read_text())["new_set"]), same_group=False)
+    with capture_logs() as logs:
+        redo = calibrate_group(moved, OPTIONS)
+    assert not redo.skipped and redo.mode == "solved"
+    why = [e for e in logs if e["event"] == "calibration.redo"]
+    assert why and why[0]["path"] == str(table), logs
+    assert seal_mismatch(Path(table)) is None
+    assert calibrate_group(moved, OPTIONS).skipped
 
 
 # ------------------------------------------------------------------ calibrator search

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from structlog.testing import capture_logs
 
 from dsa110_contimg.errors import BadInputError
 from dsa110_contimg.imaging.options import ImagingOptions
@@ -430,3 +431,27 @@ def test_fingerprint_follows_the_field_catalogue_content(tmp_path):
     assert first != options_fingerprint(o, "corrected", None)
     cat.write_text("name,ra_deg,dec_deg,flux_jy\nA,10.0,30.0,0.6\n")
     assert first != options_fingerprint(o, "corrected", str(cat))
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_a_product_damaged_behind_the_record_is_imaged_again(imaged, tmp_path, how):
+    inputs = replace(imaged[0], product_dir=tmp_path / imaged[0].product_dir.name)
+    options = ImagingOptions(tier="quick")
+    result = image_group(inputs, options)
+    record = json.loads(product_names(inputs.product_dir, inputs.group_id)["record"].read_text())
+    assert record["stamps"]["image"]["size"] == result.image_fits.stat().st_size
+    assert image_group(inputs, options).skipped
+    victim = result.pbcor_fits
+    size = victim.stat().st_size
+    if how == "empty":  # renamed into place, data lost in a power cut
+        victim.write_bytes(b"")
+    else:  # same size, the last block never written: zeros
+        data = bytearray(victim.read_bytes())
+        data[-2880:] = bytes(2880)
+        victim.write_bytes(bytes(data))
+    with capture_logs() as logs:
+        assert _finished(inputs, options) is None
+    assert [(e["event"], e["path"]) for e in logs] == [("imaging.redo", str(victim))]
+    again = image_group(inputs, options)
+    assert not again.skipped and again.pbcor_fits == victim and victim.stat().st_size == size
+    assert image_group(inputs, options).skipped

@@ -5,7 +5,12 @@
 - Paths: a group's products live in OUTPUT_DIR/YYYY-MM-DD/<group-id>/ (never deleted
   automatically).
 - Writes: :func:`atomic_write` (temporary file, fsync, rename, fsync of the directory), so a
-  reader or a power cut sees the old file or the new one, never half of one.
+  reader or a power cut sees the old file or the new one, never half of one;
+  :func:`publish_file` and :func:`fsync_tree` for products written elsewhere (a staging
+  directory, CASA tables); :func:`make_dirs` for directories that must survive a power cut.
+- Stamps: :func:`stamp` (size and SHA-256 of a file, or of every file of a directory such as
+  a CASA table) recorded beside a product, and :func:`stamp_mismatch` to check it before a
+  record is trusted: after a power cut a renamed file may exist yet be empty or truncated.
 - JSON: :func:`jsonable` and :func:`dumps` for numpy values, paths and non-finite floats;
   :class:`Record`, the base of the stage results, to and from JSON.
 """
@@ -13,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -170,11 +176,57 @@ def dumps(obj: Any, indent: int | None = None, sort_keys: bool = False) -> str:
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename or creation in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Write ``path``'s data to the disk (it may have been written by another program)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file and directory under ``root`` (a directory product: a CASA table, an MS) on
+    disk, deepest first, then ``root``'s entry in its parent."""
+    root = Path(root)
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(dirpath, name))
+        fsync_dir(Path(dirpath))
+    fsync_dir(root.parent)
+
+
+def make_dirs(path: Path) -> Path:
+    """``mkdir -p`` whose directories survive a power cut: the parent of each level created
+    here, and of ``path`` itself, is fsynced (a product renamed into a directory whose own
+    entry is lost is lost too; ``path`` may have been made by a caller that did not sync)."""
+    path = Path(path)
+    missing = []
+    at = path
+    while not at.exists():
+        missing.append(at)
+        if at.parent == at:
+            break
+        at = at.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for parent in dict.fromkeys([*(m.parent for m in reversed(missing)), path.parent]):
+        fsync_dir(parent)
+    return path
+
+
+def publish_file(staged: Path, final: Path) -> Path:
+    """fsync ``staged`` and rename it over ``final``. The caller fsyncs ``final``'s directory
+    once after the last of a set (:func:`fsync_dir`), before the record that names them."""
+    fsync_file(staged)
+    os.replace(staged, final)
+    return Path(final)
 
 
 def atomic_write(path: Path, data: str | bytes, durable: bool = True) -> Path:
@@ -196,6 +248,77 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = True) -> Path:
     if durable:
         fsync_dir(path.parent)
     return path
+
+
+#: a directory product's own record of its stamp (:func:`seal_tree`), kept inside it
+SEAL_NAME = ".contimg-seal.json"
+#: files of a directory product left out of its stamp: casacore rewrites a table's lock file
+#: whenever the table is opened, even read-only; the seal cannot contain itself
+STAMP_IGNORED = frozenset({"table.lock", SEAL_NAME})
+
+
+def stamp(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file, or of every file under a directory (relative names, sizes
+    and contents in name order; :data:`STAMP_IGNORED` left out). SHA-256 ran at 1.6 GB/s on
+    the bench VM (BLAKE2b at 0.65): 0.04 s for a 64 MB image."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in STAMP_IGNORED)
+    else:
+        files = [path]
+    size = 0
+    for f in files:
+        n = f.stat().st_size
+        size += n
+        if path.is_dir():
+            h.update(f"{f.relative_to(path).as_posix()}\0{n}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def stamp_mismatch(path: Path, expected: Mapping[str, Any] | None) -> str | None:
+    """Why ``path`` is not the product ``expected`` (a :func:`stamp`) describes, or None when
+    it is. A missing stamp (a record written before stamps existed) checks existence only."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if not expected:
+        return None
+    try:
+        now = stamp(path)
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    if now["size"] != expected.get("size"):
+        return f"{now['size']} bytes, the record says {expected.get('size')}"
+    if now["sha256"] != expected.get("sha256"):
+        return "content differs from the record's checksum"
+    return None
+
+
+def seal_tree(root: Path) -> dict[str, Any]:
+    """Make a directory product (a CASA table) durable and record its stamp inside it, so
+    whoever later reads it can check it (:func:`seal_mismatch`); returns the stamp."""
+    root = Path(root)
+    fsync_tree(root)
+    sealed = stamp(root)
+    atomic_write(root / SEAL_NAME, json.dumps(sealed))
+    return sealed
+
+
+def seal_mismatch(root: Path) -> str | None:
+    """Why the directory product ``root`` no longer matches its seal, or None. Without a
+    seal (written before seals existed) only its existence is checked."""
+    root = Path(root)
+    try:
+        sealed = json.loads((root / SEAL_NAME).read_text())
+    except FileNotFoundError:
+        return None if root.is_dir() else "missing"
+    except (OSError, ValueError) as exc:
+        return f"unreadable seal: {exc}"
+    return stamp_mismatch(root, sealed)
 
 
 class Record:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import bad_input, crash, environment, neighbours, security, soak, static
+from . import bad_input, crash, environment, neighbours, powerloss, security, soak, static
 from .core import Row
 
 SessionFn = Callable[[Path], list[Row]]
@@ -27,6 +27,7 @@ SESSIONS: dict[str, SessionFn] = {
     # 5. crashes
     "crash": crash.session_crash,
     "reboot": crash.session_reboot,
+    "power-cut": powerloss.session_powerloss,
     # 6. soak
     "soak": soak.session_soak,
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from ..errors import StageError
+from ..products import seal_mismatch
 from .calset import CalSet
 from .casarun import open_table, run_task
 
@@ -38,6 +39,11 @@ def applycal_args(ms: Path, calset: CalSet, same_group: bool) -> dict:
     missing = [str(t.path) for t in tables if not (Path(t.path) / "table.dat").exists()]
     if missing:
         raise StageError(f"calibration set {calset.name}: table(s) missing on disk: {missing}")
+    for t in tables:
+        why = seal_mismatch(Path(t.path))
+        if why is not None:
+            raise StageError(f"calibration set {calset.name}: table {t.path} does not match "
+                             f"its seal: {why}")
     return {"vis": str(ms), "gaintable": [str(t.path) for t in tables],
             "interp": [interp_for(t.kind, same_group) for t in tables],
             "calwt": [False] * len(tables), "applymode": "calflag", "flagbackup": False}

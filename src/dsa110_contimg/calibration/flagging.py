@@ -48,7 +48,7 @@ import numpy as np
 import structlog
 
 from ..errors import BadInputError
-from ..products import CONVERSION_RECORD, atomic_write
+from ..products import CONVERSION_RECORD, atomic_write, fsync_tree
 from .casarun import open_table, run_task
 from .options import CalibrationOptions
 
@@ -225,6 +225,7 @@ def flag_ms(ms: Path, options: CalibrationOptions) -> FlagReport:
              chanbin=options.flag_chanbin, duration_s=round(report.duration_s, 2))
     if report.final >= 1.0 - 1e-9:
         raise BadInputError(f"all data flagged after flagging ({fractions})", path=str(ms))
+    fsync_tree(ms)  # the marker vouches for the FLAG column written in place
     atomic_write(ms / MARKER, json.dumps({"digest": _flag_digest(options),
                                           "fractions": fractions, "antenna_fractions": ants}))
     return report

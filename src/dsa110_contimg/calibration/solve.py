@@ -31,6 +31,7 @@ import numpy as np
 import structlog
 
 from ..errors import BadInputError, StageError
+from ..products import make_dirs
 from .casarun import MJD_S, MSInfo, open_table, run_task
 from .options import CalibrationOptions
 
@@ -150,7 +151,7 @@ def solve_tables(ms: Path, caltable_dir: Path, stem: str, refant: RefantChoice,
 
     ``live`` are the ANTENNA indices with unflagged data: solution statistics count only them.
     """
-    caltable_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(caltable_dir)  # its entry in the product directory must survive a power cut
     uvrange, uv_note = effective_uvrange(options.uvrange, ms, live)
     common = {"vis": str(ms), "refant": ",".join(refant.chain), "minsnr": options.min_snr,
               "uvrange": uvrange}

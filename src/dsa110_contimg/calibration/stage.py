@@ -13,10 +13,14 @@ would give the solver, without a phaseshift pass. The product MS keeps its merid
 centre for imaging and never carries a calibrator-only MODEL_DATA (+2 GB at full size). The
 caltables are antenna-based and split keeps the ANTENNA table, so they apply to the original.
 
-Idempotent: ``<stem>.calibration.json`` in the caltable directory is written last; when it
-exists, was written with the same options (and, for an applied set, the same set), its tables
-exist and the MS has CORRECTED_DATA, the stage returns ``skipped=True``. A requeue after a
-settings change therefore recalibrates instead of returning the old answer.
+Idempotent: ``<stem>.calibration.json`` in the caltable directory is written last, after
+every file and directory of the new tables and the MS (its CORRECTED_DATA) are fsynced and
+each new table is sealed with its size and checksum (``products.seal_tree``); when it exists,
+was written with the same options (and, for an applied set, the same set), its tables match
+the stamps it records (or, for a borrowed set, their seals) and the MS has CORRECTED_DATA, the
+stage returns ``skipped=True``. A requeue after a settings change therefore recalibrates
+instead of returning the old answer, and so does a table left empty or truncated by a power
+cut (``calibration.redo`` names it).
 """
 
 from __future__ import annotations
@@ -41,7 +45,17 @@ from ..catalogue.reference import (
 )
 from ..errors import BadInputError, CalibrationUnavailable, StageError
 from ..instrument import PrimaryBeam
-from ..products import Record, atomic_write, dumps, safe_stem
+from ..products import (
+    Record,
+    atomic_write,
+    dumps,
+    fsync_tree,
+    make_dirs,
+    safe_stem,
+    seal_mismatch,
+    seal_tree,
+    stamp_mismatch,
+)
 from .apply import apply_calset
 from .calset import BANDPASS_KINDS, CalSet, CalTable
 from .candidates import as_calibrator, calibrator_candidates
@@ -148,6 +162,14 @@ def _finished(inputs: CalibrationInputs, options: CalibrationOptions) -> Calibra
     used = new_set or inputs.apply_set
     if used is None or not all((Path(t.path) / "table.dat").exists() for t in used.applied_tables()):
         return None
+    stamps = doc.get("table_stamps") or {}
+    for t in used.applied_tables():
+        own = stamps.get(t.kind) if used is new_set else None
+        why = stamp_mismatch(Path(t.path), own) if own else seal_mismatch(Path(t.path))
+        if why is not None:
+            log.warning("calibration.redo", group_id=inputs.group_id, path=str(t.path),
+                        reason=f"calibration table does not match its record: {why}")
+            return None
     if not _has_corrected(Path(inputs.ms_path)):
         return None
     return CalibrationResult(inputs.group_id, Path(inputs.ms_path), mode, doc.get("calibrator"),
@@ -158,8 +180,19 @@ def _finished(inputs: CalibrationInputs, options: CalibrationOptions) -> Calibra
 
 def _write_marker(inputs: CalibrationInputs, result: CalibrationResult,
                   options: CalibrationOptions) -> None:
+    """Make what the marker vouches for durable, then write it: the MS (CORRECTED_DATA), and
+    each new table of this group's caltable directory fsynced and sealed, its stamp recorded."""
     marker = marker_path(inputs)
-    doc = {**result.to_dict(), "options_digest": options_digest(options, inputs)}
+    stamps: dict[str, Any] = {}
+    if result.new_set is not None:
+        caldir = Path(inputs.caltable_dir).resolve()
+        for t in result.new_set.tables:
+            if Path(t.path).resolve().parent == caldir:  # not a borrowed bandpass's tables
+                stamps[t.kind] = seal_tree(Path(t.path))
+    if result.mode != "uncalibrated":
+        fsync_tree(Path(inputs.ms_path))
+    doc = {**result.to_dict(), "options_digest": options_digest(options, inputs),
+           "table_stamps": stamps}
     atomic_write(marker, dumps(doc, indent=1))
 
 
@@ -437,7 +470,7 @@ def calibrate_group(inputs: CalibrationInputs, options: CalibrationOptions) -> C
     if not ms.exists():
         raise BadInputError("measurement set does not exist", path=str(ms))
     caldir = Path(inputs.caltable_dir)
-    caldir.mkdir(parents=True, exist_ok=True)
+    make_dirs(caldir)  # its entry in the product directory must survive a power cut
     done = _finished(inputs, options)
     if done is not None:
         log.info("calibration_skipped", group_id=inputs.group_id, mode=done.mode)

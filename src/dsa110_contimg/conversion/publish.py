@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from ..products import fsync_dir, fsync_tree, make_dirs
 from .staging import (
     PARTIAL_MARK,
     disk_error,
@@ -55,7 +56,7 @@ def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True,
     """
     final = Path(final)
     early = early or {}
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     tmp = final.with_name(f".{final.name}{PARTIAL_MARK}{os.getpid()}")
     try:
         if tmp.exists():
@@ -73,13 +74,13 @@ def publish(staged: Path, final: Path, fsync: bool = True, direct: bool = True,
 
             shutil.copytree(staged, tmp, copy_function=copy)
         if fsync:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
         if final.exists():
             aside = final.with_name(f"{final.name}.invalid-{int(time.time())}")
             os.rename(final, aside)
             log.warning("moved an invalid MS aside", path=str(final), to=str(aside))
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -218,7 +219,7 @@ class EarlyCopy:
               cached: Sequence[tuple[int, int]] = ()) -> EarlyCopy | None:
         """None when the target filesystem refuses ``O_DIRECT`` (publish copies it then)."""
         path = _early_path(final, Path(src).name)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(final.parent)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         except OSError as exc:
@@ -309,28 +310,3 @@ def _refused(path: str, exc: OSError) -> None:
         _direct_refused.add(dev)
         log.warning("filesystem refuses O_DIRECT: publishing with buffered copies",
                     path=path, reason=exc.strerror)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Data on disk before the rename makes it visible (a crash must not publish holes)."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -3,11 +3,14 @@
 Called by the daemon in a fresh worker process as ``image_group(inputs, options)``.
 
 - Works in a staging directory beside the product directory (same filesystem, no ':' in its
-  name: CASA dislikes colons in table paths) and publishes each file by atomic rename, the
-  ``<stem>.imaging.json`` record last, so a crash never leaves a half-published image that a
-  re-run would mistake for a finished one.
-- Idempotent: when the record exists, its files are present, the options match and the MS has
-  not been rewritten since (e.g. re-calibrated), the result is returned with ``skipped=True``.
+  name: CASA dislikes colons in table paths) and publishes each file by fsync and atomic
+  rename, then fsyncs the directory and writes the ``<stem>.imaging.json`` record last (with
+  each product's size and SHA-256), so neither a crash nor a power cut leaves a
+  half-published image that a re-run would mistake for a finished one.
+- Idempotent: when the record exists, its files match their recorded size and checksum, the
+  options match and the MS has not been rewritten since (e.g. re-calibrated), the result is
+  returned with ``skipped=True``; a product that does not match (empty or truncated after a
+  power cut) is logged (``imaging.redo``) and the group imaged again.
 - Unusable input (no rows, all flagged, NaN/zero data) raises ``BadInputError`` before tclean:
   the scheduler quarantines rather than retrying a deterministic failure. CASA faults and bad
   outputs raise ``StageError`` (retried). Quality judgement is the QA gate's job
@@ -19,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,7 +34,17 @@ import structlog
 from ..catalogue import is_catalogue_db
 from ..errors import BadInputError, ContimgError, StageError
 from ..instrument import PrimaryBeam
-from ..products import Record, dumps, safe_stem
+from ..products import (
+    Record,
+    atomic_write,
+    dumps,
+    fsync_dir,
+    make_dirs,
+    publish_file,
+    safe_stem,
+    stamp,
+    stamp_mismatch,
+)
 from .average import make_imaging_copy
 from .cleanmask import MaskRules, run_masked_clean
 from .export import export_fits, standard_keywords
@@ -159,10 +171,18 @@ def _finished(inputs: ImagingInputs, options: ImagingOptions) -> ImagingResult |
     if Path(inputs.ms_path).exists() and ms_mtime(inputs.ms_path) > rec.get("ms_mtime", 0) + 1:
         log.info("imaging.redo", group_id=inputs.group_id, reason="MS rewritten since imaging")
         return None
-    needed = [result.image_fits, result.pbcor_fits, result.quicklook_png, result.residual_fits,
-              result.pb_fits]
-    if not all(p is None or Path(p).exists() for p in needed):
-        return None
+    needed = {"image": result.image_fits, "pbcor": result.pbcor_fits,
+              "quicklook": result.quicklook_png, "residual": result.residual_fits,
+              "pb": result.pb_fits}
+    stamps = rec.get("stamps") or {}
+    for key, path in needed.items():
+        if path is None:
+            continue
+        why = stamp_mismatch(Path(path), stamps.get(key))
+        if why is not None:
+            log.warning("imaging.redo", group_id=inputs.group_id, path=str(path),
+                        reason=f"product does not match its record: {why}")
+            return None
     return result
 
 
@@ -192,6 +212,7 @@ def image_group(inputs: ImagingInputs, options: ImagingOptions) -> ImagingResult
             from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        fsync_dir(staging.parent)  # or a power cut brings the staging directory back
     log.info("imaging.done", group_id=inputs.group_id, image=str(result.image_fits),
              rms_jy=result.rms_jy, peak_jy=result.peak_jy, bmaj=round(result.bmaj_arcsec, 2),
              bmin=round(result.bmin_arcsec, 2), duration_s=round(result.duration_s, 2))
@@ -382,12 +403,12 @@ def _image(inputs: ImagingInputs, options: ImagingOptions, ms_path: Path, stagin
         timings_s=timings,
         peeled=[p.as_dict() for p in peeled], selfcal=selfcal, masks=masks)
     record = {"version": RECORD_VERSION,
+              "stamps": {k: stamp(staged[k]) for k in published},
               "fingerprint": options_fingerprint(options, inputs.datacolumn,
                                                  inputs.field_catalogue, inputs.beam),
               "ms_mtime": mtime, "ms_path": str(inputs.ms_final or ms_path), "pointing_source": summary.pointing_source,
               "result": result.to_dict()}
-    staged["record"].write_text(dumps(record, indent=1))
-    _publish(staged, published, names["record"])
+    _publish(staged, published, names["record"], dumps(record, indent=1))
     return result
 
 
@@ -401,11 +422,15 @@ def _track_centre(ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[float, float
 
 
 
-def _publish(staged: dict[str, Path], published: dict[str, Path], record: Path) -> None:
-    """Atomic rename of each product into place; the record last marks completion."""
-    record.parent.mkdir(parents=True, exist_ok=True)
+def _publish(staged: dict[str, Path], published: dict[str, Path], record: Path,
+             text: str) -> None:
+    """fsync and atomic rename of each product into place, the directory fsynced, then the
+    record (written durably) last marks completion."""
+    make_dirs(record.parent)
     if record.exists():
         record.unlink()  # an older record must not vouch for half-replaced files
+        fsync_dir(record.parent)
     for key, dest in published.items():
-        os.replace(staged[key], dest)
-    os.replace(staged["record"], record)
+        publish_file(staged[key], dest)
+    fsync_dir(record.parent)
+    atomic_write(record, text)
