@@ -37,7 +37,7 @@ from ..errors import (
     QAFailure,
     is_no_space,
 )
-from ..products import atomic_write, dumps, product_dir
+from ..products import atomic_write, dumps, make_dirs, product_dir
 from ..qa.result import QAResult
 from .executor import StageExecutor
 from .metrics import Metrics
@@ -66,7 +66,7 @@ def ms_storage(s: Settings) -> MSStorage:
 def write_qa_json(directory: Path, group_id: str, stage: str, qa: QAResult,
                   extra: dict[str, Any] | None = None) -> Path:
     """Merge one gate's verdict into the group's qa.json (atomic replace)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     path = directory / "qa.json"
     doc: dict[str, Any] = {"group_id": group_id, "stages": {}}
     if path.exists():

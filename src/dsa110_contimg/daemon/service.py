@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ..alerting.alert import Alert, Severity
-from ..casa_env import prepare_casa
+from ..casa_env import casa_log_dir, prepare_casa
 from ..config import Settings, check_directories
 from ..errors import ConfigError
+from .dbguard import backup_loop, guard_database
 from .executor import StageExecutor, make_executor
 from .fsgate import FsGate
 from .metrics import Metrics, render_prometheus
@@ -36,6 +37,7 @@ from .queue import ACTIVE_STATES, RESTING_STATES, GroupQueue
 from .scheduler import Scheduler, ms_storage, new_worker_id
 from .sdnotify import Notifier, watchdog_interval_s, watchdog_loop
 from .stages import HOLD_FLAG
+from .statelogs import state_log_loop
 from .supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -274,7 +276,8 @@ class _Daemon:
 
         system = SystemMonitor(s.monitors, {"input": s.paths.input_dir,
                                             "scratch": s.paths.scratch_dir,
-                                            "output": s.paths.output_dir},
+                                            "output": s.paths.output_dir,
+                                            "state": s.paths.state_dir},
                                tmpfs=s.paths.tmpfs_path if s.conversion.stage_to_tmpfs else None,
                                emit=self.router.emit, queue_stats=queue_stats,
                                calibration_age_h=calibration_age_h)
@@ -430,6 +433,10 @@ async def _serve(s: Settings, once: bool) -> int:
         log.warning("stale_staging_removed", paths=[str(p) for p in cleaned])
     notifier = Notifier()
     try:
+        # before any component opens the database: a corrupt one is restored from a backup
+        recovery = await guard_database(s.queue_db, s.db_backup_dir, s.database,
+                                        s.paths.output_dir, s.paths.input_dir,
+                                        s.ingest.group_tolerance_s)
         await ensure_catalogue(s, notifier)
     except BaseException:
         notifier.close()
@@ -437,19 +444,27 @@ async def _serve(s: Settings, once: bool) -> int:
 
     d = _Daemon(s, notifier)
     await d.open()
+    if recovery is not None:
+        log.critical("database_restored", restored_from=str(recovery.restored_from),
+                     problems=recovery.problems[:5])
+        d.router.emit(recovery.alert())
     if s.api.enabled:
         await d.start_api()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, d.on_signal, stop, sig.name)
     sup = d.supervisor = Supervisor(d.router.emit, lambda name: stop.set())
-    sup.start("watcher", lambda: d.watcher.run(stop_intake))
-    sup.start("grouper", lambda: d.grouper.run(stop_intake))
+    sup.start("watcher", lambda: d.watcher.run(stop_intake), stop_intake)
+    sup.start("grouper", lambda: d.grouper.run(stop_intake), stop_intake)
     for name, monitor in zip(("monitor", "calibration-outlook"), d.monitors(), strict=True):
-        sup.start(name, functools.partial(monitor.run, stop))
-    sup.start("sd-status", lambda: _status_loop(notifier, d.queue, stop))
+        sup.start(name, functools.partial(monitor.run, stop), stop)
+    sup.start("sd-status", lambda: _status_loop(notifier, d.queue, stop), stop)
+    sup.start("db-backup", lambda: backup_loop(s.queue_db, s.db_backup_dir, s.database, stop,
+                                               emit=d.router.emit), stop)
+    sup.start("state-logs", lambda: state_log_loop(casa_log_dir(s.paths.state_dir),
+                                                   s.state_logs, stop), stop)
     wd = watchdog_interval_s()
     if wd:
-        sup.start("watchdog", lambda: watchdog_loop(notifier, wd, stop))
+        sup.start("watchdog", lambda: watchdog_loop(notifier, wd, stop), stop)
     tasks = [asyncio.create_task(_warm(d.executor), name="warm-executor")]
     started = time.monotonic()
     log.info("daemon_ready", input_dir=str(s.paths.input_dir), executor=d.executor.describe(),

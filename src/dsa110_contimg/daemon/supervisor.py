@@ -58,10 +58,12 @@ class Supervisor:
         self._tasks: dict[str, asyncio.Task] = {}
         self._stopping = False
 
-    def start(self, name: str, factory: Callable[[], Awaitable[Any]]) -> None:
-        """Run ``factory()`` as task ``name``, restarting it whenever it dies."""
+    def start(self, name: str, factory: Callable[[], Awaitable[Any]],
+              until: asyncio.Event | None = None) -> None:
+        """Run ``factory()`` as task ``name``, restarting it whenever it dies; returning once
+        ``until`` is set (the event the task itself stops on) is a normal end."""
         self.status[name] = TaskStatus()
-        self._tasks[name] = asyncio.create_task(self._keep(name, factory), name=name)
+        self._tasks[name] = asyncio.create_task(self._keep(name, factory, until), name=name)
 
     def tasks(self) -> dict[str, asyncio.Task]:
         return dict(self._tasks)
@@ -82,12 +84,13 @@ class Supervisor:
             with suppress(asyncio.CancelledError, Exception):
                 await t
 
-    async def _keep(self, name: str, factory: Callable[[], Awaitable[Any]]) -> None:
+    async def _keep(self, name: str, factory: Callable[[], Awaitable[Any]],
+                    until: asyncio.Event | None) -> None:
         st = self.status[name]
         while True:
             try:
                 await factory()
-                if self._stopping:
+                if self._stopping or (until is not None and until.is_set()):
                     st.state = "stopped"
                     return
                 error = "returned while the daemon is running"
