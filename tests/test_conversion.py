@@ -602,7 +602,8 @@ def small_mount(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["staging", "ms", "publish"])
-def test_full_disk_is_a_stage_error_naming_the_path(worker, tiny_group, tmp_path, small_mount, where):
+def test_full_disk_is_diskfull_naming_the_path(worker, tiny_group, tmp_path, small_mount, where):
+    """A full disk is DiskFull (a StageError the daemon holds on, using no attempt)."""
     root, truth = tiny_group
     files = group_files(root, truth)
     opts = {"stage_to_tmpfs": False}
@@ -615,7 +616,7 @@ def test_full_disk_is_a_stage_error_naming_the_path(worker, tiny_group, tmp_path
     else:  # the product directory is full
         inputs = _inputs(files, tmp_path, truth["group_id"], output=small_mount)
     res = _run(worker, inputs, **opts)
-    assert not res["ok"] and res["type"] == "StageError", res
+    assert not res["ok"] and res["type"] == "DiskFull", res
     assert "no space left on device" in res["message"]
     assert str(small_mount) in res["message"]
     assert not any(small_mount.rglob("*.ms")) and not any(small_mount.rglob(".*partial*"))
@@ -633,7 +634,7 @@ def test_full_disk_while_publishing_early(worker, tiny_group, tmp_path, small_mo
     assert _run(worker, first, tmpfs_reserve_gb=0)["ok"]  # fills the warm pool
     full = dataclasses.replace(first, output_dir=small_mount)
     res = _run(worker, full, tmpfs_reserve_gb=0, block_bytes=1)
-    assert not res["ok"] and res["type"] == "StageError", res
+    assert not res["ok"] and res["type"] == "DiskFull", res
     assert "no space left on device" in res["message"] and str(small_mount) in res["message"]
     assert not any(small_mount.rglob("*.ms")) and not any(small_mount.rglob(".*partial*"))
     assert not any(p.name.startswith(STAGE_PREFIX) for p in shm_dir.iterdir())

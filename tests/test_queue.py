@@ -660,3 +660,33 @@ async def test_wake_flagged_releases_held_groups(tmp_path):
         again = await q.claim("w1")
         assert again.group_id == c.group_id and "held" not in again.flags
         assert await q.wake_flagged("held") == []
+
+
+def test_canonical_time_is_the_most_common_stamp_then_the_earliest() -> None:
+    from dsa110_contimg.daemon.queue import canonical_time
+    from dsa110_contimg.products import group_id_for
+
+    names = [f"/in/2026-06-01T04:46:0{s}_sb{k:02d}.hdf5" for k, s in enumerate([7, 6, 6, 8, 6])]
+    assert group_id_for(canonical_time(names)) == "2026-06-01T04:46:06"
+    tie = [f"/in/2026-06-01T04:46:0{s}_sb{k:02d}.hdf5" for k, s in enumerate([9, 7, 8])]
+    assert group_id_for(canonical_time(tie)) == "2026-06-01T04:46:07"
+
+
+async def test_a_group_first_named_by_a_jittered_file_is_renamed_to_its_canonical_time(
+        queue: GroupQueue) -> None:
+    first = "2026-06-01T04:46:09"  # a stray, jittered file arrived first and named the group
+    canonical = "2026-06-01T04:46:06"
+    await queue.create_group(first)
+    await queue.record_file(first, 5, Path(f"/in/{first}_sb05.hdf5"), 10, 1.0)
+    for sb in (0, 1, 2):
+        await queue.record_file(first, sb, Path(f"/in/{canonical}_sb{sb:02d}.hdf5"), 10, 1.0)
+    await queue.set_flag(first, "incomplete", "timed out, processing anyway")
+    assert await queue.mark_ready(first) == canonical
+    group = await queue.get_group(canonical)
+    assert group["state"] == "pending" and len(group["files"]) == 4
+    assert group["anchor"] == group_time(canonical).timestamp()
+    assert group["flags"]["incomplete"] and group["events"][0]["to_state"] == "collecting"
+    assert any("renamed from" in (e["reason"] or "") for e in group["events"])
+    assert first not in {g["id"] for g in await queue.list_groups()}
+    with sqlite3.connect(queue.path) as raw:
+        assert raw.execute("PRAGMA foreign_key_check").fetchall() == []

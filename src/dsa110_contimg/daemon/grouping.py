@@ -2,7 +2,9 @@
 
 A file joins the group whose anchor (the timestamp of the group's first file) lies within
 ``group_tolerance_s`` of its own timestamp; otherwise it anchors a new group. Anchors live in
-the queue, so after a restart the same files land in the same groups.
+the queue, so after a restart the same files land in the same groups. When the group is
+complete the queue names it by its canonical time (the timestamp most of its files carry),
+so a jittered or stray file that arrived first does not name it.
 
 A file is complete when its (inode, size, mtime) has not changed for ``stable_seconds`` and its
 UVH5 header opens (headers only, never the visibilities). A file whose header still fails one
@@ -479,12 +481,12 @@ class Grouper:
             await self._quarantine(group.group_id, f"timed out: {what} ({rule})")
 
     async def _ready(self, group: _Group, reason: str | None) -> None:
-        await self.queue.mark_ready(group.group_id, reason)
+        gid = await self.queue.mark_ready(group.group_id, reason)
         self._forget(group.group_id)
-        log.info("ingest.group_ready", group_id=group.group_id,
-                 subbands=len(group.files), note=reason)
+        log.info("ingest.group_ready", group_id=gid, subbands=len(group.files), note=reason,
+                 **({"first_named": group.group_id} if gid != group.group_id else {}))
         if self._on_ready is not None:
-            self._on_ready(group.group_id)
+            self._on_ready(gid)
 
     async def _quarantine(self, group_id: str, reason: str, **context: object) -> None:
         try:

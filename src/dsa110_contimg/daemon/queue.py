@@ -30,6 +30,7 @@ import json
 import math
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,7 +42,13 @@ import structlog
 
 from ..config import QueueOptions
 from ..errors import BadInputError, ContimgError, IllegalTransition
-from ..products import group_time, validate_group_id
+from ..products import (
+    InvalidName,
+    group_id_for,
+    group_time,
+    parse_subband_name,
+    validate_group_id,
+)
 from ..sqlitedb import SQLiteComponent
 from .stages import FIRST_WAITING, PIPELINE
 
@@ -256,7 +263,25 @@ _ACTIVE_GROUPS = (_SELECT_GROUP + " WHERE state IN (" + _ACTIVE_MARKS  # noqa: S
                   + ") ORDER BY anchor")
 
 
+# a group's rows in the other tables, moved when the group is renamed (before any stage ran)
+_MOVE_GROUP = tuple(f"UPDATE {t} SET group_id = ? WHERE group_id = ?"  # noqa: S608 - literal names
+                    for t in ("group_files", "group_events", "stage_runs"))
+
 _KEEP = object()  # "leave this column as it is"
+
+
+def canonical_time(paths: Iterable[str | Path]) -> datetime | None:
+    """A group's canonical time: the timestamp most of its subband files carry (the
+    correlator stamps one observation's files alike), the earliest among equally common ones.
+    A jittered or stray file that happened to arrive first does not name the group. None
+    when no file name carries a timestamp."""
+    stamps: Counter[datetime] = Counter()
+    for p in paths:
+        try:
+            stamps[parse_subband_name(Path(p).name).timestamp] += 1
+        except InvalidName:
+            continue
+    return min(stamps, key=lambda t: (-stamps[t], t)) if stamps else None
 
 
 def _now(now: float | None) -> float:
@@ -440,21 +465,50 @@ class GroupQueue(SQLiteComponent):
 
     @_atomic
     async def mark_ready(self, group_id: str, reason: str | None = None,
-                         now: float | None = None) -> None:
-        """collecting -> pending; ``reason`` notes why a group goes ahead incomplete."""
+                         now: float | None = None) -> str:
+        """collecting -> pending; ``reason`` notes why a group goes ahead incomplete.
+
+        The group is named by its canonical time (:func:`canonical_time`), not by whichever
+        file arrived first: when they differ it is renamed here, before anything is made
+        from it. Returns the group's id from now on."""
         now = _now(now)
         async with self._write() as db:
             row = await self._group(db, group_id)
-            counted = await _one(db, "SELECT count(*) AS n FROM group_files WHERE group_id = ?",
-                                 (group_id,))
-            n = counted["n"] if counted is not None else 0
+            paths = [r["path"] for r in await _all(
+                db, "SELECT path FROM group_files WHERE group_id = ?", (group_id,))]
             if row["state"] != "collecting":
                 raise IllegalTransition(
                     f"group {group_id} is {row['state']}; only a collecting group becomes ready")
-            if n == 0:
+            if not paths:
                 raise IllegalTransition(f"group {group_id} has no files to process")
+            when = canonical_time(paths)
+            canonical = group_id if when is None else group_id_for(when)
+            if canonical != group_id and await _one(
+                    db, "SELECT 1 FROM groups WHERE id = ?", (canonical,)) is None:
+                row = await self._rename(db, row, canonical, now)
             await self._change(db, row, "pending", now, reason or "all subbands complete",
                                attempts=0)
+        if row["id"] != group_id:
+            log.info("queue.group_renamed", group_id=row["id"], was=group_id,
+                     reason="named by its canonical time, not its first file")
+        return str(row["id"])
+
+    async def _rename(self, db: aiosqlite.Connection, row: sqlite3.Row, new_id: str,
+                      now: float) -> sqlite3.Row:
+        """Give a collecting group a new id, its files and history with it."""
+        old = row["id"]
+        await db.execute(
+            "INSERT INTO groups (id, anchor, state, created, updated, attempts, last_error, "
+            "not_before, worker, heartbeat, resting_state, flags, n_subbands, state_reason, "
+            "unclean_starts) SELECT ?, ?, state, created, ?, attempts, last_error, not_before, "
+            "worker, heartbeat, resting_state, flags, n_subbands, ?, unclean_starts "
+            "FROM groups WHERE id = ?",
+            (new_id, group_time(new_id).timestamp(), now, f"renamed from {old}: its "
+             "canonical time", old))
+        for sql in _MOVE_GROUP:
+            await db.execute(sql, (new_id, old))
+        await db.execute("DELETE FROM groups WHERE id = ?", (old,))
+        return await self._group(db, new_id)
 
     @_atomic
     async def quarantine(self, group_id: str, reason: str, worker_id: str | None = None,
