@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import bad_input, crash, environment, neighbours, powerloss, security, soak, static
+from . import (
+    bad_input,
+    crash,
+    environment,
+    inputmount,
+    neighbours,
+    powerloss,
+    security,
+    soak,
+    static,
+)
 from .core import Row
 
 SessionFn = Callable[[Path], list[Row]]
@@ -22,6 +32,7 @@ SESSIONS: dict[str, SessionFn] = {
     "ro-state": environment.session_readonly_state,
     "sqlite-lock": environment.session_sqlite,
     "workers": environment.session_workers,
+    "input-mount": inputmount.session_input_mount,
     # 4. neighbours
     "neighbours": neighbours.session_neighbours,
     # 5. crashes

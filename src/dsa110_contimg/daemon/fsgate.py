@@ -1,20 +1,20 @@
 """Filesystem calls on one mount (the input directory), off the event loop and with a timeout.
 
 A hung NFS mount blocks ``stat`` in the kernel, uninterruptibly. Called on the loop thread it
-would stop heartbeats and watchdog pings (systemd then restarts the daemon, charging every
-group in flight); called on asyncio's default executor it would take, one by one, the threads
-that staging, archiving and monitoring share. So the input mount's calls go to a small
-executor of its own. A call that exceeds the timeout marks the mount hung: no new call is
-started until that one returns (they fail at once with :class:`MountHung`), an alert goes
-out, ``/health`` says so, and when the call finally returns the mount is usable again.
+would stop heartbeats and watchdog pings (systemd then restarts the daemon); called on
+asyncio's default executor it would take, one by one, the threads that staging, archiving and
+monitoring share. So each call on the input mount runs on a thread of its own. A call that
+exceeds the timeout marks the mount hung: no new call is started until that one returns (they
+fail at once with :class:`MountHung`), an alert goes out, ``/health`` says so, and when the
+call finally returns the mount is usable again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,19 +35,21 @@ class MountHung(OSError):
 
 
 class FsGate:
-    """Runs blocking calls on ``path``'s filesystem in ``threads`` threads of its own."""
+    """Runs blocking calls on ``path``'s filesystem, each on a daemon thread of its own.
 
-    def __init__(self, name: str, path: Path, timeout_s: float = 30.0, threads: int = 2,
+    Daemon threads, not a pool: a call stuck in the kernel on a dead mount can never be
+    joined, and a pool's threads would hold the daemon's exit until it returns."""
+
+    def __init__(self, name: str, path: Path, timeout_s: float = 30.0,
                  emit: Callable[[Alert], None] | None = None) -> None:
         self.name = name
         self.path = Path(path)
         self.timeout_s = timeout_s
         self._emit = emit
-        self._executor = ThreadPoolExecutor(max_workers=threads,
-                                            thread_name_prefix=f"contimg-fs-{name}")
         self._hung: set[asyncio.Future[Any]] = set()
         self.hung_since: float | None = None  # wall time, for the status API
         self._hung_what = ""
+        self._closed = False
 
     @property
     def hung(self) -> bool:
@@ -67,8 +69,30 @@ class FsGate:
             raise MountHung(f"{self.path}: filesystem not answering since "
                             f"{time.time() - (self.hung_since or time.time()):.0f} s "
                             f"({self._hung_what}); call not started")
+        if self._closed:
+            raise MountHung(f"{self.path}: the daemon is stopping")
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, fn, *args)
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            if fut.done():
+                return
+            if error is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(error)
+
+        def run() -> None:
+            try:
+                value, error = fn(*args), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                value, error = None, exc
+            try:
+                loop.call_soon_threadsafe(settle, value, error)
+            except RuntimeError:  # the loop closed while this call hung: nobody waits
+                pass
+
+        threading.Thread(target=run, name=f"contimg-fs-{self.name}", daemon=True).start()
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
@@ -113,4 +137,4 @@ class FsGate:
 
     def close(self) -> None:
         """Stop accepting calls; a hung thread is left to the kernel (never joined)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._closed = True

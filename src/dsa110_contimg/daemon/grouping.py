@@ -44,7 +44,7 @@ from ..alerting.alert import Alert, Severity
 from ..config import IngestOptions
 from ..conversion.validate import check_uvh5_header
 from ..errors import IllegalTransition
-from ..products import InvalidName, group_id_for, parse_subband_name
+from ..products import InvalidName, group_id_for, group_time, parse_subband_name
 from .fsgate import FsGate, MountHung
 from .queue import DuplicateSubband, GroupQueue
 
@@ -250,21 +250,27 @@ class Grouper:
                 if r["id"] not in self._groups]
         if not rows:
             return
-        names = await self._fs.call(os.listdir, self._fs.path)
-        tol = self.options.group_tolerance_s
         for row in rows:
             group = self._groups[row["id"]] = _Group(row["id"], self._clock())
             log.info("ingest.group_adopted", group_id=row["id"],
                      reason="back in collecting (requeued): looking for its files again")
             for sb, rec in (await self.queue.file_records(row["id"])).items():
                 group.files[sb] = self._files[rec.path] = _File(rec.path, row["id"], sb)
-            for name in names:
-                try:
-                    parsed = parse_subband_name(name)
-                except InvalidName:
-                    continue
-                if abs(parsed.timestamp.timestamp() - row["anchor"]) <= tol:
-                    await self.handle(self._fs.path / name)
+        await self._look_for_files({r["id"]: r["anchor"] for r in rows})
+
+    async def _look_for_files(self, anchors: dict[str, float]) -> None:
+        """Handle every subband file in the input directory stamped within the tolerance of
+        one of these groups' anchors."""
+        names = await self._fs.call(os.listdir, self._fs.path)
+        tol = self.options.group_tolerance_s
+        for name in names:
+            try:
+                parsed = parse_subband_name(name)
+            except InvalidName:
+                continue
+            stamp = parsed.timestamp.timestamp()
+            if any(abs(stamp - anchor) <= tol for anchor in anchors.values()):
+                await self.handle(self._fs.path / name)
 
     # ----------------------------------------------------------------- one sighting
     async def handle(self, path: Path) -> None:
@@ -387,7 +393,9 @@ class Grouper:
             else:
                 f.stat_error = None
                 f.observe(st, now, wall)
-        self._pause_or_resume(now)
+        resumed = self._pause_or_resume(now)
+        if resumed:  # files written while the mount was away sent no event: look for them
+            await self._look_for_files({g: group_time(g).timestamp() for g in resumed})
         for f in list(self._files.values()):
             if (f.verified or f.unavailable or f.path not in self._files
                     or now - f.changed_at < stable):
@@ -433,9 +441,10 @@ class Grouper:
         """A stored wall-clock time as a monotonic one (no earlier than now minus its age)."""
         return self._clock() - max(0.0, self._wall() - wall_time)
 
-    def _pause_or_resume(self, now: float) -> None:
+    def _pause_or_resume(self, now: float) -> list[str]:
         """A group with unavailable files pauses (no timeout) until they are back; the pause
-        is added to its age."""
+        is added to its age. Returns the groups that resumed."""
+        resumed = []
         for group in self._groups.values():
             away = [f for f in group.files.values() if f.unavailable]
             if away and group.paused_since is None:
@@ -449,6 +458,8 @@ class Grouper:
                 group.paused_since = None
                 log.info("ingest.input_back", group_id=group.group_id,
                          paused_s=round(paused, 1))
+                resumed.append(group.group_id)
+        return resumed
 
     async def _decide(self, group: _Group, now: float) -> None:
         if group.paused_since is not None:

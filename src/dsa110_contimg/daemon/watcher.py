@@ -174,17 +174,33 @@ class Watcher:
     async def _follow(self, stop_event: asyncio.Event, watched: tuple[int, int] | None) -> None:
         """One OS watch on the directory as it is now, until it stops or is replaced."""
         next_scan = time.monotonic() + _FIRST_RESCAN_S
+        next_look = time.monotonic() + _GONE_POLL_S
         async for changes in awatch(
                 self.input_dir, watch_filter=None, debounce=self._debounce_ms, step=50,
                 stop_event=stop_event, rust_timeout=int(_FIRST_RESCAN_S * 1000),
                 yield_on_timeout=True, recursive=False, force_polling=self._force_polling):
             gone = any(Path(raw) == self.input_dir for _, raw in changes)
             await self.consider(*(Path(raw) for _, raw in changes))
+            if time.monotonic() >= next_look:  # an unmount or remount sends no event
+                next_look = time.monotonic() + _GONE_POLL_S
+                gone |= await self._replaced(watched)
             if gone or time.monotonic() >= next_scan:
                 listed = await self.scan()
                 next_scan = time.monotonic() + self._rescan_s
                 if not listed or self._identity != watched:
                     return
+
+
+    async def _replaced(self, watched: tuple[int, int] | None) -> bool:
+        """Whether the directory is no longer the one watched (gone, mounted over or
+        unmounted); a hung mount is not a replacement."""
+        try:
+            st = await self._fs.call(os.stat, self.input_dir)
+        except MountHung:
+            return False
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != watched
 
 
 async def _wait(stop_event: asyncio.Event, seconds: float) -> bool:
