@@ -191,3 +191,31 @@ def test_group_hours_after_the_transit_is_calibrated_on_its_field(tmp_path):
               and e.get("category") == "calibration.stale"
               and field["group_id"] in json.dumps(e)]
     assert any("no sky catalogue" in json.dumps(a) for a in alerts), alerts
+
+
+def test_a_group_in_flight_at_repeated_unclean_starts_is_quarantined_as_poison(tmp_path):
+    """A group that takes the daemon down with it (here: SIGKILL while it is converting,
+    CONTIMG_POISON_STARTS times in a row) is quarantined at the next start with a reason and
+    an alert, instead of crash-looping the daemon; no attempt was charged for the kills."""
+    d = Daemon(tmp_path, CONTIMG_POISON_STARTS="2", CONTIMG_MAX_ATTEMPTS="1")
+    (truth,) = simulate_groups(d.input, preset="tiny", groups=1, seed=13)
+    gid = truth["group_id"]
+    for run in range(1, 3):
+        d.start()
+        deadline = time.monotonic() + 120  # past start-up's recovery, then converting again
+        while sum(e.get("event") == "daemon_ready" for e in d.events()) < run:
+            assert time.monotonic() < deadline, d.log_tail()
+            time.sleep(0.1)
+        d.wait_for(lambda st: st.get(gid) == "converting", STAGE_TIMEOUT, "converting")
+        d.kill_all()
+    d.start()
+    d.wait_for(lambda st: st.get(gid) == "quarantined", 120, "the poison group quarantined")
+    d.terminate()
+    assert d.wait(90) == 0
+    row = _group_row(d, gid)
+    assert "suspected poison group" in row["last_error"] and row["attempts"] == 0, row
+    alerts = [e for e in d.events() if e.get("event") == "alert"
+              and e.get("category") == "daemon.poison"]
+    assert alerts and gid in json.dumps(alerts[0])
+    r = d.cli("requeue", gid)
+    assert r.returncode == 0 and "requeued to pending" in r.stdout

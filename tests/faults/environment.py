@@ -209,7 +209,7 @@ def session_sqlite(workdir: Path) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------- workers
-def _forkserver_child(s: Session) -> int | None:
+def stage_worker(s: Session) -> int | None:
     """A stage worker: a child of the daemon's forkserver."""
     for pid in children(s.proc.pid):
         try:
@@ -242,7 +242,7 @@ def session_workers(workdir: Path) -> list[Row]:
         while time.monotonic() < deadline and s.d.states().get(gid) in ("pending", "converting"):
             if any(r["outcome"] == "failed" for r in s.stage_runs()):
                 break
-            victim = _forkserver_child(s)
+            victim = stage_worker(s)
             if victim is not None:
                 try:
                     cmd = Path(f"/proc/{victim}/cmdline").read_bytes()[:60]

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--only", nargs="+", choices=sorted(SESSIONS), help="run only these sessions")
     p.add_argument("--list", action="store_true", help="list the sessions and exit")
-    p.add_argument("--soak-groups", type=int, default=20, help="groups in the soak session")
+    p.add_argument("--soak-groups", type=int, default=200, help="groups in the soak session")
     p.add_argument("--workdir", help="keep every session's files here (default: a temp dir, removed)")
     args = p.parse_args(argv)
     if args.list:
