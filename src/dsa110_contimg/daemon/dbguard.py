@@ -70,6 +70,7 @@ from ..products import (
     group_time,
     parse_subband_name,
     product_dir,
+    publish_file,
     validate_group_id,
 )
 from ..sqlitedb import backup_to, check_integrity, wal_dropped_commits
@@ -186,12 +187,7 @@ def take_backup(db_path: Path, backup_dir: Path, keep: int, now: float | None = 
         problems = check_integrity(tmp)
         if problems:
             raise BackupFailed(f"backup of {db_path} failed its integrity check: {problems[0]}")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        publish_file(tmp, final)
         fsync_dir(backup_dir)
     except sqlite3.Error as exc:
         raise BackupFailed(f"backup of {db_path} failed: {type(exc).__name__}: {exc}") from None
@@ -262,12 +258,7 @@ def _copy_durably(source: Path, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.restore.{os.getpid()}.tmp")
     try:
         shutil.copyfile(source, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dest)
+        publish_file(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(dest.parent)
