@@ -629,3 +629,23 @@ def test_harness_reaps_a_daemon_a_failed_test_left_running(tmp_path):
             os.killpg(proc.pid, 0)  # the whole group is gone, workers included
     finally:
         d._log.close()
+
+
+async def test_a_damaged_calibration_set_is_retired_and_the_group_tries_again(tmp_path):
+    """A registered set whose table no longer matches its seal (a power cut, a disk fault):
+    the set is marked failed, the group goes straight back without using an attempt."""
+    import pickle
+
+    from dsa110_contimg.errors import CalSetDamaged
+
+    damaged = CalSetDamaged("calibration set S: table /c/S.G does not match its seal: size",
+                            "S")
+    back = pickle.loads(pickle.dumps(damaged))  # it crosses the worker boundary pickled
+    assert (type(back), str(back), back.set_name) == (CalSetDamaged, str(damaged), "S")
+    reg = _FakeRegistry(in_force=_calset())
+    group, _, alerts, _, _ = await _calibrate(tmp_path, damaged, reg)
+    assert reg.failed and reg.failed[0][0] == "S" and "seal" in reg.failed[0][1]
+    assert (group["state"], group["attempts"]) == ("converted", 0)
+    assert group["not_before"] <= time.time()
+    assert group["stage_runs"][-1]["outcome"] == "abandoned"
+    assert any(a.category == "calibration.damaged" for a in alerts)

@@ -50,6 +50,19 @@ def is_no_space(exc: BaseException) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text
 
 
+class CalSetDamaged(StageError):
+    """A registered calibration set's tables are missing or no longer match their seal (a
+    power cut, a disk fault): the set is marked failed and the group tries again at once
+    with what else is valid, using no attempt."""
+
+    def __init__(self, message: str, set_name: str) -> None:
+        self.set_name = set_name
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple:  # crosses the worker boundary pickled
+        return (type(self), (self.args[0], self.set_name))
+
+
 class QAFailure(ContimgError):
     """A QA gate blocked a group; carries the metrics that decided it."""
 

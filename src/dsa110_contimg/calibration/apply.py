@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from ..errors import StageError
+from ..errors import CalSetDamaged, StageError
 from ..products import seal_mismatch
 from .calset import CalSet
 from .casarun import open_table, run_task
@@ -38,12 +38,13 @@ def applycal_args(ms: Path, calset: CalSet, same_group: bool) -> dict:
         raise StageError(f"calibration set {calset.name} has no gain (G) table to apply")
     missing = [str(t.path) for t in tables if not (Path(t.path) / "table.dat").exists()]
     if missing:
-        raise StageError(f"calibration set {calset.name}: table(s) missing on disk: {missing}")
+        raise CalSetDamaged(f"calibration set {calset.name}: table(s) missing on disk: "
+                            f"{missing}", calset.name)
     for t in tables:
         why = seal_mismatch(Path(t.path))
         if why is not None:
-            raise StageError(f"calibration set {calset.name}: table {t.path} does not match "
-                             f"its seal: {why}")
+            raise CalSetDamaged(f"calibration set {calset.name}: table {t.path} does not match "
+                                f"its seal: {why}", calset.name)
     return {"vis": str(ms), "gaintable": [str(t.path) for t in tables],
             "interp": [interp_for(t.kind, same_group) for t in tables],
             "calwt": [False] * len(tables), "applymode": "calflag", "flagbackup": False}

@@ -32,8 +32,9 @@ import numpy as np
 import structlog
 
 from ..catalogue.reference import Calibrator
-from ..errors import StageError
+from ..errors import CalSetDamaged, StageError
 from ..instrument import PrimaryBeam
+from ..products import seal_mismatch
 from .calset import BANDPASS_KINDS, FIELD_CALIBRATOR, CalSet, CalTable
 from .casarun import MSInfo, open_table, read_ms_info, run_task
 from .options import CalibrationOptions
@@ -177,7 +178,13 @@ def solve_field(ms: Path, scratch: Path, caldir: Path, stem: str, model: FieldMo
         raise StageError(f"calibration set {bandpass_set.name} holds no bandpass")
     missing = [str(t.path) for t in pre if not (Path(t.path) / "table.dat").exists()]
     if missing:
-        raise StageError(f"bandpass set {bandpass_set.name}: table(s) missing on disk: {missing}")
+        raise CalSetDamaged(f"bandpass set {bandpass_set.name}: table(s) missing on disk: "
+                            f"{missing}", bandpass_set.name)
+    for t in pre:
+        why = seal_mismatch(Path(t.path))
+        if why is not None:
+            raise CalSetDamaged(f"bandpass set {bandpass_set.name}: table {t.path} does not "
+                                f"match its seal: {why}", bandpass_set.name)
     pre_paths = [str(t.path) for t in pre]
     pre_interp = ["nearest,linear" if t.kind == "BP" else "nearest" for t in pre]
     uvrange, uv_note = effective_uvrange(options.uvrange, scratch, live)

@@ -33,6 +33,7 @@ from ..conversion.storage import MSStorage
 from ..errors import (
     BadInputError,
     CalibrationUnavailable,
+    CalSetDamaged,
     MeasurementSetLost,
     QAFailure,
     is_no_space,
@@ -219,6 +220,8 @@ class Scheduler:
             raise
         except CalibrationUnavailable as exc:
             await self._hold(claim, str(exc))
+        except CalSetDamaged as exc:
+            await self._damaged_set(claim, exc)
         except MeasurementSetLost as exc:
             await self._reconvert(claim, str(exc))
         except (BadInputError, QAFailure) as exc:
@@ -266,6 +269,22 @@ class Scheduler:
         self.emit(Alert(Severity.WARNING, "calibration.stale",
                         f"Calibration stale: holding {claim.group_id}", reason,
                         {"group_id": claim.group_id, "policy": "hold"}))
+
+    async def _damaged_set(self, claim: Claim, exc: CalSetDamaged) -> None:
+        """A registered set's tables are gone or altered: retire it from the registry, so no
+        group applies it again, and let this group try again at once with what else is valid
+        (no attempt used: the group is not at fault)."""
+        reason = str(exc)
+        if self.registry is not None:
+            await self._bookkeep("mark_failed", lambda: self.registry.mark_failed(
+                exc.set_name, f"damaged: {reason}"))
+        gid = claim.group_id
+        await self._bookkeep("defer", lambda: self.queue.defer(
+            gid, self.worker_id, time.time(), f"calibration set damaged: {reason}", ran=True))
+        log.error("calibration_set_damaged", set=exc.set_name, error=reason)
+        self.emit(Alert(Severity.ERROR, "calibration.damaged",
+                        f"Calibration set {exc.set_name} damaged: retired", reason,
+                        {"group_id": gid, "set": exc.set_name}))
 
     async def _hold_for_space(self, claim: Claim, exc: Exception) -> None:
         """A disk filled: the group is not at fault. Hold it without using an attempt and try
