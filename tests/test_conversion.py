@@ -626,7 +626,7 @@ def test_full_disk_is_diskfull_naming_the_path(worker, tiny_group, tmp_path, sma
 
 def test_full_disk_while_publishing_early(worker, tiny_group, tmp_path, small_mount, shm_dir):
     """DATA copied to the products disk while it fills (warm files) meets a full disk: the
-    same StageError, and neither the MS nor the early partial copy is left behind."""
+    same DiskFull, and neither the MS nor the early partial copy is left behind."""
     root, truth = tiny_group
     work = shm_dir / "contimg-work-test"
     first = dataclasses.replace(_inputs(group_files(root, truth), tmp_path / "a", truth["group_id"],
