@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import bad_input, crash, environment, neighbours, powerloss, security, soak, static
+from . import bad_input, crash, environment, host, neighbours, powerloss, security, soak, static
 from .core import Row
 
 SessionFn = Callable[[Path], list[Row]]
@@ -22,6 +22,8 @@ SESSIONS: dict[str, SessionFn] = {
     "ro-state": environment.session_readonly_state,
     "sqlite-lock": environment.session_sqlite,
     "workers": environment.session_workers,
+    "clock": host.session_clock,
+    "oom": host.session_oom,
     # 4. neighbours
     "neighbours": neighbours.session_neighbours,
     # 5. crashes
