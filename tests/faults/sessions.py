@@ -9,6 +9,7 @@ from . import (
     bad_input,
     crash,
     environment,
+    host,
     inputmount,
     neighbours,
     powerloss,
@@ -33,6 +34,8 @@ SESSIONS: dict[str, SessionFn] = {
     "sqlite-lock": environment.session_sqlite,
     "workers": environment.session_workers,
     "input-mount": inputmount.session_input_mount,
+    "clock": host.session_clock,
+    "oom": host.session_oom,
     # 4. neighbours
     "neighbours": neighbours.session_neighbours,
     # 5. crashes
