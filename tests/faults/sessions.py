@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import bad_input, crash, environment, neighbours, powerloss, security, soak, static
+from . import (
+    bad_input,
+    crash,
+    environment,
+    neighbours,
+    powerloss,
+    security,
+    soak,
+    statefaults,
+    static,
+)
 from .core import Row
 
 SessionFn = Callable[[Path], list[Row]]
@@ -22,6 +32,10 @@ SESSIONS: dict[str, SessionFn] = {
     "ro-state": environment.session_readonly_state,
     "sqlite-lock": environment.session_sqlite,
     "workers": environment.session_workers,
+    "sqlite-corrupt": statefaults.session_sqlite_corrupt,
+    "second-daemon": statefaults.session_second_daemon,
+    "state-disk-full": statefaults.session_state_disk_full,
+    "db-lock-completion": statefaults.session_db_lock_completion,
     # 4. neighbours
     "neighbours": neighbours.session_neighbours,
     # 5. crashes
