@@ -428,6 +428,41 @@ async def test_calibration_qa_pass_registers_the_new_set_with_its_metrics(tmp_pa
         ("calibration", 7.0, 900.0, 0.1)
 
 
+class _RefusingRegistry(_FakeRegistry):
+    """Refuses the first ``n`` registrations as a full (or locked) database does."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.refusals = n
+
+    async def register(self, calset, status="active"):
+        import sqlite3
+
+        if self.refusals:
+            self.refusals -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        await super().register(calset, status)
+
+
+async def test_calibration_set_refused_by_the_database_is_registered_on_retry(tmp_path,
+                                                                              monkeypatch):
+    """The state disk full (or the database locked) as a calibration ends: registering its
+    set is retried until it lands; the stage is not run again, no attempt is charged."""
+    from dsa110_contimg.daemon import scheduler
+    from dsa110_contimg.qa.result import QAResult
+
+    monkeypatch.setattr(scheduler, "_RETRY_FIRST_S", 0.01)
+    new = _calset()
+    reg = _RefusingRegistry(2)
+    group, *_, ex = await _calibrate(
+        tmp_path, ((_cal_result("solved", new, new.name), QAResult("calibration", True, {})),
+                   TaskUsage(1, 1)), reg)
+    assert (group["state"], group["attempts"]) == ("calibrated", 0)
+    assert [r["outcome"] for r in group["stage_runs"]] == ["ok", "ok"]
+    assert ex.calls == ["convert_and_check", "calibrate_and_check"]
+    assert [c.name for c in reg.registered] == [new.name] and reg.refusals == 0
+
+
 async def test_applied_set_failing_qa_quarantines_without_touching_the_registry(tmp_path):
     from dsa110_contimg.qa.result import QAResult
 

@@ -235,6 +235,28 @@ async def test_damaged_wal_restored_from_backup(tmp_path):
     assert len(list(site.state.glob("contimg.sqlite.corrupt-*-wal"))) == 1
 
 
+async def test_backlog_group_finished_after_the_backup_is_reconciled(tmp_path):
+    """Old data (a day long before the backup) processed after it is found by its day
+    directory's mtime; an old day untouched since before the backup is not scanned."""
+    site = Site(tmp_path)
+    await _history(site)
+    backlog, untouched = "2024-03-01T10:00:00", "2024-02-01T10:00:00"
+    for gid in (untouched, backlog):
+        _publish(site.output, _result(site.output, gid), QAResult("image", True, {}))
+    old = BACKUP_AT - 30 * 86400
+    os.utime(product_dir(site.output, untouched).parent, (old, old))
+    size = site.db.stat().st_size
+    _garbage(site.db, size // 3, size // 3)
+    report = await guard_database(site.db, site.backups, DatabaseOptions(), site.output,
+                                  site.input, 60.0)
+    assert report is not None and report.reconciled is not None
+    assert sorted(report.reconciled.inserted) == [backlog, G_NEW_DONE]
+    states = dict(_rows(site.db, "SELECT id, state FROM groups"))
+    assert states[backlog] == "done" and untouched not in states
+    images = _rows(site.db, "SELECT group_id, count(*) FROM images GROUP BY group_id")
+    assert (backlog, 1) in images
+
+
 async def test_sound_database_is_left_alone(tmp_path):
     site = Site(tmp_path)
     await _history(site)

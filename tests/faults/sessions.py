@@ -15,6 +15,7 @@ from . import (
     powerloss,
     security,
     soak,
+    statefaults,
     static,
 )
 from .core import Row
@@ -36,6 +37,10 @@ SESSIONS: dict[str, SessionFn] = {
     "input-mount": inputmount.session_input_mount,
     "clock": host.session_clock,
     "oom": host.session_oom,
+    "sqlite-corrupt": statefaults.session_sqlite_corrupt,
+    "second-daemon": statefaults.session_second_daemon,
+    "state-disk-full": statefaults.session_state_disk_full,
+    "db-lock-completion": statefaults.session_db_lock_completion,
     # 4. neighbours
     "neighbours": neighbours.session_neighbours,
     # 5. crashes

@@ -31,7 +31,9 @@ queue as it was at the backup; what happened since is found again on disk:
   finished group leaves ``OUTPUT_DIR/<day>/<group>/`` with the imaging record
   ``<stem>.imaging.json`` (published last, after every image file) and a ``qa.json`` whose
   ``stages.imaging`` passed. Every such directory of a day from one day before the earlier
-  of the backup and the oldest unfinished group in it onwards is taken as the truth: a
+  of the backup and the oldest unfinished group in it onwards, or of an older day whose
+  directory changed since then (a group of old data, e.g. a backlog, began there after the
+  backup), is taken as the truth: a
   group the database does not know is inserted as ``done``; a group it holds in any other
   state is moved to ``done`` (an open stage run is closed ``abandoned``; the ``group_events``
   trigger logs the change with the reason); its subband files still in the input directory
@@ -352,7 +354,8 @@ def finished_group(directory: Path) -> FinishedGroup | None:
 
 
 def find_finished(output_dir: Path, since: float) -> list[FinishedGroup]:
-    """Finished groups in the day directories of ``output_dir`` dated on or after ``since``."""
+    """Finished groups in the day directories of ``output_dir`` dated on or after ``since``,
+    or modified since then (a group directory created there: old data processed lately)."""
     first_day = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d")
     found = []
     try:
@@ -360,7 +363,7 @@ def find_finished(output_dir: Path, since: float) -> list[FinishedGroup]:
     except FileNotFoundError:
         return []
     for day in days:
-        if len(day.name) != 10 or day.name < first_day:
+        if len(day.name) != 10 or (day.name < first_day and not _modified_since(day, since)):
             continue
         for d in sorted(day.iterdir()):
             if d.is_dir() and d.name[:10] == day.name:
@@ -368,6 +371,13 @@ def find_finished(output_dir: Path, since: float) -> list[FinishedGroup]:
                 if got is not None and product_dir(output_dir, got.group_id) == d:
                     found.append(got)
     return found
+
+
+def _modified_since(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
 
 
 def _scan_input(input_dir: Path) -> list[tuple[Path, int, float, int, float]]:

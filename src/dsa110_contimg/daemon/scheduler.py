@@ -204,6 +204,8 @@ class Scheduler:
                 await asyncio.sleep(delay)
                 delay = min(_RETRY_MAX_S, 2 * delay)
 
+    bookkeep = _bookkeep  # the stages' finish hooks record their outcome (calsets, catalogue)
+
     async def _process(self, claim: Claim) -> None:
         gid, stage = claim.group_id, claim.stage
         structlog.contextvars.bind_contextvars(group_id=gid, stage=stage)

@@ -10,7 +10,9 @@ Each :class:`StageSpec` says what the queue and the scheduler need to know of a 
   (:meth:`StageSpec.handoff`);
 - ``prepare``: builds the task's arguments from the claim (daemon side, in the event loop);
 - ``finish``: what the daemon does with the (result, verdict): record and judge the verdict,
-  then register, archive, alert; returns the verdict the queue records with the run.
+  then register, archive, alert; returns the verdict the queue records with the run. Its
+  database writes go through ``ctx.bookkeep``: retried while the database is locked or its
+  disk full, since the stage's work is done and must not be charged as a failed attempt.
 
 The queue's states and transitions and the scheduler's dispatch are derived from
 :data:`PIPELINE`; adding a stage is one declaration here plus the stage's own package (see
@@ -60,6 +62,7 @@ class StageContext(Protocol):
     async def archive(self, claim: Claim, must: bool = False) -> None: ...
     async def judge(self, stage: str, claim: Claim, qa: QAResult) -> QAResult: ...
     async def record_qa(self, stage: str, claim: Claim, qa: QAResult) -> None: ...
+    async def bookkeep(self, what: str, write: Callable[[], Awaitable[Any]]) -> Any: ...
 
 
 Prepare = Callable[[StageContext, "Claim"], Awaitable[tuple[tuple[Any, ...], int]]]
@@ -146,19 +149,21 @@ async def _finish_calibration(ctx: StageContext, claim: Claim, res: Any,
             qa = await ctx.judge(CALIBRATION.name, claim, qa)
         except QAFailure:
             if res.new_set is not None:
-                await ctx.registry.mark_failed(res.new_set.name, "calibration QA failed")
+                name = res.new_set.name
+                await ctx.bookkeep("calset_failed", lambda: ctx.registry.mark_failed(
+                    name, "calibration QA failed"))
             raise
         if res.new_set is not None:
-            await ctx.registry.register(registered_part(
-                dataclasses.replace(res.new_set, qa=qa.metrics)))
-            if await ctx.queue.wake_flagged(HOLD_FLAG):
+            part = registered_part(dataclasses.replace(res.new_set, qa=qa.metrics))
+            await ctx.bookkeep("calset", lambda: ctx.registry.register(part))
+            if await ctx.bookkeep("wake", lambda: ctx.queue.wake_flagged(HOLD_FLAG)):
                 ctx.wake()
             if res.mode == "solved":
                 ctx.emit(Alert(Severity.INFO, "calibration.new",
                                f"New calibration set {res.new_set.name}",
                                f"solved on {res.calibrator} in {gid}", {"group_id": gid}))
     if claim.flags.get(HOLD_FLAG):
-        await ctx.queue.set_flag(gid, HOLD_FLAG, None)
+        await ctx.bookkeep("unhold", lambda: ctx.queue.set_flag(gid, HOLD_FLAG, None))
     return qa
 
 
@@ -192,7 +197,7 @@ async def _finish_imaging(ctx: StageContext, claim: Claim, res: Any,
     assert qa is not None
     qa = await ctx.judge(IMAGING.name, claim, qa)
     await ctx.archive(claim, must=True)
-    await ctx.catalog.record(res, qa)
+    await ctx.bookkeep("catalogue", lambda: ctx.catalog.record(res, qa))
     return qa
 
 
