@@ -684,3 +684,14 @@ async def test_a_damaged_calibration_set_is_retired_and_the_group_tries_again(tm
     assert group["not_before"] <= time.time()
     assert group["stage_runs"][-1]["outcome"] == "abandoned"
     assert any(a.category == "calibration.damaged" for a in alerts)
+
+
+def test_only_passing_database_errors_are_retried_by_the_bookkeeping():
+    import sqlite3
+
+    from dsa110_contimg.daemon.scheduler import transient_db_error
+
+    for text in ("database is locked", "database or disk is full", "disk I/O error",
+                 "unable to open database file"):
+        assert transient_db_error(sqlite3.OperationalError(text)), text
+    assert not transient_db_error(sqlite3.OperationalError("no such table: groups"))

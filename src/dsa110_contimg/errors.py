@@ -41,13 +41,15 @@ class DiskFull(StageError):
 
 
 def is_no_space(exc: BaseException) -> bool:
-    """ENOSPC/EDQUOT, also when casacore or CASA reports it as a RuntimeError message."""
+    """ENOSPC/EDQUOT, also when casacore or CASA reports it as a RuntimeError message, or
+    SQLite as SQLITE_FULL."""
     if isinstance(exc, DiskFull):
         return True
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
-    return "No space left on device" in text or "Disk quota exceeded" in text
+    return any(t in text for t in ("No space left on device", "Disk quota exceeded",
+                                   "database or disk is full"))
 
 
 class CalSetDamaged(StageError):

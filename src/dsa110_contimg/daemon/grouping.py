@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -212,6 +213,9 @@ class Grouper:
         """One bad file or a transient DB error must not stop ingest for every later group."""
         try:
             await coro
+        except (sqlite3.OperationalError, MountHung) as exc:  # passing: no traceback, retried
+            log.error(event, error=f"{type(exc).__name__}: {exc}", **kw)
+            return False
         except Exception:
             log.exception(event, **kw)
             return False

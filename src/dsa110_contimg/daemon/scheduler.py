@@ -53,6 +53,16 @@ _RETRY_FIRST_S, _RETRY_MAX_S = 0.5, 30.0
 T = TypeVar("T")
 
 
+_TRANSIENT_DB = ("locked", "busy", "disk is full", "disk i/o error", "unable to open")
+
+
+def transient_db_error(exc: sqlite3.OperationalError) -> bool:
+    """The database's own trouble that passes: locked past the busy timeout, a full disk, an
+    I/O error, a file that cannot be opened right now."""
+    text = str(exc).lower()
+    return any(t in text for t in _TRANSIENT_DB)
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -200,6 +210,8 @@ class Scheduler:
             try:
                 return await write()
             except sqlite3.OperationalError as exc:
+                if not transient_db_error(exc):
+                    raise  # e.g. a missing table: retrying cannot mend it
                 log.error("queue_write_retry", what=what, error=str(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(_RETRY_MAX_S, 2 * delay)
