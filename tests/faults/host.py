@@ -44,7 +44,7 @@ from .core import (
     finish,
     tracebacks,
 )
-from .environment import _forkserver_child, _wait_runs
+from .environment import _wait_runs, stage_worker
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
@@ -167,7 +167,7 @@ def _kill_worker_until_failed(s: Session, gid: str) -> list[str]:
     while time.monotonic() < deadline and s.d.states().get(gid) in ("pending", "converting"):
         if any(r["outcome"] == "failed" and r["group_id"] == gid for r in s.stage_runs()):
             break
-        victim = _forkserver_child(s)
+        victim = stage_worker(s)
         if victim is not None:
             try:
                 os.kill(victim, signal.SIGKILL)
@@ -212,7 +212,7 @@ def session_clock(workdir: Path) -> list[Row]:
         # held stopped so the stage is surely still in flight.
         beat = _heartbeat(s, ga)
         _until(lambda: _heartbeat(s, ga) != beat, "A's next heartbeat", 10, s, step=0.01)
-        worker = _forkserver_child(s)
+        worker = stage_worker(s)
         if worker is not None:
             os.kill(worker, signal.SIGSTOP)
         clock.set("+2h", 7200)
@@ -461,7 +461,7 @@ def _oom_kill_worker(s: Session, cg: MemCgroup, gid: str) -> tuple[list[int], li
             if not s.alive():
                 raise AssertionError(f"the daemon died under the memory limit:\n"
                                      f"{s.d.log_tail()}")
-            worker = _forkserver_child(s)
+            worker = stage_worker(s)
             if worker is not None and worker not in marked and _oom_first(worker):
                 marked.append(worker)
             if held and cg.under_oom():
