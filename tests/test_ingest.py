@@ -440,3 +440,25 @@ async def test_a_requeued_group_stopped_at_ingest_finds_its_files_again(
 async def _state_is(queue: GroupQueue, gid: str, state: str) -> bool:
     groups = {g["id"]: g["state"] for g in await queue.list_groups()}
     return groups.get(gid) == state
+
+
+async def test_a_restart_while_the_input_mount_is_away_keeps_the_groups_files(
+        tmp_path: Path, template: Path) -> None:
+    """The daemon starts while the input mount is away (an empty mount point): the group it
+    was collecting keeps its files and waits; when they are back it completes."""
+    options = replace(FAST, group_timeout_s=1.0, stable_seconds=0.2, timeout_policy="quarantine")
+    gid = "2025-06-01T20:00:00"
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    db = tmp_path / "state" / "contimg.sqlite"
+    async with await GroupQueue.open(db, QueueOptions()) as queue:
+        await queue.create_group(gid)
+        for sb in range(3):
+            await queue.record_file(gid, sb, incoming / f"{gid}_sb{sb:02d}.hdf5", 1, 1.0)
+    async with Ingest(tmp_path, options) as ing:  # nothing in the directory: the mount is away
+        await asyncio.sleep(3 * options.group_timeout_s)
+        assert (await ing.states())[gid] == "collecting", "timed out with its mount away"
+        assert len(await ing.queue.files_of(gid)) == 3, "files dropped with the mount away"
+        for sb in range(4):
+            put(ing.input, f"{gid}_sb{sb:02d}.hdf5", template)
+        await wait_until(lambda: _state_is(ing.queue, gid, "pending"), 15, "complete")

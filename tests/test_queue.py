@@ -483,14 +483,18 @@ async def test_stale_claim_of_a_killed_process_is_recovered(tmp_path: Path) -> N
         later = time.time() + OPTS.claim_timeout_s + 1
         assert await q.recover_stale(now=later, exclude={G1}) == []
         assert await q.recover_stale(now=later) == [G1]
-        assert (await q.get_group(G1))["unclean_starts"] == 0, "a sweep is not a start"
+        group = await q.get_group(G1)
+        assert (group["unclean_starts"], group["attempts"]) == (2, 0), "abandoned claims count"
+        await q.claim(W)
+        await q.complete(G1, W, 1.0, {})  # a stage completes: the count starts again
+        assert (await q.get_group(G1))["unclean_starts"] == 0
         # at start-up every claim is taken back, heartbeat or not, as an unclean start
         for start in range(1, OPTS.poison_starts):
             await q.claim(W)
             assert await q.recover_stale(all_active=True) == [G1]
             group = await q.get_group(G1)
             assert (group["state"], group["unclean_starts"], group["attempts"]) == (
-                "pending", start, 0)
+                "converted", start, 0)
         # in flight at poison_starts unclean starts in a row: quarantined, not crash-looping
         await q.claim(W)
         assert await q.recover_stale(all_active=True) == [G1]

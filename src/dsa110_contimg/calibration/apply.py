@@ -36,15 +36,15 @@ def applycal_args(ms: Path, calset: CalSet, same_group: bool) -> dict:
     tables = calset.applied_tables()
     if not tables or not any(t.kind == "G" for t in tables):
         raise StageError(f"calibration set {calset.name} has no gain (G) table to apply")
-    missing = [str(t.path) for t in tables if not (Path(t.path) / "table.dat").exists()]
-    if missing:
-        raise CalSetDamaged(f"calibration set {calset.name}: table(s) missing on disk: "
-                            f"{missing}", calset.name)
     for t in tables:
-        why = seal_mismatch(Path(t.path))
+        why = ("missing on disk" if not (Path(t.path) / "table.dat").exists()
+               else seal_mismatch(Path(t.path)))
         if why is not None:
-            raise CalSetDamaged(f"calibration set {calset.name}: table {t.path} does not match "
-                                f"its seal: {why}", calset.name)
+            owner = calset.owner_of(t)
+            raise CalSetDamaged(f"calibration set {owner}: table {t.path} {why}"
+                                if why == "missing on disk" else
+                                f"calibration set {owner}: table {t.path} does not match its "
+                                f"seal: {why}", owner)
     return {"vis": str(ms), "gaintable": [str(t.path) for t in tables],
             "interp": [interp_for(t.kind, same_group) for t in tables],
             "calwt": [False] * len(tables), "applymode": "calflag", "flagbackup": False}

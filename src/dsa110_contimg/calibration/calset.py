@@ -50,6 +50,12 @@ class CalSet:
     def table(self, kind: str) -> CalTable | None:
         return next((t for t in self.tables if t.kind == kind), None)
 
+    def owner_of(self, table: CalTable) -> str:
+        """The registered set a table belongs to: this one, or for a set combined from a
+        bandpass set and a gain set (``params`` bp_set/g_set), the one it came from."""
+        key = "bp_set" if table.kind in BANDPASS_KINDS else "g_set"
+        return str(self.params.get(key) or self.name)
+
     def applied_tables(self) -> tuple[CalTable, ...]:
         """The tables applycal uses, in CASA's order (K, then BP, then G)."""
         return tuple(t for k in APPLY_ORDER for t in self.tables if t.kind == k)

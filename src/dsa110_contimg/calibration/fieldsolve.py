@@ -176,15 +176,14 @@ def solve_field(ms: Path, scratch: Path, caldir: Path, stem: str, model: FieldMo
     pre = [t for t in bandpass_set.applied_tables() if t.kind in BANDPASS_KINDS]
     if not any(t.kind == "BP" for t in pre):
         raise StageError(f"calibration set {bandpass_set.name} holds no bandpass")
-    missing = [str(t.path) for t in pre if not (Path(t.path) / "table.dat").exists()]
-    if missing:
-        raise CalSetDamaged(f"bandpass set {bandpass_set.name}: table(s) missing on disk: "
-                            f"{missing}", bandpass_set.name)
     for t in pre:
-        why = seal_mismatch(Path(t.path))
+        why = ("missing on disk" if not (Path(t.path) / "table.dat").exists()
+               else seal_mismatch(Path(t.path)))
         if why is not None:
-            raise CalSetDamaged(f"bandpass set {bandpass_set.name}: table {t.path} does not "
-                                f"match its seal: {why}", bandpass_set.name)
+            owner = bandpass_set.owner_of(t)
+            raise CalSetDamaged(f"bandpass set {owner}: table {t.path} "
+                                + (why if why == "missing on disk"
+                                   else f"does not match its seal: {why}"), owner)
     pre_paths = [str(t.path) for t in pre]
     pre_interp = ["nearest,linear" if t.kind == "BP" else "nearest" for t in pre]
     uvrange, uv_note = effective_uvrange(options.uvrange, scratch, live)

@@ -20,8 +20,9 @@ clock only converts a file's mtime and a group's stored creation time once, so a
 wall clock moves nothing by more than the step.
 
 Every filesystem call goes through the input mount's :class:`FsGate`. A tracked file that is
-gone while its directory is gone too, or now lies on another filesystem (the input mount went
-away, leaving the bare mount point), or while the mount hangs, is *unavailable*, not vanished:
+gone while its directory is gone too, or is an empty directory on another filesystem (the
+input mount went away, leaving the bare mount point), or while the mount hangs or its server
+does not answer (ESTALE, EIO, ETIMEDOUT...), is *unavailable*, not vanished:
 its group keeps it and its timeout pauses until the mount is back, and the file is taken up
 again when it reappears.
 
@@ -32,6 +33,7 @@ state here is shared between coroutines.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sqlite3
 import time
@@ -65,32 +67,45 @@ def _signature(st: os.stat_result) -> Signature:
 
 
 _UNAVAILABLE = "unavailable"
+# what a network mount answers while its server is away (a soft NFS mount, a restarted server)
+_MOUNT_AWAY = frozenset({errno.ESTALE, errno.EIO, errno.ETIMEDOUT, errno.ENOTCONN,
+                         errno.EHOSTDOWN, errno.EHOSTUNREACH})
 
 
-def _stat_files(paths: list[tuple[Path, int | None]]) -> list[os.stat_result | str | None]:
-    """Blocking, on the input mount's gate: each (path, device it was seen on) stats to its
-    stat_result, None (gone: its directory is there, on the same device), ``_UNAVAILABLE``
-    (its directory is gone or on another device: the mount went away), or an error text."""
-    parents: dict[Path, os.stat_result | None] = {}
+def _stat_files(paths: list[Path], input_dev: int | None
+                ) -> list[os.stat_result | str | None]:
+    """Blocking, on the input mount's gate: each path stats to its stat_result, None (gone:
+    its directory is there and is the input filesystem), ``_UNAVAILABLE`` (the mount is away:
+    its directory is gone, or is an empty directory on another device than the input's, the
+    bare mount point; or the server does not answer), or an error text."""
+    mounted: dict[Path, bool] = {}
     out: list[os.stat_result | str | None] = []
-    for path, dev in paths:
+    for path in paths:
         try:
             out.append(path.stat())
             continue
         except FileNotFoundError:
             pass
         except OSError as exc:
-            out.append(str(exc))
+            out.append(_UNAVAILABLE if exc.errno in _MOUNT_AWAY else str(exc))
             continue
-        if path.parent not in parents:
-            try:
-                parents[path.parent] = path.parent.stat()
-            except OSError:
-                parents[path.parent] = None
-        parent = parents[path.parent]
-        gone = parent is not None and (dev is None or parent.st_dev == dev)
-        out.append(None if gone else _UNAVAILABLE)
+        if path.parent not in mounted:
+            mounted[path.parent] = _is_mounted(path.parent, input_dev)
+        out.append(None if mounted[path.parent] else _UNAVAILABLE)
     return out
+
+
+def _is_mounted(directory: Path, input_dev: int | None) -> bool:
+    """The directory is the input filesystem: on its device, or (a remount may change the
+    device number; unknown before any file was seen) not empty."""
+    try:
+        st = directory.stat()
+        if input_dev is not None and st.st_dev == input_dev:
+            return True
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
 
 
 @dataclass
@@ -99,7 +114,6 @@ class _File:
     group_id: str
     subband: int
     sig: Signature | None = None
-    dev: int | None = None       # the filesystem the file was seen on
     # monotonic times: the current signature has held since at least changed_at
     changed_at: float = 0.0
     seen_at: float = float("-inf")
@@ -113,7 +127,6 @@ class _File:
         """Record a stat at monotonic ``now`` (wall time ``wall``); True when the file
         changed since the last one."""
         sig = _signature(st)
-        self.dev = st.st_dev
         self.unavailable = False
         changed = sig != self.sig
         if changed:
@@ -160,6 +173,7 @@ class Grouper:
         # be dropped from its group. path -> (when to retry, backoff)
         self._retry: dict[Path, tuple[float, float]] = {}
         self._next_adopt = 0.0
+        self._input_dev: int | None = None  # the input filesystem's device, once a file is seen
 
     # ----------------------------------------------------------------- inputs
     def submit(self, path: Path) -> None:
@@ -226,12 +240,13 @@ class Grouper:
         opt = self.options
         deadlines = [now + opt.poll_interval_s]
         for f in self._files.values():
-            if not f.verified and f.sig is not None:
+            if not f.verified and not f.unavailable and f.sig is not None:
                 deadlines.append(f.changed_at + opt.stable_seconds)
                 if f.bad_since is not None:
                     deadlines.append(f.bad_since + opt.stable_seconds)
         for g in self._groups.values():
-            deadlines.append(g.created + opt.group_timeout_s)
+            if g.paused_since is None:  # a paused group waits for its mount, not a deadline
+                deadlines.append(g.created + opt.group_timeout_s)
         deadlines.extend(due for due, _ in self._retry.values())
         return max(0.01, min(deadlines) - now)
 
@@ -254,18 +269,21 @@ class Grouper:
                 if r["id"] not in self._groups]
         if not rows:
             return
+        names = await self._fs.call(os.listdir, self._fs.path)  # first: a hung mount retries
         for row in rows:
             group = self._groups[row["id"]] = _Group(row["id"], self._clock())
             log.info("ingest.group_adopted", group_id=row["id"],
                      reason="back in collecting (requeued): looking for its files again")
             for sb, rec in (await self.queue.file_records(row["id"])).items():
                 group.files[sb] = self._files[rec.path] = _File(rec.path, row["id"], sb)
-        await self._look_for_files({r["id"]: r["anchor"] for r in rows})
+        await self._look_for_files({r["id"]: r["anchor"] for r in rows}, names)
 
-    async def _look_for_files(self, anchors: dict[str, float]) -> None:
+    async def _look_for_files(self, anchors: dict[str, float],
+                              names: list[str] | None = None) -> None:
         """Handle every subband file in the input directory stamped within the tolerance of
         one of these groups' anchors."""
-        names = await self._fs.call(os.listdir, self._fs.path)
+        if names is None:
+            names = await self._fs.call(os.listdir, self._fs.path)
         tol = self.options.group_tolerance_s
         for name in names:
             try:
@@ -288,11 +306,13 @@ class Grouper:
                 log.debug("ingest.ignored_name", path=str(path), reason=exc.reason)
             return
         tracked = self._files.get(path)
-        (got,) = await self._fs.call(_stat_files, [(path, tracked.dev if tracked else None)])
+        (got,) = await self._fs.call(_stat_files, [path], self._input_dev)
         now, wall = self._clock(), self._wall()
         if isinstance(got, str) and got != _UNAVAILABLE:
             raise OSError(f"cannot stat {path}: {got}")
         st = got if isinstance(got, os.stat_result) else None
+        if st is not None:
+            self._input_dev = st.st_dev
         if tracked is not None:
             if got is None:
                 await self._vanished(tracked)
@@ -381,7 +401,7 @@ class Grouper:
         stable = self.options.stable_seconds
         files = list(self._files.values())
         try:
-            got = await self._fs.call(_stat_files, [(f.path, f.dev) for f in files])
+            got = await self._fs.call(_stat_files, [f.path for f in files], self._input_dev)
         except MountHung:
             got = [_UNAVAILABLE] * len(files)
         now, wall = self._clock(), self._wall()
@@ -396,6 +416,7 @@ class Grouper:
                     log.warning("ingest.stat_failed", path=str(f.path), error=st)
             else:
                 f.stat_error = None
+                self._input_dev = st.st_dev
                 f.observe(st, now, wall)
         resumed = self._pause_or_resume(now)
         if resumed:  # files written while the mount was away sent no event: look for them

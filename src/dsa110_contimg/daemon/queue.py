@@ -244,9 +244,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 MIGRATIONS[5] = (
-    # v5: how many daemon starts in a row found the group in flight (claimed by a daemon that
-    # did not stop cleanly); reset when one of its stages completes. A poison group that
-    # crashes the daemon every time is quarantined instead of crash-looping it.
+    # v5: how many times in a row the group's claim was abandoned (found in flight at the start
+    # of a daemon that did not stop cleanly, or left behind and swept); reset when one of its
+    # stages completes. A poison group is quarantined instead of crash-looping the daemon.
     "ALTER TABLE groups ADD COLUMN unclean_starts INTEGER NOT NULL DEFAULT 0",
 )
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -671,10 +671,11 @@ class GroupQueue(SQLiteComponent):
         running daemon still has in flight.
 
         No attempt is charged: a worker that dies is a stage failure, charged where it is seen;
-        what leaves a claim behind is the daemon (a crash, a lost database write). Instead
-        each start-up recovery counts an unclean start, and a group in flight at
-        ``poison_starts`` consecutive unclean starts is quarantined as a suspected poison
-        group, so it cannot crash-loop the daemon.
+        what leaves a claim behind is the daemon (a crash, a lost database write, a group task
+        that crashed). Instead each abandoned claim counts (``unclean_starts``, reset when a
+        stage of the group completes), and a group whose claim was abandoned ``poison_starts``
+        times in a row is quarantined as a suspected poison group, so it can neither
+        crash-loop the daemon nor be swept and re-run forever.
         """
         now = _now(now)
         cutoff = now - self.options.claim_timeout_s
@@ -690,14 +691,12 @@ class GroupQueue(SQLiteComponent):
                        f"(last heartbeat {now - (row['heartbeat'] or now):.0f} s ago)")
                 await self._close_run(db, row["id"], now, "abandoned", why)
                 resting = _ACTIVE[row["state"]][0]
-                starts = row["unclean_starts"]
-                if all_active:
-                    starts += 1
-                    await db.execute("UPDATE groups SET unclean_starts = ? WHERE id = ?",
-                                     (starts, row["id"]))
+                starts = row["unclean_starts"] + 1
+                await db.execute("UPDATE groups SET unclean_starts = ? WHERE id = ?",
+                                 (starts, row["id"]))
                 if starts >= self.options.poison_starts:
-                    why = (f"suspected poison group: in flight at {starts} consecutive unclean "
-                           f"daemon starts ({why})")
+                    why = (f"suspected poison group: its claim was abandoned {starts} times in a "
+                           f"row (unclean daemon stops, or claims left behind) ({why})")
                     await self._change(db, row, "quarantined", now, why, last_error=why,
                                        resting_state=resting)
                     poisoned.append(row["id"])
@@ -731,7 +730,10 @@ class GroupQueue(SQLiteComponent):
             to = "collecting" if row["state"] == "quarantined" and ran is None and short else "pending"
             await self._change(db, row, to, now,
                                f"requeued (was {row['state']}: {row['last_error']})", attempts=0)
-            await db.execute("UPDATE groups SET unclean_starts = 0 WHERE id = ?", (group_id,))
+            # collecting again: its timeout counts from now, so late files have time to come
+            await db.execute("UPDATE groups SET unclean_starts = 0, created = CASE WHEN ? "
+                             "THEN ? ELSE created END WHERE id = ?",
+                             (to == "collecting", now, group_id))
         log.info("queue.requeued", group_id=group_id, was=row["state"], to=to)
         return to
 

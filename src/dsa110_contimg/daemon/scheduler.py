@@ -34,6 +34,7 @@ from ..errors import (
     BadInputError,
     CalibrationUnavailable,
     CalSetDamaged,
+    IllegalTransition,
     MeasurementSetLost,
     QAFailure,
     is_no_space,
@@ -226,11 +227,33 @@ class Scheduler:
         t0 = time.monotonic()
         log.info("stage_start", attempt=claim.attempt)
         try:
+            await self._run_and_record(claim, t0)
+        except asyncio.CancelledError:
+            # shutdown, wherever it lands (the stage, or the write of its outcome): the claim
+            # goes back to the queue rather than count as an unclean stop
+            await self._release(gid)
+            raise
+        finally:
+            hb.cancel()
+            self._usage.pop(gid, None)
+
+    async def _release(self, gid: str) -> None:
+        try:
+            await self.queue.release(gid, self.worker_id)
+        except IllegalTransition:
+            return  # the outcome was recorded before the cancellation landed
+        except Exception as exc:  # noqa: BLE001 - the start-up recovery takes it back
+            log.error("queue_update_failed", error=str(exc))
+            return
+        log.info("stage_released", reason="shutdown")
+
+    async def _run_and_record(self, claim: Claim, t0: float) -> None:
+        """Run the claimed stage and record what came of it."""
+        gid, stage = claim.group_id, claim.stage
+        try:
             result, qa = await asyncio.wait_for(self._run_stage(claim, BY_NAME[stage]),
                                                 self.s.executor.stage_timeout_s)
         except asyncio.CancelledError:
-            await self._safely(self.queue.release(gid, self.worker_id))
-            log.info("stage_released", reason="shutdown")
             raise
         except CalibrationUnavailable as exc:
             await self._hold(claim, str(exc))
@@ -264,15 +287,6 @@ class Scheduler:
                                 {"group_id": gid, "stage": stage}))
             if state == "done":
                 self.metrics.group_done()
-        finally:
-            hb.cancel()
-            self._usage.pop(gid, None)
-
-    async def _safely(self, coro: Any) -> None:
-        try:
-            await coro
-        except Exception as exc:  # noqa: BLE001
-            log.error("queue_update_failed", error=str(exc))
 
     async def _hold(self, claim: Claim, reason: str) -> None:
         policy_retry = self.s.queue.hold_retry_s
@@ -289,9 +303,12 @@ class Scheduler:
         group applies it again, and let this group try again at once with what else is valid
         (no attempt used: the group is not at fault)."""
         reason = str(exc)
-        if self.registry is not None:
-            await self._bookkeep("mark_failed", lambda: self.registry.mark_failed(
-                exc.set_name, f"damaged: {reason}"))
+        retired = self.registry is not None and await self._bookkeep(
+            "mark_failed", lambda: self.registry.mark_failed(exc.set_name, f"damaged: {reason}"))
+        if not retired:  # not a registered set: trying again would meet it again
+            if await self._retry(claim, exc, 0.0) == "failed":
+                await self.archive(claim)
+            return
         gid = claim.group_id
         await self._bookkeep("defer", lambda: self.queue.defer(
             gid, self.worker_id, time.time(), f"calibration set damaged: {reason}", ran=True))

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import BadInputError, is_no_space
+from ..errors import BadInputError, CalSetDamaged, StageError, is_no_space
 
 if TYPE_CHECKING:
     from ..calibration.options import CalibrationOptions
@@ -69,13 +69,13 @@ def image_and_check(inputs: ImagingInputs, options: ImagingOptions, thresholds: 
 
 
 def _reading_ms(ms: Path, stage: Callable[[], T]) -> T:
-    """Run a stage that reads a converted MS. When CASA raises, look at the MS itself: a
-    table CASA cannot read is bad input (quarantined: retrying cannot mend it, and an operator
+    """Run a stage that reads a converted MS. When it fails (CASA raising, as itself or as the
+    stage's StageError), look at the MS itself: a table CASA cannot read is bad input (quarantined: retrying cannot mend it, and an operator
     requeue converts it again), anything else stays a failure that may pass (retried)."""
     try:
         return stage()
-    except RuntimeError as exc:
-        if is_no_space(exc):
+    except (RuntimeError, StageError) as exc:  # CASA's own, or wrapped by the stage
+        if is_no_space(exc) or isinstance(exc, CalSetDamaged):
             raise
         why = ms_unreadable(Path(ms))
         if why is None:
