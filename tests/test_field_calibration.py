@@ -145,6 +145,8 @@ async def test_a_recent_passing_bandpass_check_is_found_per_bandpass_and_declina
         await reg.register(calibrator_set)
         for name, t, res in (("checked", mid, {"available": True}),
                              ("unchecked", mid + 0.2 / 24, {"available": False, "reason": "x"}),
+                             ("too noisy", mid + 0.3 / 24,
+                              {"available": True, "noise_phase_rms_deg": 6.5}),
                              ("cited", mid + 0.4 / 24, None)):
             params = {"bandpass_set": calibrator_set.name}
             if res is not None:
@@ -152,12 +154,15 @@ async def test_a_recent_passing_bandpass_check_is_found_per_bandpass_and_declina
             await reg.register(CalSet(name, (g,), calibrator_set.refant, FIELD_CALIBRATOR, t,
                                       dec, params))
         name = calibrator_set.name
-        assert await reg.bandpass_checked(name, mid + 0.5 / 24, dec, 1.0) == "checked"
+        assert await reg.bandpass_checked(name, mid + 0.5 / 24, dec, 1.0,
+                                          max_noise_deg=5.0) == "checked"
+        assert await reg.bandpass_checked(name, mid + 0.5 / 24, dec, 1.0) == "too noisy"
         assert await reg.bandpass_checked(name, mid + 1.5 / 24, dec, 1.0) is None  # too old
         assert await reg.bandpass_checked(name, mid, dec + 2.0, 1.0) is None  # new declination
         assert await reg.bandpass_checked("another_bp", mid, dec, 1.0) is None
         assert await reg.bandpass_checked(name, mid, dec, 0.0) is None  # 0: check every group
         await reg.mark_failed("checked", "later found bad")
+        await reg.mark_failed("too noisy", "later found bad")
         assert await reg.bandpass_checked(name, mid, dec, 1.0) is None
     finally:
         await reg.close()
@@ -322,3 +327,22 @@ def test_reruns_skip_only_when_nothing_that_decides_the_result_changed(
     rerun = calibrate_group(replace(cinp, bandpass_set=first.new_set), replace(OPTIONS, min_snr=2.0))
     assert rerun.mode == "solved" and not rerun.skipped
     assert all((Path(t.path) / "table.dat").exists() for t in rerun.new_set.tables)
+
+
+def test_a_residual_bandpass_check_too_noisy_to_tell_warns_instead_of_failing():
+    """A faint field: the residual's noise per block is above the error the check looks for,
+    so the check cannot fail the group; a clean field with the same residual does."""
+    from dsa110_contimg.qa.calibration import _field_checks
+    from dsa110_contimg.qa.result import GateBuilder
+
+    def gate(noise):
+        g = GateBuilder("calibration")
+        _field_checks(g, {"field_model": {"model_apparent_jy": 1.0},
+                          "bandpass_residual": {"available": True, "phase_rms_deg": 19.7,
+                                                "amp_rms": 0.01,
+                                                "noise_phase_rms_deg": noise}}, QA)
+        return g.result()
+
+    noisy, clean = gate(6.5), gate(1.0)
+    assert noisy.passed and any("could not be checked" in w for w in noisy.warnings)
+    assert not clean.passed and "does not fit" in clean.reason

@@ -82,6 +82,8 @@ _CHECKED_BANDPASS = (
     "SELECT name FROM cal_sets WHERE status = 'active' AND calibrator = ?"
     " AND json_extract(params_json, '$.bandpass_set') = ?"
     " AND json_extract(params_json, '$.bandpass_residual.available') = 1"
+    " AND coalesce(json_extract(params_json, '$.bandpass_residual.noise_phase_rms_deg'), 0)"
+    " <= ?"
     " AND abs(mid_mjd - ?) <= ? AND abs(dec_deg - ?) <= ?"
     " ORDER BY mid_mjd DESC, created DESC LIMIT 1"
 )
@@ -202,14 +204,17 @@ class CalRegistry(SQLiteComponent):
             return None if bp is None else await _load_set(db, bp["name"])
 
     async def bandpass_checked(self, bandpass_set: str, mid_mjd: float, dec_deg: float,
-                               within_h: float, dec_tolerance_deg: float = 0.5) -> str | None:
+                               within_h: float, dec_tolerance_deg: float = 0.5,
+                               max_noise_deg: float = 180.0) -> str | None:
         """The newest active field solution within ``within_h`` hours of ``mid_mjd`` and
         ``dec_tolerance_deg`` of ``dec_deg`` whose residual-bandpass check of ``bandpass_set``
-        ran and passed its gate (a set is registered only after its gate passed), else None."""
+        ran, could tell (noise at most ``max_noise_deg`` per block) and passed its gate (a set
+        is registered only after its gate passed), else None."""
         if within_h <= 0:
             return None
         async with self._read() as db:
             row = await _one(db, _CHECKED_BANDPASS, (FIELD_CALIBRATOR, bandpass_set,
+                                                     float(max_noise_deg),
                                                      float(mid_mjd), within_h / 24.0,
                                                      float(dec_deg), dec_tolerance_deg))
         return None if row is None else str(row["name"])

@@ -119,7 +119,8 @@ async def _prepare_calibration(ctx: StageContext, claim: Claim) -> tuple[tuple[A
     checked_by = None
     if bandpass_set is not None and s.calibration.field_check_bandpass:
         checked_by = await ctx.registry.bandpass_checked(
-            bandpass_set.name, mid, dec, s.calibration.field_check_bandpass_every_h)
+            bandpass_set.name, mid, dec, s.calibration.field_check_bandpass_every_h,
+            max_noise_deg=s.qa_cal.max_bp_residual_phase_deg)
     catalogue = s.catalogue_db
     inputs = CalibrationInputs(group_id=gid, ms_path=await ctx.locate_ms(claim),
                                caltable_dir=product_dir(s.paths.output_dir, gid) / "caltables",

@@ -221,6 +221,14 @@ def _field_checks(g: GateBuilder, params: dict[str, Any], th: CalQAThresholds) -
     g.metrics["bp_residual_amp_rms"] = res["amp_rms"]
     noise = res.get("noise_phase_rms_deg") or 0.0
     g.metrics["bp_residual_noise_deg"] = noise
+    if noise > th.max_bp_residual_phase_deg:
+        # a faint field: per-block noise above the error the check is there to find, and the
+        # solver's SNR (hence this noise) is optimistic at low SNR: the check cannot tell a
+        # wrong bandpass from noise. Say so; a later field solution checks it (the registry
+        # does not count this one as a check).
+        g.warn_if(True, f"the bandpass in force could not be checked on this field: residual "
+                        f"noise {noise:.1f} deg per block > {th.max_bp_residual_phase_deg} deg")
+        return
     phase_limit = max(th.max_bp_residual_phase_deg, 3.0 * noise)
     amp_limit = max(th.max_bp_residual_amp, 3.0 * np.radians(noise))
     g.fail_if(res["phase_rms_deg"] > phase_limit,
