@@ -254,7 +254,9 @@ def session_clock(workdir: Path) -> list[Row]:
         _until(lambda: s.d.states().get(s.actual(gd) or gd) not in (None, "collecting"),
                "D timed out", GROUP_TIMEOUT_S + 60, s, step=0.2)
         waited = time.monotonic() - t_open_d
-        row.check(GROUP_TIMEOUT_S - 1 <= waited <= GROUP_TIMEOUT_S + 15,
+        # seen from here (polling a loaded machine); the daemon's own "after N s" below is
+        # the precise measure
+        row.check(GROUP_TIMEOUT_S - 1 <= waited <= GROUP_TIMEOUT_S + 30,
                   f"D left collecting {waited:.0f} s after it opened (timeout "
                   f"{GROUP_TIMEOUT_S:.0f} s, across +2 h and -2 h steps)")
         reason = s.groups().get(s.actual(gd) or gd, {}).get("last_error") or ""

@@ -34,12 +34,14 @@ import os
 import random
 import re
 import shutil
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from daemon_harness import json_events
@@ -57,7 +59,7 @@ from .core import (
     product_dirs,
     tracebacks,
 )
-from .environment import Locker
+from .environment import Locker, stage_worker
 
 DONE = ("done",)
 
@@ -388,14 +390,29 @@ def session_db_lock_completion(workdir: Path) -> list[Row]:
         s.start()
         s.drop(gid)
         s.wait_states({gid: ("calibrating",)}, what="the group calibrating")
-        lock = Locker(db, LOCK_S)
-        started = [e for e in s.run_events() if e.get("event") == "stage_start"
-                   and e.get("stage") == "calibration"]
+        # hold the calibration's worker while the lock is taken, so that the stage ends
+        # inside the lock however loaded the machine is
+        worker = None
+        deadline = time.monotonic() + 30
+        while worker is None and time.monotonic() < deadline:
+            worker = stage_worker(s)
+            time.sleep(0.05)
+        if worker is not None:
+            os.kill(worker, signal.SIGSTOP)
+        locked_at = time.time()
+        try:
+            lock = Locker(db, LOCK_S)
+        finally:
+            if worker is not None:
+                os.kill(worker, signal.SIGCONT)
         lock.wait()
         held = time.monotonic() - lock.t0
-        ended = [e for e in s.run_events() if e.get("event") == "stage_done"
-                 and e.get("stage") == "calibration"]
-        row.check(started and not ended, "the calibration ended outside the lock")
+        ended = [datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+                 for e in s.events() if e.get("event") == "stage_done"
+                 and e.get("stage") == "calibration" and e.get("timestamp")]
+        row.check(worker is not None, "no calibration worker found to hold")
+        row.check(not ended or min(ended) >= locked_at,
+                  "the calibration ended before the lock was taken")
         s.wait_states({gid: DONE}, what="the group done after the lock", fail_on=STOPPED)
         status = s.status_json()
         finish(s, row)
