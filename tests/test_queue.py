@@ -694,3 +694,14 @@ async def test_a_group_first_named_by_a_jittered_file_is_renamed_to_its_canonica
     assert first not in {g["id"] for g in await queue.list_groups()}
     with sqlite3.connect(queue.path) as raw:
         assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+async def test_a_group_stopped_at_ingest_is_named_by_its_canonical_time_too(
+        queue: GroupQueue) -> None:
+    stray, canonical = "2026-06-01T04:46:08", "2026-06-01T04:46:06"
+    await queue.create_group(stray)
+    await queue.record_file(stray, 2, Path(f"/in/{stray}_sb02.hdf5"), 10, 1.0)
+    for sb in (0, 1, 3):
+        await queue.record_file(stray, sb, Path(f"/in/{canonical}_sb{sb:02d}.hdf5"), 10, 1.0)
+    assert await queue.quarantine(stray, "duplicate subband sb02") == canonical
+    assert await state_of(queue, canonical) == "quarantined"

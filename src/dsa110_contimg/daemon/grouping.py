@@ -526,16 +526,16 @@ class Grouper:
 
     async def _quarantine(self, group_id: str, reason: str, **context: object) -> None:
         try:
-            await self.queue.quarantine(group_id, reason)
+            named = await self.queue.quarantine(group_id, reason)
         except IllegalTransition as exc:  # someone else moved it on; say so and carry on
             log.warning("ingest.quarantine_refused", group_id=group_id, reason=reason,
                         error=str(exc))
             return
         finally:
             self._forget(group_id)
-        log.warning("ingest.group_quarantined", group_id=group_id, reason=reason)
-        self._alert("Group quarantined at ingest", f"group {group_id}: {reason}",
-                    group_id=group_id, **context)
+        log.warning("ingest.group_quarantined", group_id=named, reason=reason)
+        self._alert("Group quarantined at ingest", f"group {named}: {reason}",
+                    group_id=named, **context)
 
     def _remember_ignored(self, name: str) -> None:
         if len(self._ignored) >= _MAX_IGNORED:  # bounded: a junk-filled directory must not leak

@@ -474,24 +474,30 @@ class GroupQueue(SQLiteComponent):
         now = _now(now)
         async with self._write() as db:
             row = await self._group(db, group_id)
-            paths = [r["path"] for r in await _all(
-                db, "SELECT path FROM group_files WHERE group_id = ?", (group_id,))]
             if row["state"] != "collecting":
                 raise IllegalTransition(
                     f"group {group_id} is {row['state']}; only a collecting group becomes ready")
-            if not paths:
+            if await _one(db, "SELECT 1 FROM group_files WHERE group_id = ?", (group_id,)) is None:
                 raise IllegalTransition(f"group {group_id} has no files to process")
-            when = canonical_time(paths)
-            canonical = group_id if when is None else group_id_for(when)
-            if canonical != group_id and await _one(
-                    db, "SELECT 1 FROM groups WHERE id = ?", (canonical,)) is None:
-                row = await self._rename(db, row, canonical, now)
+            row = await self._canonical(db, row, now)
             await self._change(db, row, "pending", now, reason or "all subbands complete",
                                attempts=0)
         if row["id"] != group_id:
             log.info("queue.group_renamed", group_id=row["id"], was=group_id,
                      reason="named by its canonical time, not its first file")
         return str(row["id"])
+
+    async def _canonical(self, db: aiosqlite.Connection, row: sqlite3.Row,
+                         now: float) -> sqlite3.Row:
+        """The collecting group renamed to its canonical time when that differs (and is free)."""
+        paths = [r["path"] for r in await _all(
+            db, "SELECT path FROM group_files WHERE group_id = ?", (row["id"],))]
+        when = canonical_time(paths)
+        canonical = row["id"] if when is None else group_id_for(when)
+        if canonical == row["id"] or await _one(
+                db, "SELECT 1 FROM groups WHERE id = ?", (canonical,)) is not None:
+            return row
+        return await self._rename(db, row, canonical, now)
 
     async def _rename(self, db: aiosqlite.Connection, row: sqlite3.Row, new_id: str,
                       now: float) -> sqlite3.Row:
@@ -512,22 +518,28 @@ class GroupQueue(SQLiteComponent):
 
     @_atomic
     async def quarantine(self, group_id: str, reason: str, worker_id: str | None = None,
-                         now: float | None = None) -> None:
+                         now: float | None = None) -> str:
         """Park a group whose data cannot succeed; from an active state the run closes failed.
 
         ``worker_id``, when given, must hold the claim (the scheduler quarantining its own
-        claim); without it ingest or an operator may quarantine any group not yet done.
+        claim); without it ingest or an operator may quarantine any group not yet done. A
+        group stopped while collecting is named by its canonical time first, as
+        :meth:`mark_ready` does. Returns the group's id from now on.
         """
         now = _now(now)
         async with self._write() as db:
             row = await self._group(db, group_id)
             if worker_id is not None:
                 self._require_claim(row, worker_id)
+            if row["state"] == "collecting":
+                row = await self._canonical(db, row, now)
             if row["state"] in _ACTIVE:
                 await self._close_run(db, group_id, now, "failed", reason)
             await self._change(db, row, "quarantined", now, reason, last_error=reason,
                                resting_state=_ACTIVE.get(row["state"], (row["state"],))[0])
-        log.warning("queue.quarantined", group_id=group_id, reason=reason)
+        log.warning("queue.quarantined", group_id=row["id"], reason=reason,
+                    **({"first_named": group_id} if row["id"] != group_id else {}))
+        return str(row["id"])
 
     async def files_of(self, group_id: str) -> dict[int, Path]:
         return {sb: rec.path for sb, rec in (await self.file_records(group_id)).items()}
