@@ -145,7 +145,8 @@ class _FakeRegistry:
     async def find_bandpass(self, mid_mjd, dec_deg, options):
         return self.in_force
 
-    async def bandpass_checked(self, bandpass_set, mid_mjd, dec_deg, within_h):
+    async def bandpass_checked(self, bandpass_set, mid_mjd, dec_deg, within_h,
+                               max_noise_deg=180.0):
         return None
 
     async def mark_failed(self, name, reason):

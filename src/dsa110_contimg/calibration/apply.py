@@ -15,8 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from ..errors import CalSetDamaged, StageError
-from ..products import seal_mismatch
+from ..errors import StageError
 from .calset import CalSet
 from .casarun import open_table, run_task
 
@@ -36,15 +35,7 @@ def applycal_args(ms: Path, calset: CalSet, same_group: bool) -> dict:
     tables = calset.applied_tables()
     if not tables or not any(t.kind == "G" for t in tables):
         raise StageError(f"calibration set {calset.name} has no gain (G) table to apply")
-    for t in tables:
-        why = ("missing on disk" if not (Path(t.path) / "table.dat").exists()
-               else seal_mismatch(Path(t.path)))
-        if why is not None:
-            owner = calset.owner_of(t)
-            raise CalSetDamaged(f"calibration set {owner}: table {t.path} {why}"
-                                if why == "missing on disk" else
-                                f"calibration set {owner}: table {t.path} does not match its "
-                                f"seal: {why}", owner)
+    calset.require_intact(tables)
     return {"vis": str(ms), "gaintable": [str(t.path) for t in tables],
             "interp": [interp_for(t.kind, same_group) for t in tables],
             "calwt": [False] * len(tables), "applymode": "calflag", "flagbackup": False}

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import CalSetDamaged
+from ..products import seal_mismatch
+
 # Order in which tables are applied (and listed); 'Gp' is the intermediate phase-only solve
 # the bandpass is solved through: kept on disk for diagnosis, never applied with G.
 APPLY_ORDER: tuple[str, ...] = ("K", "BP", "G")
@@ -55,6 +58,20 @@ class CalSet:
         bandpass set and a gain set (``params`` bp_set/g_set), the one it came from."""
         key = "bp_set" if table.kind in BANDPASS_KINDS else "g_set"
         return str(self.params.get(key) or self.name)
+
+    def require_intact(self, tables: tuple[CalTable, ...] | list[CalTable]) -> None:
+        """CalSetDamaged, naming the registered set that owns it, for the first of ``tables``
+        missing on disk or no longer matching its seal (a power cut, a disk fault)."""
+        for t in tables:
+            if not (Path(t.path) / "table.dat").exists():
+                why = "is missing on disk"
+            else:
+                mismatch = seal_mismatch(Path(t.path))
+                if mismatch is None:
+                    continue
+                why = f"does not match its seal: {mismatch}"
+            owner = self.owner_of(t)
+            raise CalSetDamaged(f"calibration set {owner}: table {t.path} {why}", owner)
 
     def applied_tables(self) -> tuple[CalTable, ...]:
         """The tables applycal uses, in CASA's order (K, then BP, then G)."""

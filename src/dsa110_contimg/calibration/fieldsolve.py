@@ -32,9 +32,8 @@ import numpy as np
 import structlog
 
 from ..catalogue.reference import Calibrator
-from ..errors import CalSetDamaged, StageError
+from ..errors import StageError
 from ..instrument import PrimaryBeam
-from ..products import seal_mismatch
 from .calset import BANDPASS_KINDS, FIELD_CALIBRATOR, CalSet, CalTable
 from .casarun import MSInfo, open_table, read_ms_info, run_task
 from .options import CalibrationOptions
@@ -176,14 +175,7 @@ def solve_field(ms: Path, scratch: Path, caldir: Path, stem: str, model: FieldMo
     pre = [t for t in bandpass_set.applied_tables() if t.kind in BANDPASS_KINDS]
     if not any(t.kind == "BP" for t in pre):
         raise StageError(f"calibration set {bandpass_set.name} holds no bandpass")
-    for t in pre:
-        why = ("missing on disk" if not (Path(t.path) / "table.dat").exists()
-               else seal_mismatch(Path(t.path)))
-        if why is not None:
-            owner = bandpass_set.owner_of(t)
-            raise CalSetDamaged(f"bandpass set {owner}: table {t.path} "
-                                + (why if why == "missing on disk"
-                                   else f"does not match its seal: {why}"), owner)
+    bandpass_set.require_intact(pre)
     pre_paths = [str(t.path) for t in pre]
     pre_interp = ["nearest,linear" if t.kind == "BP" else "nearest" for t in pre]
     uvrange, uv_note = effective_uvrange(options.uvrange, scratch, live)
