@@ -496,11 +496,19 @@ def session_oom(workdir: Path) -> list[Row]:
         gid = g["group_id"]
         s.start()
         daemon = s.proc.pid
-        for pid in [daemon, *children(daemon)]:
-            try:
-                cg.add(pid)
-            except OSError:
-                pass  # gone meanwhile
+        # the forkserver starts in the background (executor warm-up): move the daemon and all
+        # it has started once the forkserver is up, and again until nothing is left outside
+        s.wait_event("executor_warm", 120)
+        for _ in range(20):
+            outside = [pid for pid in [daemon, *children(daemon)] if pid not in cg.pids()]
+            if not outside:
+                break
+            for pid in outside:
+                try:
+                    cg.add(pid)
+                except OSError:
+                    pass  # gone meanwhile
+            time.sleep(0.1)
         try:  # OOMScoreAdjust=-1000 (needs CAP_SYS_RESOURCE; the workers are marked anyway)
             Path(f"/proc/{daemon}/oom_score_adj").write_text("-1000")
         except PermissionError:
